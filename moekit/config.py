@@ -1,0 +1,271 @@
+"""ModelConfig: one dataclass for dense and sparse (MoE) transformers, presets by name, JSON round-trip.
+
+Derived fields are resolved in ``__post_init__`` and every value is validated there, so a bad config
+fails at construction with a message that names the field and the valid choices, never deep inside
+``forward``. The config holds no devices or process groups: CPU and GPU runs share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+ROUTERS = ("topk", "switch", "noisy_topk", "expert_choice", "sigmoid_bias")
+QK_NORMS = (None, "head", "full")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names it and what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape and routing of a decoder-only transformer. ``num_experts=0`` gives a dense model."""
+
+    # --- transformer body
+    vocab_size: int = 4096
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None -> n_heads (multi-head); fewer -> grouped-query attention
+    head_dim: int | None = None  # None -> dim // n_heads
+    ffn_dim: int = 512  # hidden width of dense SwiGLU MLPs (dense model, dense-first layers)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: str | None = None  # None | "head" (Qwen3: per head) | "full" (OLMoE: over all heads)
+    init_std: float = 0.02
+
+    # --- mixture of experts (ignored when num_experts == 0)
+    num_experts: int = 0
+    top_k: int = 2
+    router: str = "topk"
+    expert_ffn_dim: int | None = None  # None -> ffn_dim; smaller values give fine-grained experts
+    norm_topk_prob: bool = True  # renormalise the k selected gate weights to sum to 1
+    capacity_factor: float | None = None  # training; None = dropless
+    eval_capacity_factor: float | None = None  # eval/inference; None = dropless
+    min_capacity: int = 4  # lower bound on per-expert capacity when a capacity factor is set
+    num_shared_experts: int = 0  # always-on experts (DeepSeekMoE, Qwen-MoE)
+    shared_expert_ffn_dim: int | None = None  # None -> num_shared_experts * expert_ffn_dim
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert output (Qwen2-MoE)
+    first_dense_layers: int = 0  # the first N layers use a dense MLP (DeepSeek first_k_dense_replace)
+    moe_every: int = 1  # MoE in every N-th layer after the dense-first ones (1 = all)
+    router_jitter: float = 0.0  # multiplicative U(1-eps, 1+eps) on router input while training (Switch)
+    aux_loss_coef: float = 0.01  # balance loss (topk, switch) / importance + load losses (noisy_topk)
+    z_loss_coef: float = 0.001  # router z-loss, every router
+    routed_scaling_factor: float = 1.0  # multiplies routed gate weights (DeepSeek-V3 uses 2.5)
+    n_group: int = 1  # sigmoid_bias: experts are split into groups ...
+    topk_group: int = 1  # ... and only the best topk_group groups may be chosen (DeepSeek-V3)
+    bias_update_rate: float = 1e-3  # sigmoid_bias: step of the balance bias update (DeepSeek-V3)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(
+                    f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.dim // self.n_heads
+        if self.expert_ffn_dim is None:
+            self.expert_ffn_dim = self.ffn_dim
+        if self.shared_expert_ffn_dim is None:
+            self.shared_expert_ffn_dim = self.num_shared_experts * self.expert_ffn_dim
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+    def _check_types(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            allowed = _allowed_types(f.type)
+            if value is None and type(None) in allowed:
+                continue
+            if isinstance(value, bool) and bool not in allowed:
+                raise ConfigError(f"{f.name}={value!r}: expected {f.type}, got a bool")
+            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
+                raise ConfigError(f"{f.name}={value!r}: expected {f.type}, got {type(value).__name__}")
+
+    def _validate(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                     "max_seq_len", "rope_theta", "norm_eps", "init_std", "expert_ffn_dim", "moe_every",
+                     "n_group", "topk_group"):
+            positive(name)
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"qk_norm={self.qk_norm!r} is not one of {list(QK_NORMS)}")
+        if self.router not in ROUTERS:
+            hint = _did_you_mean(self.router, ROUTERS)
+            raise ConfigError(f"router={self.router!r} is not one of {list(ROUTERS)}{hint}")
+        if self.num_experts < 0:
+            raise ConfigError(f"num_experts={self.num_experts} must be >= 0 (0 = dense model)")
+        for name in ("num_shared_experts", "first_dense_layers", "min_capacity", "router_jitter",
+                     "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}={value!r} must be > 0, or None for dropless routing")
+        if not 0 <= self.router_jitter < 1:
+            raise ConfigError(f"router_jitter={self.router_jitter} must be in [0, 1)")
+        if self.num_experts == 0:
+            return
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.router == "switch" and self.top_k != 1:
+            raise ConfigError(f"router='switch' routes each token to one expert; got top_k={self.top_k} "
+                              "(use router='topk' with a capacity_factor for top-k with capacity)")
+        if self.num_experts % self.n_group:
+            raise ConfigError(f"num_experts={self.num_experts} must be divisible by n_group={self.n_group}")
+        if self.n_group > 1:
+            if self.router != "sigmoid_bias":
+                raise ConfigError(f"n_group={self.n_group} (group-limited routing) needs router='sigmoid_bias'")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ConfigError(f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}")
+            if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+                raise ConfigError(f"top_k={self.top_k} exceeds the experts in topk_group={self.topk_group} groups")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ConfigError("shared_expert_gate=True needs num_shared_experts >= 1")
+
+    # ------------------------------------------------------------------ structure
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) uses a mixture of experts instead of a dense MLP."""
+        if self.num_experts == 0 or layer < self.first_dense_layers:
+            return False
+        return (layer - self.first_dense_layers) % self.moe_every == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    def param_counts(self) -> tuple[int, int]:
+        """(total, active per token) parameter counts, computed from the shapes alone.
+
+        Active counts the k routed experts a token uses plus everything always on; the embedding is
+        counted once when tied. Matches ``sum(p.numel())`` of the built model (tested).
+        """
+        d, hd = self.dim, self.head_dim
+        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
+        if self.attention_bias:
+            attn += hd * (self.n_heads + 2 * self.n_kv_heads)
+        if self.qk_norm == "head":
+            attn += 2 * hd
+        elif self.qk_norm == "full":
+            attn += self.n_heads * hd + self.n_kv_heads * hd
+        dense_mlp = 3 * d * self.ffn_dim
+        expert = 3 * d * self.expert_ffn_dim
+        shared = 3 * d * self.shared_expert_ffn_dim + (d if self.shared_expert_gate else 0)
+        router = d * self.num_experts * (2 if self.router == "noisy_topk" else 1)
+        total = active = 0
+        for i in range(self.n_layers):
+            block = attn + 2 * d  # two RMSNorm weights
+            if self.is_moe_layer(i):
+                total += block + router + shared + self.num_experts * expert
+                active += block + router + shared + self.top_k * expert
+            else:
+                total += block + dense_mlp
+                active += block + dense_mlp
+        emb = self.vocab_size * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        total += emb + head + d
+        active += emb + head + d
+        return total, active
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a dict; an unknown key raises an error naming it and the valid keys."""
+        valid = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in valid:
+                raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, valid)}; "
+                                  f"valid keys: {', '.join(valid)}")
+        return cls(**data)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            from moekit.utils import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> ModelConfig:
+        """Load from a JSON file path or a JSON string."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            try:
+                with open(path_or_text, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {path_or_text}: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config {path_or_text} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (see ``PRESETS``), optionally with fields overridden."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}{_did_you_mean(name, PRESETS)}; "
+                              f"available: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    names = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+    return tuple(names[part.strip()] for part in str(annotation).split("|"))
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# Presets: tiny ones train in seconds on a CPU (tests, docs); architecture presets mirror published
+# models' shapes (they are far too large to build in tests; param_counts() checks them analytically).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-dense": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                       max_seq_len=256),
+    # Same depth, width and active FFN width per token as tiny-dense: 8 experts of 256, top-2.
+    "tiny-moe": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                     max_seq_len=256, num_experts=8, top_k=2, expert_ffn_dim=256),
+    "small-moe": dict(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1536,
+                      max_seq_len=512, num_experts=16, top_k=2, expert_ffn_dim=768),
+    "mixtral-8x7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                         max_seq_len=32768, rope_theta=1e6, tie_embeddings=False, num_experts=8, top_k=2,
+                         aux_loss_coef=0.02),
+    # Qwen1.5-MoE-A2.7B: 60 fine-grained experts, top-4, one always-on shared expert with a sigmoid gate.
+    "qwen2-moe": dict(vocab_size=151936, dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5632,
+                      max_seq_len=8192, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=False,
+                      attention_bias=True, num_experts=60, top_k=4, expert_ffn_dim=1408,
+                      norm_topk_prob=False, num_shared_experts=1, shared_expert_ffn_dim=5632,
+                      shared_expert_gate=True, aux_loss_coef=0.001),
+    # OLMoE-1B-7B: 64 experts, top-8, QK-norm over all heads, no renormalisation of the top-k.
+    "olmoe-1b-7b": dict(vocab_size=50304, dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=1024,
+                        max_seq_len=4096, tie_embeddings=False, qk_norm="full", num_experts=64, top_k=8,
+                        expert_ffn_dim=1024, norm_topk_prob=False, aux_loss_coef=0.01, z_loss_coef=0.001),
+}

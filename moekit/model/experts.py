@@ -1,0 +1,145 @@
+"""Experts stored stacked: one [E, ...] tensor per projection, so one layout serves grouped matmul,
+expert sharding (parallel/), quantization and offloading (infer/).
+
+Legend: T tokens, D model dim, F expert FFN dim, E experts, A (token, expert) assignments.
+Weights follow the ``nn.Linear`` convention (out, in), matching Hugging Face's fused 3-D layout:
+``gate_up_proj [E, 2F, D]`` (gate rows first, then up) and ``down_proj [E, D, F]``.
+
+Two dispatch paths with the same result (tested forward and backward):
+- :meth:`Experts.reference` -- the plain loop: for each expert, pick its tokens with a mask.
+- :meth:`Experts.forward`   -- the fast dropless path: sort assignments by expert so that each expert's
+  tokens are one contiguous slice, run the SwiGLU as grouped matmuls, scatter-add back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import ModelConfig
+
+
+class GroupedSwiGLU(torch.autograd.Function):
+    """SwiGLU over contiguous per-expert row groups, with a hand-written backward.
+
+    Plan (forward): for each expert e with rows x_e: h_e = x_e @ W1_e^T (gate and up fused in one
+    matmul), a_e = silu(g_e) * u_e, y_e = a_e @ W2_e^T. The backward reuses the same row groups and
+    writes each expert's weight gradient in place, so no per-expert autograd nodes, splits or
+    concatenations are created (on a CPU those dominate once there are dozens of experts).
+    Only x, the weights and the fused pre-activations are saved; a is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x_AD: torch.Tensor, w1_E2FD: torch.Tensor, w2_EDF: torch.Tensor, counts: list[int]):
+        A = x_AD.shape[0]
+        F2 = w1_E2FD.shape[1]
+        h_A2F = x_AD.new_empty(A, F2)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.mm(x_AD[start:start + n], w1_E2FD[e].t(), out=h_A2F[start:start + n])
+            start += n
+        g, u = h_A2F.chunk(2, dim=-1)
+        a_AF = F.silu(g) * u
+        y_AD = x_AD.new_empty(A, w2_EDF.shape[1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.mm(a_AF[start:start + n], w2_EDF[e].t(), out=y_AD[start:start + n])
+            start += n
+        ctx.save_for_backward(x_AD, w1_E2FD, w2_EDF, h_A2F)
+        ctx.counts = counts
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, dy_AD: torch.Tensor):
+        x_AD, w1, w2, h_A2F = ctx.saved_tensors
+        counts = ctx.counts
+        dy_AD = dy_AD.contiguous()
+        g, u = h_A2F.chunk(2, dim=-1)
+        sig = torch.sigmoid(g)
+        silu_g = g * sig
+        a_AF = silu_g * u
+        dw2 = torch.zeros_like(w2)
+        da_AF = torch.empty_like(a_AF)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                torch.mm(dy_AD[rows].t(), a_AF[rows], out=dw2[e])  # [D, F]
+                torch.mm(dy_AD[rows], w2[e], out=da_AF[rows])  # [n, F]
+            start += n
+        # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        dh_A2F = torch.cat([da_AF * u * sig * (1 + g * (1 - sig)), da_AF * silu_g], dim=-1)
+        dw1 = torch.zeros_like(w1)
+        dx_AD = torch.empty_like(x_AD)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                torch.mm(dh_A2F[rows].t(), x_AD[rows], out=dw1[e])  # [2F, D]
+                torch.mm(dh_A2F[rows], w1[e], out=dx_AD[rows])  # [n, D]
+            start += n
+        return dx_AD, dw1, dw2, None
+
+
+def grouped_swiglu(x_AD: torch.Tensor, w1_E2FD: torch.Tensor, w2_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of rows already sorted by expert; ``counts_E[e]`` rows belong to expert e."""
+    if x_AD.is_cuda and hasattr(F, "grouped_mm") and x_AD.dtype == torch.bfloat16:
+        # On GPUs torch's grouped GEMM kernel is the fast path (one launch for all experts).
+        offs = counts_E.cumsum(0).to(torch.int32)
+        h = F.grouped_mm(x_AD, w1_E2FD.transpose(-2, -1), offs=offs)
+        g, u = h.chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(g) * u, w2_EDF.transpose(-2, -1), offs=offs)
+    # NOTE: host sync -- the group sizes become Python ints for slicing.
+    counts = counts_E.tolist()
+    dtype = torch.promote_types(x_AD.dtype, w1_E2FD.dtype)
+    if torch.is_autocast_enabled(x_AD.device.type):
+        dtype = torch.get_autocast_dtype(x_AD.device.type)
+    with torch.autocast(x_AD.device.type, enabled=False):
+        return GroupedSwiGLU.apply(x_AD.to(dtype), w1_E2FD.to(dtype), w2_EDF.to(dtype), counts)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with stacked weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, Fe = cfg.num_experts, cfg.dim, cfg.expert_ffn_dim
+        self.num_experts, self.ffn_dim = E, Fe
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fe, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, Fe))
+
+    def forward(self, x_TD: torch.Tensor, token_ids_A: torch.Tensor, expert_ids_A: torch.Tensor,
+                weights_A: torch.Tensor) -> torch.Tensor:
+        """Fast dropless dispatch. Returns [T, D]; tokens with no assignment get zeros."""
+        T, D = x_TD.shape
+        if token_ids_A.numel() == 0:
+            # Gradient anchor: keep every expert weight in the graph so that data/expert-parallel
+            # gradient hooks still fire when no token was routed here (NeMo-Automodel PR #935).
+            return x_TD.new_zeros(T, D) + 0.0 * (self.gate_up_proj.sum() + self.down_proj.sum()).to(x_TD.dtype)
+        order_A = torch.argsort(expert_ids_A, stable=True)
+        counts_E = torch.bincount(expert_ids_A, minlength=self.num_experts)
+        tok_A = token_ids_A[order_A]
+        x_AD = x_TD[tok_A]  # gather: each expert's tokens become one contiguous slice
+        y_AD = grouped_swiglu(x_AD, self.gate_up_proj, self.down_proj, counts_E)
+        y_AD = y_AD * weights_A[order_A, None].to(y_AD.dtype)
+        out = torch.zeros(T, D, dtype=y_AD.dtype, device=x_TD.device)
+        return out.index_add_(0, tok_A, y_AD).to(x_TD.dtype)
+
+    def reference(self, x_TD: torch.Tensor, token_ids_A: torch.Tensor, expert_ids_A: torch.Tensor,
+                  weights_A: torch.Tensor) -> torch.Tensor:
+        """The plain loop: for each expert, the tokens assigned to it. Slow; the ground truth."""
+        out = torch.zeros_like(x_TD)
+        for e in range(self.num_experts):
+            sel = expert_ids_A == e
+            if not sel.any():
+                continue
+            tok = token_ids_A[sel]
+            gate, up = F.linear(x_TD[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            out = out.index_add(0, tok, (y * weights_A[sel, None]).to(out.dtype))
+        if token_ids_A.numel() == 0:
+            out = out + 0.0 * (self.gate_up_proj.sum() + self.down_proj.sum()).to(out.dtype)
+        return out

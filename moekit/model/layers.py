@@ -1,0 +1,123 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP.
+
+Shape legend: B batch, T sequence, D model dim, H query heads, G kv heads, Dh head dim, F FFN dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), computed in float32 for stability under bf16."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [..., T, Dh] for integer ``positions`` [..., T] (RoFormer, Su et al. 2021).
+
+    Uses the "rotate half" layout of Llama/Mixtral checkpoints (pairs are (i, i + Dh/2)).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [..., T, Dh/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [..., T, Dh]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHTDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate q or k by position. cos/sin: [T, Dh] or [B, T, Dh]."""
+    if cos.dim() == 3:  # per-batch positions -> broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    half = x_BHTDh.shape[-1] // 2
+    x1, x2 = x_BHTDh[..., :half], x_BHTDh[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x_BHTDh.float() * cos + rotated.float() * sin).to(x_BHTDh.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated key/value cache for one attention layer: [B, G, T_max, Dh]."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length = 0
+
+    def update(self, k_BGTDh: torch.Tensor, v_BGTDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys/values; return all keys/values seen so far."""
+        t = k_BGTDh.shape[2]
+        if self.length + t > self.k.shape[2]:
+            raise ValueError(f"KV cache full: {self.length} + {t} tokens > max_len {self.k.shape[2]}")
+        self.k[:, :, self.length:self.length + t] = k_BGTDh
+        self.v[:, :, self.length:self.length + t] = v_BGTDh
+        self.length += t
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query causal self-attention on ``scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":  # Qwen3: RMSNorm over each head's Dh
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        elif cfg.qk_norm == "full":  # OLMoE: RMSNorm over the whole projection
+            self.q_norm = RMSNorm(cfg.n_heads * cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.n_kv_heads * cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BHTDh = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGTDh = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTDh = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q_BHTDh, k_BGTDh = self.q_norm(q_BHTDh), self.k_norm(k_BGTDh)
+        q_BHTDh, k_BGTDh = apply_rope(q_BHTDh, cos, sin), apply_rope(k_BGTDh, cos, sin)
+        if cache is not None:
+            k_BGTDh, v_BGTDh = cache.update(k_BGTDh, v_BGTDh)
+        # mask None means plain causal attention over T == S (the fast training path).
+        y = F.scaled_dot_product_attention(
+            q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask, is_causal=mask is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

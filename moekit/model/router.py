@@ -1,0 +1,301 @@
+"""Routers: one interface, five policies. Each maps token states to a list of (token, expert, weight)
+assignments plus its losses and statistics.
+
+Legend: T tokens, D model dim, E experts, K experts per token (token choice), C tokens per expert
+(capacity), A kept assignments. Router math always runs in float32 ("selective precision", Switch).
+
+Why assignments rather than [T, K] tensors: expert choice gives a token 0..E experts and capacity drops
+remove pairs, so the one form every policy shares is a flat list of (token, expert, weight) triples.
+The experts module consumes that list; it never needs to know which router produced it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import ModelConfig
+from moekit.model import losses
+
+
+@dataclass
+class RouterStats:
+    """Per-layer routing statistics (detached). Loads count (token, expert) assignments."""
+
+    tokens_per_expert: torch.Tensor  # [E] assignments each expert processed (after capacity)
+    expert_load: torch.Tensor  # [E] assignments the router chose (before capacity)
+    dropped_fraction: torch.Tensor  # () token-choice: share of chosen pairs dropped; expert choice: share of tokens with no expert
+    entropy: torch.Tensor  # () mean router entropy (nats)
+    max_violation: torch.Tensor  # () (max_load - mean_load) / mean_load on expert_load
+    balance_loss: torch.Tensor  # () unweighted balance term (0 where the router has none)
+    z_loss: torch.Tensor  # () unweighted router z-loss
+
+
+@dataclass
+class Routing:
+    token_ids_A: torch.Tensor  # [A] long
+    expert_ids_A: torch.Tensor  # [A] long
+    weights_A: torch.Tensor  # [A] float32 gate weights (differentiable)
+    aux_loss: torch.Tensor  # () weighted auxiliary loss of this layer (differentiable)
+    stats: RouterStats
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Per-expert capacity ``ceil(tokens * k * cf / E)``, at least ``min_capacity`` (Megatron, GShard)."""
+    return max(min_capacity, math.ceil(num_tokens * top_k * capacity_factor / num_experts))
+
+
+def capacity_keep_mask(ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which (token, slot) pairs fit in their expert's capacity.
+
+    Priority is slot-major (GShard): every token's first choice is served before any second choice,
+    and within a slot earlier tokens first. Returns a bool [T, K].
+    """
+    T, K = ids_TK.shape
+    onehot_KTE = F.one_hot(ids_TK.t(), num_experts) * valid_TK.t()[..., None]  # [K, T, E]
+    position_KTE = onehot_KTE.reshape(K * T, num_experts).cumsum(0).reshape(K, T, num_experts)
+    position_TK = (position_KTE * onehot_KTE).sum(-1).t()  # 1-based position in the expert's queue
+    return valid_TK & (position_TK <= capacity)
+
+
+def balance_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): ``b += rate * sign(mean_load - load)``.
+
+    Overloaded experts get a lower selection bias, underloaded ones a higher one. Pure function.
+    """
+    load = load_E.float()
+    return bias_E + rate * torch.sign(load.mean() - load)
+
+
+class Router(nn.Module):
+    """Base: a float32 linear gate ``weight [E, D]`` and the shared token-choice bookkeeping."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x = x_TD.float()
+        if self.training and self.cfg.router_jitter > 0:  # Switch: multiplicative jitter on the input
+            eps = self.cfg.router_jitter
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        return F.linear(x, self.weight.float())  # [T, E] float32
+
+    def capacity_factor(self) -> float | None:
+        return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+        raise NotImplementedError
+
+    def _token_choice(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor, probs_TE: torch.Tensor,
+                      mask_T: torch.Tensor | None, aux_loss: torch.Tensor, balance: torch.Tensor,
+                      zl: torch.Tensor) -> Routing:
+        """Apply padding mask and capacity to a [T, K] choice, flatten to assignments, gather stats."""
+        T, K = ids_TK.shape
+        E = self.num_experts
+        cf = self.capacity_factor()
+        if mask_T is None and cf is None:  # fast path: every pair is kept, no host sync
+            token_ids = torch.arange(T, device=ids_TK.device).repeat_interleave(K)
+            expert_ids, weights = ids_TK.reshape(-1), weights_TK.reshape(-1)
+            load_E = torch.bincount(expert_ids, minlength=E)
+            processed_E, n_valid = load_E, T
+        else:
+            valid_T = torch.ones(T, dtype=torch.bool, device=ids_TK.device) if mask_T is None else mask_T.bool()
+            valid_TK = valid_T[:, None].expand(T, K)
+            n_valid = int(valid_T.sum())  # NOTE: host sync (capacity is a Python int)
+            keep_TK = valid_TK
+            if cf is not None:
+                capacity = expert_capacity(n_valid, E, K, cf, self.cfg.min_capacity)
+                keep_TK = capacity_keep_mask(ids_TK, valid_TK, E, capacity)
+            token_ids = torch.arange(T, device=ids_TK.device)[:, None].expand(T, K)[keep_TK]
+            expert_ids, weights = ids_TK[keep_TK], weights_TK[keep_TK]
+            load_E = torch.bincount(ids_TK[valid_TK], minlength=E)
+            processed_E = torch.bincount(expert_ids, minlength=E)
+        chosen = max(n_valid * K, 1)
+        stats = RouterStats(
+            tokens_per_expert=processed_E.detach(),
+            expert_load=load_E.detach(),
+            dropped_fraction=torch.tensor(1.0 - expert_ids.numel() / chosen if n_valid else 0.0),
+            entropy=losses.router_entropy(probs_TE.detach(), mask_T),
+            max_violation=losses.max_violation(load_E.detach()),
+            balance_loss=balance.detach(),
+            z_loss=zl.detach(),
+        )
+        return Routing(token_ids, expert_ids, weights, aux_loss, stats)
+
+
+class TopKRouter(Router):
+    """Softmax over experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE).
+
+    With a capacity factor, overflow pairs are dropped (the token skips that expert).
+    """
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        top_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            top_TK = top_TK / top_TK.sum(-1, keepdim=True)
+        balance = losses.load_balance_loss(probs_TE, ids_TK, mask_T)
+        zl = losses.z_loss(logits_TE, mask_T)
+        aux = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * zl
+        return self._token_choice(ids_TK, top_TK, probs_TE, mask_T, aux, balance, zl)
+
+
+class SwitchRouter(Router):
+    """Switch Transformer (Fedus et al. 2021): top-1, gate = the router probability (not renormalised),
+    capacity factor; tokens over capacity skip the layer and travel on the residual stream."""
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        top_T1, ids_T1 = probs_TE.max(dim=-1, keepdim=True)
+        balance = losses.load_balance_loss(probs_TE, ids_T1, mask_T)
+        zl = losses.z_loss(logits_TE, mask_T)
+        aux = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * zl
+        return self._token_choice(ids_T1, top_T1, probs_TE, mask_T, aux, balance, zl)
+
+
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating (Shazeer et al. 2017, sec. 2.1 and appendix A).
+
+    H(x) = x W_g + N(0, 1) * softplus(x W_noise) while training; the k largest H are kept and
+    softmaxed. Losses: importance (CV^2 of summed gates) and load (CV^2 of the smooth estimate of how
+    many tokens each expert receives, through the normal CDF), both weighted by ``aux_loss_coef``.
+    """
+
+    noise_eps = 1e-2  # floor on the noise std, as in the paper's reference code
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.noise_weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+        K, E = self.top_k, self.num_experts
+        clean_TE = self.logits(x_TD)
+        noisy = self.training
+        if noisy:
+            std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + self.noise_eps
+            logits_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
+        else:
+            logits_TE = clean_TE
+        m = min(K + 1, E)
+        top_TM, ids_TM = logits_TE.topk(m, dim=-1)
+        ids_TK = ids_TM[:, :K]
+        gates_TK = top_TM[:, :K].softmax(-1)
+        gates_TE = torch.zeros_like(logits_TE).scatter(1, ids_TK, gates_TK)
+        if noisy and K < E:
+            # P(expert i stays in the top k if only its own noise is redrawn), appendix A eq. 9.
+            threshold_in_T1 = top_TM[:, K:K + 1]  # the (k+1)-th value: beat it to stay in
+            threshold_out_T1 = top_TM[:, K - 1:K]  # the k-th value: beat it to get in
+            normal = torch.distributions.Normal(0.0, 1.0)
+            prob_in = normal.cdf((clean_TE - threshold_in_T1) / std_TE)
+            prob_out = normal.cdf((clean_TE - threshold_out_T1) / std_TE)
+            prob_in_topk_TE = torch.where(logits_TE > threshold_in_T1, prob_in, prob_out)
+        else:
+            prob_in_topk_TE = (gates_TE > 0).float()
+        balance = losses.importance_loss(gates_TE, mask_T) + losses.noisy_load_loss(prob_in_topk_TE, mask_T)
+        zl = losses.z_loss(clean_TE, mask_T)
+        aux = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * zl
+        return self._token_choice(ids_TK, gates_TK, clean_TE.softmax(-1), mask_T, aux, balance, zl)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by router probability,
+    C = ceil(tokens * k * cf / E) with cf = the capacity factor (1.0 when None). Balanced by
+    construction (no balance loss); a token may get anywhere from 0 to E experts.
+
+    NOTE: an expert picks among all tokens of the batch, so in a causal LM a token's routing depends
+    on later tokens (the paper's own caveat). At decode time (one token) every expert picks it.
+    """
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+        T, E = x_TD.shape[0], self.num_experts
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        n_valid = T if mask_T is None else int(mask_T.sum())  # NOTE: host sync
+        cf = self.capacity_factor() or 1.0
+        C = min(expert_capacity(n_valid, E, self.top_k, cf, self.cfg.min_capacity), n_valid)
+        scores_TE = probs_TE if mask_T is None else probs_TE.masked_fill(~mask_T.bool()[:, None], -1.0)
+        weights_EC, token_ids_EC = scores_TE.t().topk(C, dim=-1)  # [E, C]
+        token_ids = token_ids_EC.reshape(-1)
+        expert_ids = torch.arange(E, device=x_TD.device).repeat_interleave(C)
+        zl = losses.z_loss(logits_TE, mask_T)
+        per_expert = torch.full((E,), C, dtype=torch.long, device=x_TD.device)
+        covered = torch.zeros(T, dtype=torch.bool, device=x_TD.device)
+        covered[token_ids] = True
+        stats = RouterStats(
+            tokens_per_expert=per_expert, expert_load=per_expert,
+            dropped_fraction=torch.tensor(1.0 - covered.sum().item() / max(n_valid, 1)),
+            entropy=losses.router_entropy(probs_TE.detach(), mask_T),
+            max_violation=torch.zeros(()), balance_loss=torch.zeros(()), z_loss=zl.detach(),
+        )
+        return Routing(token_ids, expert_ids, weights_EC.reshape(-1), self.cfg.z_loss_coef * zl, stats)
+
+
+class SigmoidBiasRouter(Router):
+    """DeepSeek-V3 routing: sigmoid affinities; a per-expert bias (a buffer, not a parameter) is added
+    only to choose experts, while gate weights come from the unbiased scores, renormalised over the k
+    chosen and multiplied by ``routed_scaling_factor``. Optional group-limited selection.
+
+    The bias is moved towards balance outside backprop by :func:`balance_bias_update`, which the
+    trainer applies through :meth:`update_bias` after each optimizer step. No balance loss.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        # Kept in float32 even when the model is cast (DeepSeek-V3 e_score_correction_bias).
+        self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):  # keep the bias float32 through .to(dtype) / .half()
+        super()._apply(fn, recurse)
+        if self.bias.dtype != torch.float32:
+            self.bias = self.bias.float()
+        return self
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD)
+        scores_TE = logits_TE.sigmoid()
+        choice_TE = scores_TE + self.bias
+        G = self.cfg.n_group
+        if G > 1:
+            T, E = choice_TE.shape
+            grouped = choice_TE.view(T, G, E // G)
+            group_scores_TG = grouped.topk(2, dim=-1).values.sum(-1)  # DeepSeek-V3: sum of each group's top-2
+            group_ids = group_scores_TG.topk(self.cfg.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores_TG).scatter(1, group_ids, 1.0).bool()
+            # NOTE: masked with 0.0 as in DeepSeek-V3's reference code (not -inf).
+            choice_TE = grouped.masked_fill(~group_mask[..., None], 0.0).view(T, E)
+        ids_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if self.cfg.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * self.cfg.routed_scaling_factor
+        zl = losses.z_loss(logits_TE, mask_T)
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        return self._token_choice(ids_TK, weights_TK, probs_TE, mask_T, self.cfg.z_loss_coef * zl,
+                                  torch.zeros(()), zl)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, rate: float | None = None) -> None:
+        rate = self.cfg.bias_update_rate if rate is None else rate
+        self.bias.copy_(balance_bias_update(self.bias, load_E.to(self.bias.device), rate))
+
+
+ROUTER_CLASSES: dict[str, type[Router]] = {
+    "topk": TopKRouter,
+    "switch": SwitchRouter,
+    "noisy_topk": NoisyTopKRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "sigmoid_bias": SigmoidBiasRouter,
+}
+
+
+def build_router(cfg: ModelConfig) -> Router:
+    return ROUTER_CLASSES[cfg.router](cfg)
