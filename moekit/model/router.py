@@ -28,7 +28,7 @@ class RouterStats:
 
     tokens_per_expert: torch.Tensor  # [E] assignments each expert processed (after capacity)
     expert_load: torch.Tensor  # [E] assignments the router chose (before capacity)
-    dropped_fraction: torch.Tensor  # () token-choice: share of chosen pairs dropped; expert choice: share of tokens with no expert
+    dropped_fraction: torch.Tensor  # () share of chosen pairs dropped (expert choice: of tokens with no expert)
     entropy: torch.Tensor  # () mean router entropy (nats)
     max_violation: torch.Tensor  # () (max_load - mean_load) / mean_load on expert_load
     balance_loss: torch.Tensor  # () unweighted balance term (0 where the router has none)
@@ -85,7 +85,9 @@ class Router(nn.Module):
         if self.training and self.cfg.router_jitter > 0:  # Switch: multiplicative jitter on the input
             eps = self.cfg.router_jitter
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        return F.linear(x, self.weight.float())  # [T, E] float32
+        # NOTE: autocast would run this matmul in bf16 and flip near-tie expert choices; keep it fp32.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, self.weight.float())  # [T, E] float32
 
     def capacity_factor(self) -> float | None:
         return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
@@ -181,7 +183,8 @@ class NoisyTopKRouter(Router):
         clean_TE = self.logits(x_TD)
         noisy = self.training
         if noisy:
-            std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + self.noise_eps
+            with torch.autocast(x_TD.device.type, enabled=False):
+                std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + self.noise_eps
             logits_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
         else:
             logits_TE = clean_TE
@@ -232,7 +235,7 @@ class ExpertChoiceRouter(Router):
         covered[token_ids] = True
         stats = RouterStats(
             tokens_per_expert=per_expert, expert_load=per_expert,
-            dropped_fraction=torch.tensor(1.0 - covered.sum().item() / max(n_valid, 1)),
+            dropped_fraction=torch.tensor(1.0 - covered.sum().item() / n_valid if n_valid else 0.0),
             entropy=losses.router_entropy(probs_TE.detach(), mask_T),
             max_violation=torch.zeros(()), balance_loss=torch.zeros(()), z_loss=zl.detach(),
         )
