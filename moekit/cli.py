@@ -10,7 +10,9 @@ from moekit.config import PRESETS, ConfigError
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from moekit.summary import run_demo
+    from moekit.utils import tune_cpu_allocator
 
+    tune_cpu_allocator()
     run_demo(args.preset, batch=args.batch, seq_len=args.seq_len, seed=args.seed)
 
 

@@ -48,3 +48,32 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed large CPU buffers in the heap instead of handing them back to the OS.
+
+    glibc serves every allocation above a threshold with a fresh ``mmap`` and returns it with
+    ``munmap`` on free, so a training step that allocates the same gradient and activation buffers
+    each time pays a page fault per 4 KiB page, every step. Stacked expert weights make those buffers
+    large (an [E, 2F, D] gradient is tens of MB), and on a 2-core CPU the kernel time was measured at
+    over half of an MoE layer's step (benchmarks/moe_layer.py). This is the equivalent of setting
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>``; the cost is that the process keeps its peak
+    memory instead of shrinking. Called by the CLI's compute-heavy verbs; a no-op (False) off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+    ok = mallopt(M_MMAP_MAX, 0) == 1
+    ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1  # int argument: 1 GiB
+    ok &= mallopt(M_TOP_PAD, 64 << 20) == 1
+    return bool(ok)

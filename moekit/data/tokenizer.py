@@ -62,8 +62,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
     """Train a byte-level BPE tokenizer on ``texts`` (offline, deterministic for the same input).
 
     The vocabulary holds the special tokens (``<|endoftext|>`` = 0, ``<|pad|>`` = 1), all 256 byte
-    symbols, then learned merges up to ``vocab_size`` entries. The BPE trainer picks the most
-    frequent pair and breaks ties by the pair itself, so its result does not depend on thread timing.
+    symbols, then learned merges up to ``vocab_size`` entries.
+
+    Why it is deterministic: the trainer (tokenizers ``src/models/bpe/trainer.rs``) takes the most
+    frequent pair and breaks ties by the pair's token ids. Seeding the full 256-byte alphabet gives
+    every symbol its id up front, in sorted order; otherwise ids of first-seen characters would
+    follow the iteration order of a randomly seeded Rust ``HashMap`` and ties could flip between runs.
     """
     min_size = len(SPECIAL_TOKENS) + 256
     if vocab_size < min_size:
@@ -73,7 +77,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
         vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not (see above)
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)

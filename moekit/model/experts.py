@@ -26,62 +26,62 @@ class GroupedSwiGLU(torch.autograd.Function):
     Plan (forward): for each expert e with rows x_e: h_e = x_e @ W1_e^T (gate and up fused in one
     matmul), a_e = silu(g_e) * u_e, y_e = a_e @ W2_e^T. The backward reuses the same row groups and
     writes each expert's weight gradient in place, so no per-expert autograd nodes, splits or
-    concatenations are created (on a CPU those dominate once there are dozens of experts).
-    Only x, the weights and the fused pre-activations are saved; a is recomputed.
+    concatenations are created, and the SwiGLU derivative is three fused elementwise ops. On a CPU
+    those elementwise passes, not the matmuls, are what separates an MoE layer from a dense MLP.
+    Saved for backward (as autograd would): x, the weights, h = [g, u], silu(g) and a.
     """
 
     @staticmethod
     def forward(ctx, x_AD: torch.Tensor, w1_E2FD: torch.Tensor, w2_EDF: torch.Tensor, counts: list[int]):
         A = x_AD.shape[0]
-        F2 = w1_E2FD.shape[1]
-        h_A2F = x_AD.new_empty(A, F2)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(x_AD[start:start + n], w1_E2FD[e].t(), out=h_A2F[start:start + n])
-            start += n
-        g, u = h_A2F.chunk(2, dim=-1)
-        a_AF = F.silu(g) * u
+        h_A2F = x_AD.new_empty(A, w1_E2FD.shape[1])
+        for e, rows in _groups(counts):
+            torch.mm(x_AD[rows], w1_E2FD[e].t(), out=h_A2F[rows])
+        g_AF, u_AF = h_A2F.chunk(2, dim=-1)
+        silu_AF = F.silu(g_AF)
+        a_AF = silu_AF * u_AF
         y_AD = x_AD.new_empty(A, w2_EDF.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(a_AF[start:start + n], w2_EDF[e].t(), out=y_AD[start:start + n])
-            start += n
-        ctx.save_for_backward(x_AD, w1_E2FD, w2_EDF, h_A2F)
+        for e, rows in _groups(counts):
+            torch.mm(a_AF[rows], w2_EDF[e].t(), out=y_AD[rows])
+        ctx.save_for_backward(x_AD, w1_E2FD, w2_EDF, h_A2F, silu_AF, a_AF)
         ctx.counts = counts
         return y_AD
 
     @staticmethod
     def backward(ctx, dy_AD: torch.Tensor):
-        x_AD, w1, w2, h_A2F = ctx.saved_tensors
+        x_AD, w1, w2, h_A2F, silu_AF, a_AF = ctx.saved_tensors
         counts = ctx.counts
         dy_AD = dy_AD.contiguous()
-        g, u = h_A2F.chunk(2, dim=-1)
-        sig = torch.sigmoid(g)
-        silu_g = g * sig
-        a_AF = silu_g * u
-        dw2 = torch.zeros_like(w2)
+        dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+        for e, n in enumerate(counts):  # experts that got no rows get zero gradient
+            if n == 0:
+                dw1[e].zero_()
+                dw2[e].zero_()
         da_AF = torch.empty_like(a_AF)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(dy_AD[rows].t(), a_AF[rows], out=dw2[e])  # [D, F]
-                torch.mm(dy_AD[rows], w2[e], out=da_AF[rows])  # [n, F]
-            start += n
-        # d silu(g)/dg = sig * (1 + g * (1 - sig))
-        dh_A2F = torch.cat([da_AF * u * sig * (1 + g * (1 - sig)), da_AF * silu_g], dim=-1)
-        dw1 = torch.zeros_like(w1)
-        dx_AD = torch.empty_like(x_AD)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(dh_A2F[rows].t(), x_AD[rows], out=dw1[e])  # [2F, D]
+        for e, rows in _groups(counts):
+            torch.mm(dy_AD[rows].t(), a_AF[rows], out=dw2[e])  # [D, F]
+            torch.mm(dy_AD[rows], w2[e], out=da_AF[rows])  # [n, F]
+        g_AF, u_AF = h_A2F.chunk(2, dim=-1)
+        Fe = a_AF.shape[1]
+        dh_A2F = torch.empty_like(h_A2F)
+        torch.ops.aten.silu_backward(da_AF * u_AF, g_AF, grad_input=dh_A2F[:, :Fe])
+        torch.mul(da_AF, silu_AF, out=dh_A2F[:, Fe:])
+        need_dx = ctx.needs_input_grad[0]
+        dx_AD = torch.empty_like(x_AD) if need_dx else None
+        for e, rows in _groups(counts):
+            torch.mm(dh_A2F[rows].t(), x_AD[rows], out=dw1[e])  # [2F, D]
+            if need_dx:
                 torch.mm(dh_A2F[rows], w1[e], out=dx_AD[rows])  # [n, D]
-            start += n
         return dx_AD, dw1, dw2, None
+
+
+def _groups(counts: list[int]):
+    """(expert, row slice) for each expert with at least one row."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
 
 
 def grouped_swiglu(x_AD: torch.Tensor, w1_E2FD: torch.Tensor, w2_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,9 @@ class Experts(nn.Module):
         order_A = torch.argsort(expert_ids_A, stable=True)
         counts_E = torch.bincount(expert_ids_A, minlength=self.num_experts)
         tok_A = token_ids_A[order_A]
-        x_AD = x_TD[tok_A]  # gather: each expert's tokens become one contiguous slice
+        # Gather: each expert's tokens become one contiguous slice. NOTE: index_select, not x[tok]:
+        # the backward of advanced indexing is index_put_(accumulate=True), several times slower on CPU.
+        x_AD = x_TD.index_select(0, tok_A)
         y_AD = grouped_swiglu(x_AD, self.gate_up_proj, self.down_proj, counts_E)
         y_AD = y_AD * weights_A[order_A, None].to(y_AD.dtype)
         out = torch.zeros(T, D, dtype=y_AD.dtype, device=x_TD.device)
