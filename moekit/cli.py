@@ -1,13 +1,84 @@
-"""The command line: thin. Each verb parses flags and calls one documented function elsewhere."""
+"""The command line: thin. Each verb parses flags and calls one documented function elsewhere.
+
+Every ``ModelConfig`` and ``TrainConfig`` field is a flag (``--num-experts 16``); precedence is
+preset < ``--config`` file < flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
-from moekit.config import PRESETS, ConfigError
+from moekit.config import PRESETS, ConfigError, ModelConfig, _allowed_types
 
 
+def _field_help(cls) -> dict[str, str]:
+    """Help text for each dataclass field, taken from its inline ``# comment`` in the source."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _parse_value(kind: tuple[type, ...]):
+    def parse(text: str) -> Any:
+        if type(None) in kind and text.lower() in ("none", "null"):
+            return None
+        if bool in kind:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        for t in (int, float, str):
+            if t in kind:
+                try:
+                    return t(text)
+                except ValueError:
+                    continue
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as {' or '.join(k.__name__ for k in kind)}")
+    return parse
+
+
+def _add_dataclass_flags(group, cls, skip: set[str] = frozenset()) -> None:
+    helps = _field_help(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind = _allowed_types(f.type)
+        meta = "BOOL" if bool in kind else f.name.upper()
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_parse_value(kind), metavar=meta,
+                           default=argparse.SUPPRESS, help=f"{helps.get(f.name, f.name)} (default {f.default!r})")
+
+
+def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from moekit.train.config import MODEL_KEYS, TRAIN_KEYS
+
+    return {k: v for k, v in vars(args).items() if k in MODEL_KEYS or k in TRAIN_KEYS}
+
+
+def _configs(args: argparse.Namespace, default_preset: str):
+    """preset < config file < flags."""
+    from moekit.train.config import build_configs, read_config_file, split_settings
+
+    settings: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        settings.update(read_config_file(args.config))
+    preset, model, train = split_settings(settings, args.config or "the config file")
+    _, flag_model, flag_train = split_settings(_settings_from_args(args), "flags")
+    model.update(flag_model)
+    train.update(flag_train)
+    return build_configs(args.preset or preset, model, train, default_preset), flag_model
+
+
+# --------------------------------------------------------------------------- verbs
 def _cmd_demo(args: argparse.Namespace) -> None:
     from moekit.summary import run_demo
     from moekit.utils import tune_cpu_allocator
@@ -16,9 +87,96 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.preset, batch=args.batch, seq_len=args.seq_len, seed=args.seed)
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from moekit.train import train
+    from moekit.utils import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    if args.resume:
+        from moekit.train.config import split_settings
+
+        _, flag_model, flag_train = split_settings(_settings_from_args(args), "flags")
+        if flag_model or args.preset or args.config:
+            raise ConfigError("--resume continues a run with its saved settings; model settings, --preset and "
+                              "--config cannot change (only --max-steps, --eval-every, --save-every, ...)")
+        result = train(args.resume, resume=True, overrides=flag_train, progress=not args.quiet)
+    else:
+        if not args.out:
+            raise ConfigError("--out RUN is required (the run directory to create), or --resume RUN")
+        if args.init:
+            from moekit.checkpoint import read_model_config
+
+            base = read_model_config(Path(args.init))
+            (model_cfg, tcfg), flag_model = _configs(args, "tiny-moe")
+            if flag_model or args.preset:
+                raise ConfigError("--init takes the model settings from the checkpoint; drop --preset and model flags")
+            model_cfg = base
+        else:
+            (model_cfg, tcfg), _ = _configs(args, "tiny-moe")
+        result = train(args.out, model_cfg, tcfg, init=args.init, progress=not args.quiet)
+    print(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
+          f"train loss {result.train_loss:.4f}"
+          + (f", val loss {result.val_loss:.4f} ({result.val_bpb:.4f} bits/byte)" if result.val_loss else ""))
+    print(f"run: {result.run_dir}  (metrics.jsonl, plots/, checkpoints/)")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from moekit.train.compare import ALL_ROUTERS, compare
+    from moekit.utils import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    (moe_cfg, tcfg), _ = _configs(args, "tiny-moe")
+    routers = list(ALL_ROUTERS) if args.routers == ["all"] else args.routers
+    summary = compare(args.out, moe_cfg, tcfg, routers=routers, progress=not args.quiet)
+    print()
+    print(_compare_table(summary))
+    print(f"\nreport: {Path(args.out) / 'report.md'}  (plot: {Path(args.out) / 'val_loss.png'})")
+    if args.sample:
+        from moekit.checkpoint import load
+        from moekit.infer import generate
+
+        best = min((r for r in summary["runs"] if r["router"]), key=lambda r: r["final_val_loss"])
+        model, tokenizer = load(Path(args.out) / best["name"])
+        print(f"\nsample from {best['name']} (prompt {args.sample!r}):\n")
+        print(args.sample, end="")
+        generate(model, tokenizer, args.sample, max_new_tokens=80, temperature=0.8, top_k=50, seed=0,
+                 stream=lambda piece: print(piece, end="", flush=True))
+        print()
+
+
+def _compare_table(summary: dict) -> str:
+    rows = [f"{'model':<18} {'val loss':>9} {'bpb':>7} {'tok/s':>8} {'time to dense-final':>20} {'fraction':>9}"]
+    for r in summary["runs"]:
+        t = "not reached" if r["seconds_to_dense_final"] is None else f"{r['seconds_to_dense_final']:.1f} s"
+        frac = "-" if r["time_fraction"] is None else f"{r['time_fraction']:.2f}"
+        rows.append(f"{r['name']:<18} {r['final_val_loss']:>9.4f} {r['final_val_bpb']:>7.4f} "
+                    f"{r['tokens_per_s']:>8,.0f} {t:>20} {frac:>9}")
+    return "\n".join(rows)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from moekit.checkpoint import load
+    from moekit.infer import generate
+
+    model, tokenizer = load(args.checkpoint)
+    if tokenizer is None:
+        raise ConfigError(f"{args.checkpoint} has no tokenizer.json; cannot turn text into tokens")
+    if not args.quiet_prompt:
+        print(args.prompt, end="", flush=True)
+    generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=lambda p: print(p, end="", flush=True))
+    print()
+
+
+# --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moekit", description="Sparse Mixture-of-Experts language models.")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    from moekit.train.config import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="moekit", description="Sparse Mixture-of-Experts language models.",
+                                     allow_abbrev=False)
+    # allow_abbrev=False everywhere: a misspelt flag (--num-expert) must be an error, not a silent prefix match.
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB",
+                                parser_class=lambda **kw: argparse.ArgumentParser(allow_abbrev=False, **kw))
 
     p = sub.add_parser("demo", help="build a preset model, run one forward/backward, print sizes and routing")
     p.add_argument("--preset", default="tiny-moe", choices=sorted(PRESETS), help="model preset (default tiny-moe)")
@@ -26,17 +184,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_demo)
+
+    def run_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model preset (default tiny-moe)")
+        p.add_argument("--config", default=None, metavar="FILE",
+                       help="TOML or JSON file of model and training settings (flags override it)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        _add_dataclass_flags(p.add_argument_group("training settings"), TrainConfig)
+        # The model's vocab_size always follows the tokenizer; --vocab-size trains a new one.
+        _add_dataclass_flags(p.add_argument_group("model settings"), ModelConfig, skip={"vocab_size"})
+
+    p = sub.add_parser("train", help="train a model on the embedded corpus or your text",
+                       description="Train a model. Example: moekit train --preset tiny-moe --max-steps 60 --out runs/a")
+    p.add_argument("--out", default=None, metavar="RUN", help="run directory to create (must not exist)")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue RUN from its last complete checkpoint (with --max-steps N: extend a finished run)")
+    p.add_argument("--init", default=None, metavar="CKPT", help="start from the weights of checkpoint directory CKPT")
+    run_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("compare", help="train a dense model and its sparse twin, report who reaches what loss when",
+                       description="Dense vs MoE at equal active parameters per token on the same token budget.")
+    p.add_argument("--out", default="compare", metavar="DIR", help="output directory (default ./compare)")
+    p.add_argument("--routers", nargs="+", default=None, metavar="ROUTER",
+                   help="routers to sweep (topk switch expert_choice sigmoid_bias noisy_topk, or 'all'); "
+                        "default: the config's router")
+    p.add_argument("--sample", default=None, metavar="PROMPT", help="print a text sample from the best MoE at the end")
+    run_flags(p)
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint or run directory, streaming")
+    p.add_argument("checkpoint", metavar="PATH", help="checkpoint directory, or a run directory (newest checkpoint)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--quiet-prompt", action="store_true", help="print only the continuation")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from moekit.checkpoint import CheckpointError
+    from moekit.data import DataError
+    from moekit.train.loop import RunError
+
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, CheckpointError, RunError) as e:
         print(f"moekit {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except FileNotFoundError as e:
+        print(f"moekit {args.verb}: error: file not found: {e.filename}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted; a run continues from its last checkpoint with --resume RUN", file=sys.stderr)
         return 130
     return 0

@@ -1,0 +1,216 @@
+"""Checkpoints on disk: ``save`` / ``load`` for models, and the trainer's atomic checkpoint directories.
+
+A checkpoint is a directory holding ``config.json``, ``model.safetensors``, ``tokenizer.json``,
+``README.md`` (a model card) and, for training runs, ``trainer_state.pt``. Training checkpoints are
+written into a temporary sibling directory, every file fsynced, then renamed into place in one step,
+so a directory named ``step-N`` is always complete: a crash (or SIGKILL, or a full disk) mid-write
+leaves only a ``.tmp-*`` directory that the next resume removes, and the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moekit.config import ConfigError, ModelConfig
+from moekit.utils import atomic_write, atomic_write_text, fsync_dir
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or incompatible; the message names the file."""
+
+
+# --------------------------------------------------------------------------- model weights
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers, contiguous and untied (safetensors refuses shared memory)."""
+    state = {}
+    for k, v in model.state_dict().items():
+        state[k] = v.detach().contiguous()
+    return state
+
+
+def _write_model_files(model, tokenizer, directory: Path, card: str | None) -> None:
+    cfg: ModelConfig = model.cfg
+    atomic_write_text(directory / "config.json", cfg.to_json())
+    atomic_write(directory / "model.safetensors",
+                 lambda tmp: save_file(model_state(model), tmp, metadata={"format": "pt", "moekit": "1"}))
+    if tokenizer is not None:
+        atomic_write(directory / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
+    atomic_write_text(directory / "README.md", card if card is not None else model_card(cfg))
+
+
+def save(model, tokenizer, path: str | os.PathLike, format: str = "moekit", card: str | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``, may be None) as a checkpoint directory at ``path``."""
+    if format != "moekit":
+        raise ValueError(f"format={format!r} is not supported yet; supported: ['moekit']")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_model_files(model, tokenizer, directory, card)
+    return directory
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)`` from a moekit checkpoint directory (tokenizer None if absent).
+
+    A training run directory works too: its newest complete checkpoint is used.
+    """
+    from moekit.model import Transformer
+
+    directory = Path(path)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint not found: {directory}")
+    if directory.is_dir() and not (directory / "model.safetensors").exists() and (directory / "checkpoints").is_dir():
+        found = find_checkpoints(directory)
+        if not found:
+            raise CheckpointError(f"run directory {directory} has no complete checkpoint yet")
+        directory = found[-1][1]
+    cfg = read_model_config(directory)
+    model = Transformer(cfg)
+    load_weights(model, directory / "model.safetensors")
+    tokenizer = None
+    if (directory / "tokenizer.json").exists():
+        from moekit.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(directory / "tokenizer.json")
+    return model.to(device).eval(), tokenizer
+
+
+def read_model_config(directory: Path) -> ModelConfig:
+    path = directory / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: not a moekit checkpoint directory")
+    try:
+        return ModelConfig.from_json(path)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights strictly; errors name the file and the offending tensor."""
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e}); use an earlier checkpoint") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the config expects {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def model_card(cfg: ModelConfig, info: dict[str, Any] | None = None) -> str:
+    """A short README.md: what the model is, what it was trained on, how far, how well."""
+    from moekit.summary import describe_config, human
+
+    info = info or {}
+    total, active = cfg.param_counts()
+    lines = [
+        "# moekit checkpoint", "",
+        describe_config(cfg).replace("\n", "  \n"), "",
+        "| | |", "|---|---|",
+        f"| parameters (total) | {total:,} ({human(total)}) |",
+        f"| parameters (active per token) | {active:,} ({human(active)}) |",
+    ]
+    for key, label in (("data", "training data"), ("step", "optimizer steps"), ("tokens", "tokens seen"),
+                       ("train_loss", "train loss"), ("val_loss", "validation loss (nats/token)"),
+                       ("val_bpb", "validation bits per byte"), ("elapsed_s", "training time (s)")):
+        if info.get(key) is not None:
+            value = info[key]
+            value = f"{value:,}" if isinstance(value, int) else (f"{value:.4f}" if isinstance(value, float) else value)
+            lines.append(f"| {label} | {value} |")
+    lines += ["", "Load it with `moekit.load(path)`; generate with `moekit generate PATH --prompt ...`.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- training checkpoints
+def find_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first: ``[(step, path), ...]``."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and all((child / f).exists() for f in (*CHECKPOINT_FILES, "trainer_state.pt")):
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete ``.tmp-*`` leftovers of interrupted checkpoint writes; returns what was removed."""
+    root = Path(run_dir) / "checkpoints"
+    removed = []
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".tmp-"):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, trainer_state: dict[str, Any],
+                    card_info: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+    """Atomically write ``checkpoints/step-N`` and prune all but the newest ``keep_last``.
+
+    Plan: 1. write every file into ``checkpoints/.tmp-step-N-*``; 2. fsync them; 3. rename the
+    directory to ``step-N`` (atomic on POSIX) and fsync the parent; 4. only then prune old ones.
+    A disk-full error removes the temporary directory and says which checkpoint is still good.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+    try:
+        _write_model_files(model, tokenizer, tmp, model_card(model.cfg, card_info))
+        atomic_write(tmp / "trainer_state.pt", lambda p: torch.save(trainer_state, p))
+        fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. an extended run's final save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = find_checkpoints(run_dir)
+        last = f"{good[-1][1]} is intact" if good else "no earlier checkpoint exists"
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(f"disk full while saving checkpoint step-{step} in {root}; {last}. "
+                                  "Free some space and continue with --resume.") from None
+        raise CheckpointError(f"could not save checkpoint step-{step} in {root}: {e}; {last}") from None
+    for _, old in find_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    path = directory / "trainer_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(f"{path} is corrupt or unreadable ({type(e).__name__}: {e})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None

@@ -1,0 +1,352 @@
+"""The training loop: one visible function, :func:`train`, in the order things happen.
+
+Run directory (DESIGN.md):
+    RUN/config.json          model + train settings of the run
+    RUN/tokenizer.json       the tokenizer the run uses
+    RUN/metrics.jsonl        one JSON object per logged step (and per evaluation)
+    RUN/checkpoints/step-N/  complete checkpoints (config, weights, tokenizer, card, trainer_state.pt)
+    RUN/plots/*.png          loss curves, expert load over time
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moekit.checkpoint import (
+    CheckpointError,
+    find_checkpoints,
+    load_trainer_state,
+    load_weights,
+    read_model_config,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from moekit.config import ConfigError, ModelConfig
+from moekit.data import DataError, TokenDataset, decode, load_tokenizer, prepare_data, train_tokenizer
+from moekit.data.corpus import load_shakespeare
+from moekit.data.dataset import iter_texts
+from moekit.model import Transformer, update_router_biases
+from moekit.train.config import TrainConfig
+from moekit.train.optim import build_optimizer, lr_at
+from moekit.utils import atomic_write, atomic_write_text
+
+# Settings that may change when a run is resumed: none of them alters the data order or the math of
+# the steps already taken. (Changing max_steps stretches the cosine schedule from that point on.)
+RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "keep_last", "log_every", "threads"}
+
+
+class RunError(RuntimeError):
+    """A problem with the run directory or its settings; the message says what to do."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    elapsed_s: float
+    train_loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    evals: list[dict[str, Any]] = field(default_factory=list)  # every evaluation of this run
+
+
+def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: TrainConfig | None = None, *,
+          resume: bool = False, overrides: dict[str, Any] | None = None, init: str | os.PathLike | None = None,
+          progress: bool = True, desc: str = "train") -> TrainResult:
+    """Train ``model_cfg`` under ``cfg`` into run directory ``out`` (or continue it with ``resume``).
+
+    On resume the run's saved settings are used; ``overrides`` (or fields of ``cfg`` that differ from
+    the saved ones) may change only ``RESUMABLE_CHANGES``, e.g. ``max_steps`` to extend a finished run.
+
+    Plan: 1. run directory (new, or resume: newest complete checkpoint, drop later metrics);
+    2. tokenizer and token datasets; 3. model, optimizer, RNG; 4. the loop -- per step: LR from the
+    schedule, ``grad_accum`` micro-batches of forward/backward, clip, optimizer step, DeepSeek bias
+    update, log, evaluate, checkpoint; 5. plots. Returns the final figures.
+    """
+    run = Path(out)
+
+    # 1. run directory -----------------------------------------------------------------------
+    state: dict[str, Any] | None = None
+    if resume:
+        model_cfg, cfg, ckpt_dir, state = _open_for_resume(run, cfg, overrides or {})
+    else:
+        if model_cfg is None or cfg is None:
+            raise ValueError("a new run needs both model_cfg and cfg")
+        if run.exists() and any(run.iterdir()):
+            raise RunError(f"run directory {run} already exists; continue it with --resume {run}, "
+                           "or choose another --out")
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "checkpoints").mkdir(exist_ok=True)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # 2. tokenizer and data ------------------------------------------------------------------
+    tokenizer = _run_tokenizer(run, cfg, resume)
+    if tokenizer.get_vocab_size() != model_cfg.vocab_size:
+        if resume or init:
+            raise RunError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+                           f"{model_cfg.vocab_size}")
+        model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.get_vocab_size()})
+    train_ds, val_ds = prepare_data(cfg.data, tokenizer, run.parent / ".moekit-cache")
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    val_bytes = _eval_bytes_per_token(val_ds, tokenizer, cfg) if val_ds is not None else None
+    if not resume:
+        atomic_write_text(run / "config.json", json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()},
+                                                         indent=2) + "\n")
+
+    # 3. model, optimizer, RNG ---------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg)
+    if init is not None:
+        init_cfg = read_model_config(Path(init))
+        if init_cfg != model_cfg:
+            raise RunError(f"--init {init}: its config differs from the run's model config; train it with "
+                           f"--config {Path(init) / 'config.json'}")
+        load_weights(model, Path(init) / "model.safetensors")
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    step, tokens, elapsed = 0, 0, 0.0
+    if state is not None:
+        load_weights(model, ckpt_dir / "model.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        _set_rng_state(state["rng"])
+    model.train()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    evals = [e for e in _read_metrics(run) if "val_loss" in e]
+
+    # 4. the loop ----------------------------------------------------------------------------
+    bar = _progress_bar(cfg.max_steps, step, desc, progress)
+    window_loss, window_aux, window_n = 0.0, 0.0, 0
+    last_loss = None
+    t_start = time.perf_counter() - elapsed
+    t_window, tokens_window = time.perf_counter(), 0
+    try:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss, step_aux, loads = 0.0, 0.0, None
+            for micro in range(cfg.grad_accum):
+                x, y = train_ds.get_batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
+                with autocast:
+                    out = model(x)
+                loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                ((loss + out.aux_loss) / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                step_aux += out.aux_loss.item() / cfg.grad_accum
+                layer_loads = [s.expert_load for s in out.router_stats]
+                loads = layer_loads if loads is None else [a + b for a, b in zip(loads, layer_loads)]
+            if not math.isfinite(step_loss):
+                raise RunError(f"training diverged at step {step + 1} (loss {step_loss}); the last checkpoint is "
+                               f"intact -- lower --lr or enable --grad-clip and --resume")
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if out.router_stats:  # DeepSeek-V3 balance bias: after the step, outside backprop
+                for s, load in zip(out.router_stats, loads):
+                    s.expert_load = load
+                update_router_biases(model, out.router_stats)
+            step += 1
+            tokens += cfg.tokens_per_step
+            tokens_window += cfg.tokens_per_step
+            window_loss, window_aux, window_n = window_loss + step_loss, window_aux + step_aux, window_n + 1
+            last_loss = step_loss
+            maxvio = _max_violation(loads)
+            bar.update(1)
+            bar.set_postfix_str(_postfix(step_loss, step_aux, maxvio, tokens_window / (time.perf_counter() - t_window)))
+
+            is_last = step == cfg.max_steps
+            if step % cfg.log_every == 0 or is_last:
+                record = {"step": step, "tokens": tokens, "elapsed_s": round(time.perf_counter() - t_start, 3),
+                          "lr": lr, "train_loss": window_loss / window_n, "aux_loss": window_aux / window_n}
+                if loads:
+                    record["max_violation"] = maxvio
+                    record["expert_load"] = [(v.float() / v.sum().clamp_min(1)).tolist() for v in loads]
+                _append_metrics(run, record)
+                window_loss, window_aux, window_n = 0.0, 0.0, 0
+            if val_ds is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last):
+                t_eval = time.perf_counter()
+                val_loss = evaluate(model, val_ds, cfg, autocast)
+                record = {"step": step, "tokens": tokens, "elapsed_s": round(t_eval - t_start, 3), "val_loss": val_loss,
+                          "val_bpb": val_loss / math.log(2) / val_bytes}
+                _append_metrics(run, record)
+                evals.append(record)
+                t_start += time.perf_counter() - t_eval  # evaluation time is not training time
+            if (cfg.save_every and step % cfg.save_every == 0) or is_last:
+                elapsed = time.perf_counter() - t_start
+                trainer_state = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
+                                 "rng": _get_rng_state(), "train_config": cfg.to_dict()}
+                card = {"data": cfg.data or "embedded Shakespeare (train split)", "step": step, "tokens": tokens,
+                        "train_loss": last_loss, "val_loss": evals[-1]["val_loss"] if evals else None,
+                        "val_bpb": evals[-1]["val_bpb"] if evals else None, "elapsed_s": elapsed}
+                save_checkpoint(run, step, model, tokenizer, trainer_state, card, cfg.keep_last)
+            if step % cfg.log_every == 0:
+                t_window, tokens_window = time.perf_counter(), 0
+    finally:
+        bar.close()
+
+    # 5. plots -------------------------------------------------------------------------------
+    from moekit.train.plots import plot_run
+
+    plot_run(run)
+    final_eval = evals[-1] if evals else {}
+    return TrainResult(run, step, tokens, time.perf_counter() - t_start, last_loss, final_eval.get("val_loss"),
+                       final_eval.get("val_bpb"), evals)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, val_ds: TokenDataset, cfg: TrainConfig, autocast=None) -> float:
+    """Mean cross-entropy (nats/token) over the first ``eval_batches`` sequential validation windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in val_ds.iter_eval_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+        with autocast or torch.autocast("cpu", enabled=False):
+            logits = model(x).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- helpers
+def _open_for_resume(run: Path, cfg: TrainConfig | None, overrides: dict[str, Any]):
+    if not (run / "config.json").exists():
+        raise RunError(f"cannot resume {run}: it is not a moekit run directory (no config.json)")
+    saved = json.loads((run / "config.json").read_text())
+    model_cfg = ModelConfig.from_dict(saved["model"])
+    saved_train = TrainConfig(**saved["train"])
+    changes = dict(overrides)
+    if cfg is not None:
+        changes.update({k: v for k, v in cfg.to_dict().items() if v != getattr(saved_train, k)})
+    changes = {k: v for k, v in changes.items() if v != getattr(saved_train, k)}
+    frozen = sorted(set(changes) - RESUMABLE_CHANGES)
+    if frozen:
+        raise RunError(f"cannot change {', '.join(frozen)} when resuming {run} (it would change the data order or "
+                       f"the math of the steps taken); changeable: {', '.join(sorted(RESUMABLE_CHANGES))}")
+    new_cfg = TrainConfig(**{**saved_train.to_dict(), **changes})
+    changed = set(changes)
+    remove_partial_checkpoints(run)
+    found = find_checkpoints(run)
+    while found:
+        step, ckpt = found[-1]
+        try:
+            state = load_trainer_state(ckpt)
+            load_weights(Transformer(model_cfg), ckpt / "model.safetensors")  # validate before trusting it
+            break
+        except CheckpointError as e:
+            print(f"warning: skipping checkpoint {ckpt}: {e}", file=sys.stderr)
+            found.pop()
+    else:
+        raise RunError(f"cannot resume {run}: no complete checkpoint in {run / 'checkpoints'}; "
+                       "start a new run with another --out")
+    if step >= new_cfg.max_steps:
+        raise RunError(f"run {run} already finished {step} steps; pass --max-steps N with N > {step} to extend it")
+    if changed:
+        atomic_write_text(run / "config.json", json.dumps({"model": model_cfg.to_dict(), "train": new_cfg.to_dict()},
+                                                         indent=2) + "\n")
+    _truncate_metrics(run, step)
+    return model_cfg, new_cfg, ckpt, state
+
+
+def _run_tokenizer(run: Path, cfg: TrainConfig, resume: bool):
+    path = run / "tokenizer.json"
+    if resume:
+        return load_tokenizer(path)
+    if cfg.vocab_size is not None:
+        texts = iter_texts(cfg.data) if cfg.data else iter([load_shakespeare("train")])
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    atomic_write(path, lambda tmp: tokenizer.save(tmp))
+    return tokenizer
+
+
+def _eval_bytes_per_token(val_ds: TokenDataset, tokenizer, cfg: TrainConfig) -> float:
+    """UTF-8 bytes per predicted token over exactly the windows :func:`evaluate` scores (for bpb)."""
+    n_bytes, n_tokens = 0, 0
+    for _, y in val_ds.iter_eval_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+        for row in y.tolist():
+            n_bytes += len(decode(tokenizer, row).encode("utf-8"))
+            n_tokens += len(row)
+    return n_bytes / max(n_tokens, 1)
+
+
+def _get_rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _append_metrics(run: Path, record: dict[str, Any]) -> None:
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            continue
+    return records
+
+
+def _truncate_metrics(run: Path, step: int) -> None:
+    """Drop records after ``step`` (they will be redone), so a resumed log equals an uninterrupted one."""
+    kept = [r for r in _read_metrics(run) if r.get("step", 0) <= step]
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _max_violation(loads) -> float:
+    if not loads:
+        return 0.0
+    values = []
+    for v in loads:
+        v = v.float()
+        values.append(float((v.max() - v.mean()) / v.mean().clamp_min(1e-9)))
+    return sum(values) / len(values)
+
+
+def _postfix(loss: float, aux: float, maxvio: float, tok_s: float) -> str:
+    return f"loss {loss:.3f} aux {aux:.4f} maxvio {maxvio:.2f} {tok_s:,.0f} tok/s"
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # In a log file (not a terminal) redraw rarely, so CI logs stay readable.
+        interval = 0.1 if sys.stderr.isatty() else 10.0
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True,
+                    file=sys.stderr, mininterval=interval)
+
+
+__all__ = ["RunError", "TrainResult", "train", "evaluate", "DataError"]

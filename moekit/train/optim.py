@@ -1,0 +1,43 @@
+"""Optimizer set-up and the learning-rate schedule, as pure functions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup to ``base_lr``, then cosine decay to ``min_lr_ratio * base_lr`` at ``total_steps``.
+
+    ``step`` counts optimizer steps from 0. Past ``total_steps`` the rate stays at the minimum
+    (nanoGPT's ``get_lr``).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    min_lr = base_lr * min_lr_ratio
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (base_lr - min_lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices (linear, expert and router weights); never decay norms, biases
+    or embeddings (decaying an embedding shrinks rare tokens' vectors; GPT-3 and nanoGPT exclude them)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or "norm" in name or name.endswith(".bias") or "embed" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    # foreach: one fused multi-tensor update instead of a Python loop over parameters.
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=True)

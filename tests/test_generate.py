@@ -1,0 +1,282 @@
+"""Tests for moekit.infer: sampling filters, KV-cached generation vs full recompute, text streaming."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from moekit import ModelConfig, Transformer
+from moekit.data import decode, encode, find_eos_id, load_tokenizer
+from moekit.infer import (
+    apply_repetition_penalty,
+    apply_temperature,
+    generate,
+    generate_tokens,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
+
+INF = float("-inf")
+
+
+def tiny(kind: str, **kw) -> ModelConfig:
+    """A tiny random model config: "dense" or an MoE router name."""
+    kw.setdefault("vocab_size", 256)
+    if kind == "dense":
+        return ModelConfig.from_preset("tiny-dense", dim=64, n_layers=2, **kw)
+    return ModelConfig.from_preset("tiny-moe", router=kind, dim=64, n_layers=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_model(tok):
+    torch.manual_seed(0)
+    return Transformer(tiny("topk", vocab_size=tok.get_vocab_size())).eval()
+
+
+class ScriptedLM(nn.Module):
+    """A stand-in model that emits a fixed script per row: the logits at absolute position p put all
+    mass on ``scripts[b][p - (prompt_len - 1)]`` (the last script token once it runs out)."""
+
+    def __init__(self, scripts: list[list[int]], prompt_len: int, vocab_size: int, max_seq_len: int = 128):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=vocab_size, dim=8, n_layers=1, n_heads=1, max_seq_len=max_seq_len)
+        self.scripts, self.prompt_len = scripts, prompt_len
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def new_cache(self, batch: int, max_len: int | None = None):
+        return [SimpleNamespace(length=0)]
+
+    def forward(self, ids, attention_mask=None, cache=None):
+        B, T = ids.shape
+        past = cache[0].length if cache is not None else 0
+        if cache is not None:
+            cache[0].length += T
+        logits = torch.full((B, T, self.cfg.vocab_size), -1e4)
+        for b, script in enumerate(self.scripts):
+            for t in range(T):
+                k = min(past + t - (self.prompt_len - 1), len(script) - 1)
+                if k >= 0:
+                    logits[b, t, script[k]] = 1e4
+        return SimpleNamespace(logits=logits)
+
+
+# ---------------------------------------------------------------------------------------- sampling
+def test_top_k_keeps_exactly_k_even_with_ties():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    out = top_k_filter(logits, 2)
+    assert (out > INF).sum(-1).tolist() == [2, 2]
+    assert out[1].tolist() == [5.0, 4.0, INF, INF, INF]
+    assert set(out[0][out[0] > INF].tolist()) == {3.0}
+    assert torch.equal(top_k_filter(logits, 0), logits)  # 0 = off
+    assert torch.equal(top_k_filter(logits, 99), logits)  # k >= V keeps all
+
+
+def test_top_p_on_a_known_distribution():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # sorted: 0.5, 0.3, 0.15, 0.05
+    logits = probs.log()
+
+    def kept(p):
+        return (top_p_filter(logits, p) > INF)[0].tolist()
+
+    assert kept(0.4) == [False, True, False, False]  # the top token alone reaches 0.4
+    assert kept(0.75) == [False, True, False, True]  # 0.5 + 0.3 >= 0.75
+    assert kept(0.9) == [True, True, False, True]  # 0.95 needed the third token
+    assert kept(0.99) == [True, True, True, True]
+    assert kept(1.0) == [True, True, True, True]  # 1 = off
+    assert kept(1e-9) == [False, True, False, False]  # the top token is always kept
+    assert_close(top_p_filter(logits, 0.75)[0, [1, 3]], logits[0, [1, 3]])  # kept logits unchanged
+
+
+def test_temperature_and_greedy():
+    logits = torch.tensor([[0.0, 2.0, -1.0], [4.0, 1.0, 3.9]])
+    assert_close(apply_temperature(logits, 2.0), logits / 2)
+    assert sample_next(logits, temperature=0).tolist() == [1, 0]
+    assert sample_next(logits, temperature=0.7, top_k=1).tolist() == [1, 0]  # top-1 sampling is argmax
+    with pytest.raises(ValueError, match=r"temperature=0 must be a finite number > 0 here"):
+        apply_temperature(logits, 0)
+
+
+def test_repetition_penalty_ctrl_style():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]  # positive / 2, negative * 2, unseen unchanged
+    assert sample_next(logits, temperature=0, repetition_penalty=3.0, prev_ids_BT=torch.tensor([[0]])).item() == 2
+    with pytest.raises(ValueError, match="needs prev_ids_BT"):
+        sample_next(logits, repetition_penalty=3.0)
+
+
+def test_sampling_stays_inside_the_filters_and_follows_the_generator():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(2000, 5)
+    draws = sample_next(logits, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (2000,) and draws.dtype == torch.long
+    assert set(draws.tolist()) == {0, 1, 2}
+    expected = torch.tensor([3.0, 2.0, 1.0]).softmax(0)[0].item()
+    assert abs((draws == 0).float().mean().item() - expected) < 0.05
+    nucleus = sample_next(logits, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert set(nucleus.tolist()) == {0}  # p(token 0) = 0.64 >= 0.5
+    again = sample_next(logits, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.1), r"temperature=-0.1 must be a finite number >= 0"),
+    (dict(temperature=math.nan), r"temperature=nan must be a finite number >= 0"),
+    (dict(top_k=-1), r"top_k=-1 must be an integer >= 0 \(0 = off\)"),
+    (dict(top_k=2.5), r"top_k=2.5 must be an integer >= 0"),
+    (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty=0.0 must be a finite number > 0"),
+])
+def test_bad_sampling_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_next(torch.zeros(1, 4), **kwargs)
+    model = Transformer(tiny("dense"))
+    with pytest.raises(ValueError, match=message):
+        generate_tokens(model, [1, 2, 3], 4, **kwargs)  # raised at the call, not at the first next()
+
+
+# ------------------------------------------------------------------------------- token generation
+def greedy_without_cache(model: Transformer, ids_BT: torch.Tensor, steps: int) -> torch.Tensor:
+    """The reference: recompute the whole sequence every step."""
+    with torch.no_grad():
+        for _ in range(steps):
+            next_B = model(ids_BT).logits[:, -1].argmax(-1)
+            ids_BT = torch.cat([ids_BT, next_B[:, None]], 1)
+    return ids_BT
+
+
+@pytest.mark.parametrize("kind", ["topk", "sigmoid_bias", "dense"])
+def test_greedy_with_kv_cache_equals_full_recompute(kind):
+    # Untied, larger weights: with tied tiny ones greedy just repeats one token, whatever the context.
+    model = Transformer(tiny(kind, tie_embeddings=False, init_std=0.1)).eval()
+    prompt = torch.randint(0, 256, (2, 7))
+    expected = greedy_without_cache(model, prompt, 12)[:, 7:]
+    got = torch.stack(list(generate_tokens(model, prompt, 12, temperature=0)), 1)
+    assert got.shape == (2, 12)
+    assert min(len(set(row)) for row in got.tolist()) > 6  # the test is not vacuous
+    assert torch.equal(got, expected)
+    # the yielded tokens are the argmax of the full-recompute logits, step by step
+    assert torch.equal(got[:, -1], model(torch.cat([prompt, got[:, :-1]], 1)).logits[:, -1].argmax(-1))
+
+
+def test_seeded_sampling_is_deterministic():
+    model = Transformer(tiny("topk"))
+    prompt = torch.randint(0, 256, (3, 5))
+
+    def run(seed):
+        return torch.stack(list(generate_tokens(model, prompt, 10, temperature=1.0, top_k=0, seed=seed)), 1)
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_eos_stops_rows_and_then_generation():
+    eos = 0
+    model = ScriptedLM([[5, 6, eos, 9, 9, 9], [5, 6, 7, 8, eos, 9]], prompt_len=3, vocab_size=16)
+    steps = list(generate_tokens(model, torch.full((2, 3), 4), 10, eos_id=eos))
+    assert torch.stack(steps, 1).tolist() == [[5, 6, eos, eos, eos], [5, 6, 7, 8, eos]]  # done rows pad with eos
+    unstopped = list(generate_tokens(model, torch.full((2, 3), 4), 8, eos_id=eos, stop_at_eos=False))
+    assert torch.stack(unstopped, 1).tolist()[0] == [5, 6, eos, 9, 9, 9, 9, 9]
+
+
+def test_eos_on_a_real_model():
+    model = Transformer(tiny("topk")).eval()
+    prompt = torch.randint(0, 256, (1, 6))
+    first = next(generate_tokens(model, prompt, 5, temperature=0)).item()
+    assert len(list(generate_tokens(model, prompt, 5, temperature=0, eos_id=first))) == 1
+    assert len(list(generate_tokens(model, prompt, 5, temperature=0, eos_id=first, stop_at_eos=False))) == 5
+
+
+def test_repetition_penalty_is_applied_over_prompt_and_output():
+    model = Transformer(tiny("topk")).eval()  # tied tiny weights: plain greedy repeats one token
+    prompt = torch.randint(0, 256, (1, 5))
+    plain = torch.stack(list(generate_tokens(model, prompt, 12, temperature=0)), 1)[0].tolist()
+    penalised = torch.stack(list(generate_tokens(model, prompt, 12, temperature=0, repetition_penalty=1e3)), 1)
+    assert len(set(plain)) < 12 and len(set(penalised[0].tolist())) == 12
+
+
+def test_long_prompt_is_truncated_from_the_left_with_a_warning():
+    model = Transformer(tiny("topk", max_seq_len=32)).eval()
+    prompt = torch.randint(0, 256, (1, 40))
+    with pytest.warns(UserWarning, match=r"prompt of 40 tokens \+ max_new_tokens=8 exceeds .*max_seq_len=32; "
+                                         r"keeping the last 24 prompt tokens"):
+        got = torch.stack(list(generate_tokens(model, prompt, 8, temperature=0)), 1)
+    assert torch.equal(got, greedy_without_cache(model, prompt[:, -24:], 8)[:, 24:])
+    with pytest.raises(ValueError, match=r"max_new_tokens=32 leaves no room .* max_seq_len=32: ask for at most 31"):
+        generate_tokens(model, prompt, 32)
+
+
+def test_bad_prompts_and_lengths_are_named():
+    model = Transformer(tiny("dense"))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        generate_tokens(model, [], 4)
+    with pytest.raises(ValueError, match=r"input_ids hold token 256, outside the vocabulary \[0, 256\)"):
+        generate_tokens(model, [3, 256], 4)
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\] or \[seq\]"):
+        generate_tokens(model, torch.zeros(1, 2, 3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match=r"max_new_tokens=-1 must be an integer >= 0"):
+        generate_tokens(model, [1], -1)
+    with pytest.raises(ValueError, match=r"eos_id=999 must be a token id in \[0, 256\)"):
+        generate_tokens(model, [1], 4, eos_id=999)
+    assert list(generate_tokens(model, [1], 0)) == []
+
+
+def test_training_mode_is_restored_and_no_graph_is_built():
+    model = Transformer(tiny("topk")).train()
+    tokens = generate_tokens(model, [1, 2, 3], 6, seed=0)
+    first = next(tokens)
+    assert not model.training and not first.requires_grad
+    assert torch.is_grad_enabled()  # inference mode is not held across a yield
+    tokens.close()  # abandoned early
+    assert model.training
+    list(generate_tokens(model, [1, 2, 3], 3, seed=0))
+    assert model.training
+
+
+# --------------------------------------------------------------------------------------- text API
+def test_same_seed_same_text_different_seed_different_text(tok, text_model):
+    a = generate(text_model, tok, "ROMEO:", max_new_tokens=16, seed=1)
+    assert a == generate(text_model, tok, "ROMEO:", max_new_tokens=16, seed=1)
+    assert a != generate(text_model, tok, "ROMEO:", max_new_tokens=16, seed=2)
+    greedy = generate(text_model, tok, "ROMEO:", max_new_tokens=8, temperature=0)
+    ids = greedy_without_cache(text_model, torch.tensor([encode(tok, "ROMEO:")]), 8)[0, len(encode(tok, "ROMEO:")):]
+    assert greedy == decode(tok, ids.tolist())
+
+
+def test_streamed_pieces_join_to_the_returned_text(tok, text_model):
+    pieces = []
+    text = generate(text_model, tok, "To be", max_new_tokens=24, seed=3, stream=pieces.append)
+    assert pieces and "".join(pieces) == text
+
+
+def test_streaming_non_ascii_never_splits_a_character(tok):
+    target = "Ünïcödé → 日本語 ☃!"
+    ids = encode(tok, target)
+    assert len(ids) > len(target)  # multi-byte characters span several byte-level tokens
+    eos = find_eos_id(tok)
+    model = ScriptedLM([ids + [eos]], prompt_len=1, vocab_size=tok.get_vocab_size())
+    pieces = []
+    text = generate(model, tok, "", max_new_tokens=64, seed=0, stream=pieces.append)  # empty prompt -> eos
+    assert text == target
+    assert "".join(pieces) == target
+    assert len(pieces) > 5 and all("\ufffd" not in p for p in pieces)
+    assert generate(model, tok, "", max_new_tokens=0) == ""
+
+
+def test_generate_stops_at_eos_and_excludes_it(tok):
+    eos = find_eos_id(tok)
+    ids = encode(tok, " fair Verona") + [eos] + encode(tok, " never")
+    prompt_len = len(encode(tok, "In"))
+    pieces = []
+    text = generate(ScriptedLM([ids], prompt_len, tok.get_vocab_size()), tok, "In", temperature=0.5,
+                    stream=pieces.append)
+    assert text == " fair Verona" == "".join(pieces)
