@@ -296,3 +296,14 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     assert (good / "model.safetensors").read_bytes() == before
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert [s for s, _ in find_checkpoints(run)] == [3]
+
+
+def test_generate_cli_streams_text(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run, small_cfg(), small_train(max_steps=2, eval_every=0), progress=False)
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:") and len(out) > len("ROMEO:\n")
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

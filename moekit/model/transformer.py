@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
+from moekit.model.cross_entropy import linear_cross_entropy
 from moekit.model.layers import MLP, Attention, KVCache, RMSNorm, rope_frequencies
 from moekit.model.moe import MoE
 from moekit.model.router import RouterStats, SigmoidBiasRouter
@@ -20,9 +21,10 @@ from moekit.model.router import RouterStats, SigmoidBiasRouter
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when ``labels`` were given (the loss is fused)
     aux_loss: torch.Tensor  # () sum over MoE layers of each layer's weighted balance + z losses
     router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, in depth order
+    loss: torch.Tensor | None = None  # () mean next-token cross-entropy over labels != -100, if labels given
 
 
 class Block(nn.Module):
@@ -90,8 +92,13 @@ class Transformer(nn.Module):
             moe.dispatch = mode
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                positions: torch.Tensor | None = None, cache: list[KVCache] | None = None) -> ModelOutput:
-        """``positions`` [T] or [B, T] default to 0..T-1 (offset by the cache length when decoding)."""
+                labels: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None) -> ModelOutput:
+        """``positions`` [T] or [B, T] default to 0..T-1 (offset by the cache length when decoding).
+
+        ``labels`` [B, T] (targets already aligned with the inputs; -100 = ignore) makes the model
+        return ``loss`` computed by the fused linear cross-entropy, without materialising the logits.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -110,8 +117,14 @@ class Transformer(nn.Module):
                 aux = aux + layer_aux
                 stats.append(layer_stats)
         x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
-        return ModelOutput(logits=logits, aux_loss=aux, router_stats=stats)
+        head_weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(labels.shape)}")
+            loss = linear_cross_entropy(x.reshape(B * T, -1), head_weight, labels.reshape(B * T))
+            return ModelOutput(logits=None, aux_loss=aux, router_stats=stats, loss=loss)
+        return ModelOutput(logits=F.linear(x, head_weight), aux_loss=aux, router_stats=stats)
 
     @staticmethod
     def _masks(attention_mask, B, T, past, device):

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moekit.checkpoint import (
     CheckpointError,
@@ -145,8 +144,8 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
             for micro in range(cfg.grad_accum):
                 x, y = train_ds.get_batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
                 with autocast:
-                    out = model(x)
-                loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                    out = model(x, labels=y)  # fused linear cross-entropy: no [B, T, V] logits
+                loss = out.loss
                 ((loss + out.aux_loss) / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
                 step_aux += out.aux_loss.item() / cfg.grad_accum
@@ -219,8 +218,8 @@ def evaluate(model: Transformer, val_ds: TokenDataset, cfg: TrainConfig, autocas
     total, count = 0.0, 0
     for x, y in val_ds.iter_eval_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches):
         with autocast or torch.autocast("cpu", enabled=False):
-            logits = model(x).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            loss = model(x, labels=y).loss
+        total += loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
     return total / max(count, 1)
