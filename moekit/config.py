@@ -16,6 +16,7 @@ from typing import Any
 
 ROUTERS = ("topk", "switch", "noisy_topk", "expert_choice", "sigmoid_bias")
 QK_NORMS = (None, "head", "full")
+ATTENTIONS = ("gqa", "mla")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,13 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     qk_norm: str | None = None  # None | "head" (Qwen3: per head) | "full" (OLMoE: over all heads)
     init_std: float = 0.02
+    attention: str = "gqa"  # "gqa" (multi-head / grouped-query) | "mla" (DeepSeek multi-head latent attention)
+    q_lora_rank: int | None = None  # mla: low-rank query projection width (None = full-rank query)
+    kv_lora_rank: int = 512  # mla: width of the compressed key/value latent
+    qk_nope_head_dim: int = 128  # mla: per-head query/key width without rotary embedding
+    qk_rope_head_dim: int = 64  # mla: per-head query/key width with rotary embedding (one key head, shared)
+    v_head_dim: int = 128  # mla: per-head value width
+    rope_interleave: bool = True  # mla: rotary pairs are (0,1), (2,3), ... (DeepSeek) instead of rotate-half
 
     # --- mixture of experts (ignored when num_experts == 0)
     num_experts: int = 0
@@ -68,6 +76,8 @@ class ModelConfig:
         self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.attention == "mla":  # rotary embeddings apply to the qk_rope part only
+            self.head_dim = self.qk_rope_head_dim
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(
@@ -109,6 +119,17 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.qk_norm not in QK_NORMS:
             raise ConfigError(f"qk_norm={self.qk_norm!r} is not one of {list(QK_NORMS)}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"attention={self.attention!r} is not one of {list(ATTENTIONS)}")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                positive(name)
+            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+                raise ConfigError(f"q_lora_rank={self.q_lora_rank} must be > 0, or None for a full-rank query")
+            if self.qk_norm is not None:
+                raise ConfigError("qk_norm is not used with attention='mla' (it has its own latent norms); set it to None")
+            if self.attention_bias:
+                raise ConfigError("attention_bias=True is not supported with attention='mla'")
         if self.router not in ROUTERS:
             hint = _did_you_mean(self.router, ROUTERS)
             raise ConfigError(f"router={self.router!r} is not one of {list(ROUTERS)}{hint}")
@@ -164,6 +185,12 @@ class ModelConfig:
         attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
         if self.attention_bias:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
+        if self.attention == "mla":
+            H, qk = self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = d * H * qk if self.q_lora_rank is None else d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * qk
+            kv = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+            kv += self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
+            attn = q + kv + H * self.v_head_dim * d
         if self.qk_norm == "head":
             attn += 2 * hd
         elif self.qk_norm == "full":
@@ -263,6 +290,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                       attention_bias=True, num_experts=60, top_k=4, expert_ffn_dim=1408,
                       norm_topk_prob=False, num_shared_experts=1, shared_expert_ffn_dim=5632,
                       shared_expert_gate=True, aux_loss_coef=0.001),
+    # DeepSeek-V3 (671B total, 37B active): multi-head latent attention, 256 fine-grained experts top-8
+    # with sigmoid scores, a selection-only bias and group-limited routing, one shared expert, 3 dense layers.
+    # (Its YaRN rope scaling for long context is not modelled.)
+    "deepseek-v3": dict(vocab_size=129280, dim=7168, n_layers=61, n_heads=128, n_kv_heads=128, ffn_dim=18432,
+                        max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=False, attention="mla",
+                        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        num_experts=256, top_k=8, expert_ffn_dim=2048, router="sigmoid_bias", n_group=8, topk_group=4,
+                        routed_scaling_factor=2.5, num_shared_experts=1, first_dense_layers=3, aux_loss_coef=0.0,
+                        z_loss_coef=0.0),
     # OLMoE-1B-7B: 64 experts, top-8, QK-norm over all heads, no renormalisation of the top-k.
     "olmoe-1b-7b": dict(vocab_size=50304, dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=1024,
                         max_seq_len=4096, tie_embeddings=False, qk_norm="full", num_experts=64, top_k=8,

@@ -8,7 +8,7 @@ from moekit import PRESETS, ConfigError, ModelConfig, Transformer
 
 
 def test_presets_exist_and_validate():
-    for name in ("tiny-dense", "tiny-moe", "small-moe", "mixtral-8x7b", "qwen2-moe", "olmoe-1b-7b"):
+    for name in ("tiny-dense", "tiny-moe", "small-moe", "mixtral-8x7b", "qwen2-moe", "olmoe-1b-7b", "deepseek-v3"):
         cfg = ModelConfig.from_preset(name)
         assert cfg.param_counts()[0] >= cfg.param_counts()[1] > 0
     assert set(PRESETS) >= {"tiny-dense", "tiny-moe", "small-moe"}
@@ -31,6 +31,9 @@ def test_architecture_presets_match_published_sizes():
     # OLMoE-1B-7B: 6.9B total, 1.3B active (Muennighoff et al. 2024).
     total, active = ModelConfig.from_preset("olmoe-1b-7b").param_counts()
     assert abs(total / 1e9 - 6.9) < 0.1 and abs(active / 1e9 - 1.3) < 0.1
+    # DeepSeek-V3: 671B total, 37B active (DeepSeek-V3 technical report, without the MTP module).
+    total, active = ModelConfig.from_preset("deepseek-v3").param_counts()
+    assert abs(total / 1e9 - 671) < 1 and abs(active / 1e9 - 37) < 1
     # Qwen1.5-MoE-A2.7B: 14.3B total, 2.7B active (Qwen blog).
     total, active = ModelConfig.from_preset("qwen2-moe").param_counts()
     assert abs(total / 1e9 - 14.3) < 0.1 and abs(active / 1e9 - 2.7) < 0.1
@@ -44,6 +47,9 @@ def test_architecture_presets_match_published_sizes():
     dict(num_shared_experts=2, shared_expert_gate=True),
     dict(router="noisy_topk", first_dense_layers=1, moe_every=2),
     dict(router="sigmoid_bias", n_group=4, topk_group=2),
+    dict(attention="mla", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
+    dict(attention="mla", q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+         num_shared_experts=1, first_dense_layers=1),
 ])
 def test_param_counts_match_built_model(overrides):
     cfg = ModelConfig.from_preset("tiny-moe", **overrides)

@@ -108,8 +108,9 @@ class Experts(nn.Module):
         super().__init__()
         E, D, Fe = cfg.num_experts, cfg.dim, cfg.expert_ffn_dim
         self.num_experts, self.ffn_dim = E, Fe
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fe, D))
-        self.down_proj = nn.Parameter(torch.empty(E, D, Fe))
+        # Initialised here so a standalone layer is usable; Transformer.reset_parameters re-initialises.
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * Fe, D) * cfg.init_std)
+        self.down_proj = nn.Parameter(torch.randn(E, D, Fe) * cfg.init_std)
 
     def forward(self, x_TD: torch.Tensor, token_ids_A: torch.Tensor, expert_ids_A: torch.Tensor,
                 weights_A: torch.Tensor) -> torch.Tensor:

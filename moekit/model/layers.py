@@ -37,10 +37,20 @@ def rope_frequencies(head_dim: int, positions: torch.Tensor, theta: float) -> tu
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x_BHTDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k by position. cos/sin: [T, Dh] or [B, T, Dh]."""
+def apply_rope(x_BHTDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False) -> torch.Tensor:
+    """Rotate q or k by position. cos/sin: [T, Dh] or [B, T, Dh].
+
+    ``interleave``: rotary pairs are (x0, x1), (x2, x3), ... (DeepSeek's layout); the result is laid
+    out as [evens rotated, odds rotated], exactly as transformers' ``apply_rotary_pos_emb_interleave``
+    (attention scores are unchanged by that fixed permutation as long as q and k share it).
+    """
     if cos.dim() == 3:  # per-batch positions -> broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
+    if interleave:
+        half = cos.shape[-1] // 2
+        c, s_ = cos[..., :half].to(x_BHTDh.dtype), sin[..., :half].to(x_BHTDh.dtype)
+        x1, x2 = x_BHTDh[..., 0::2], x_BHTDh[..., 1::2]
+        return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
     half = x_BHTDh.shape[-1] // 2
     x1, x2 = x_BHTDh[..., :half], x_BHTDh[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -49,14 +59,15 @@ def apply_rope(x_BHTDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 class KVCache(nn.Module):
-    """Preallocated key/value cache for one attention layer: [B, G, T_max, Dh]."""
+    """Preallocated key/value cache for one attention layer: k [B, G, T_max, Dh], v [B, G, T_max, Dv]."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, v_head_dim: int | None = None):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
+        v_shape = (batch, n_kv_heads, max_len, v_head_dim or head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(v_shape, dtype=dtype, device=device), persistent=False)
         self.length = 0
 
     def update(self, k_BGTDh: torch.Tensor, v_BGTDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,17 +115,73 @@ class Attention(nn.Module):
         if cache is not None:
             k_BGTDh, v_BGTDh = cache.update(k_BGTDh, v_BGTDh)
         # mask None means plain causal attention over T == S (the fast training path).
-        dtype = q_BHTDh.dtype
-        if x_BTD.device.type == "cpu" and dtype == torch.bfloat16:
-            # NOTE: on CPU, torch's flash-attention kernel is faster in float32 than in bfloat16
-            # (fwd+bwd 13.3 vs 16.7 ms for [8, 8, 256, 32], torch 2.13), so bf16 runs compute it in fp32.
-            q_BHTDh, k_BGTDh, v_BGTDh = q_BHTDh.float(), k_BGTDh.float(), v_BGTDh.float()
-        with torch.autocast(x_BTD.device.type, enabled=False):
-            y = F.scaled_dot_product_attention(
-                q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask, is_causal=mask is None and T > 1,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
-        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        # NOTE: on CPU, torch's flash-attention kernel is faster in float32 than in bfloat16 (fwd+bwd
+        # 13.3 vs 16.7 ms for [8, 8, 256, 32], torch 2.13), so _sdpa computes it in float32 there.
+        y = _sdpa(q_BHTDh, k_BGTDh, v_BGTDh, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _sdpa(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, mask: torch.Tensor | None,
+          scale: float | None = None) -> torch.Tensor:
+    """Causal scaled dot-product attention; float32 on CPU even under bf16 (see Attention.forward)."""
+    T, G, H = q_BHTD.shape[2], k_BGSD.shape[1], q_BHTD.shape[1]
+    dtype = q_BHTD.dtype
+    if q_BHTD.device.type == "cpu" and dtype == torch.bfloat16:
+        q_BHTD, k_BGSD, v_BGSD = q_BHTD.float(), k_BGSD.float(), v_BGSD.float()
+    with torch.autocast(q_BHTD.device.type, enabled=False):
+        y = F.scaled_dot_product_attention(q_BHTD, k_BGSD, v_BGSD, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=G != H, scale=scale)
+    return y.to(dtype)
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 sec. 2.1, used by DeepSeek-V3).
+
+    Keys and values come from one compressed latent of width ``kv_lora_rank`` per token (plus a single
+    rotary key head of width ``qk_rope_head_dim`` shared by all heads); queries optionally through a
+    low-rank ``q_lora_rank`` bottleneck. Weight names follow transformers' DeepseekV3Attention.
+    NOTE: the cache holds the expanded keys and values (simple, exact), not the latent.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.n_heads
+        self.n_heads, self.nope, self.rope, self.v_dim = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank, self.interleave = cfg.kv_lora_rank, cfg.rope_interleave
+        qk = self.nope + self.rope
+        self.scale = qk ** -0.5
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.dim, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, self.kv_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, cfg.dim, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H = self.n_heads
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BHTQ = q.view(B, T, H, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_rot = q_BHTQ.split([self.nope, self.rope], dim=-1)
+        kv_nope_BTR, k_rot_BTr = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_nope_BTR)).view(B, T, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v_BHTV = kv.split([self.nope, self.v_dim], dim=-1)
+        q_rot = apply_rope(q_rot, cos, sin, self.interleave)
+        k_rot_B1Tr = apply_rope(k_rot_BTr[:, None], cos, sin, self.interleave)
+        q_BHTQ = torch.cat([q_nope, q_rot], dim=-1)
+        k_BHTQ = torch.cat([k_nope, k_rot_B1Tr.expand(B, H, T, self.rope)], dim=-1)
+        if cache is not None:
+            k_BHTQ, v_BHTV = cache.update(k_BHTQ, v_BHTV)
+        y = _sdpa(q_BHTQ, k_BHTQ, v_BHTV.contiguous(), mask, self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
 class MLP(nn.Module):

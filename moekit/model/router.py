@@ -78,7 +78,7 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
+        self.weight = nn.Parameter(torch.randn(cfg.num_experts, cfg.dim) * cfg.init_std)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         x = x_TD.float()
@@ -176,7 +176,7 @@ class NoisyTopKRouter(Router):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.noise_weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
+        self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.dim))  # starts at softplus(0) noise
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         K, E = self.top_k, self.num_experts
@@ -273,8 +273,8 @@ class SigmoidBiasRouter(Router):
             group_scores_TG = grouped.topk(2, dim=-1).values.sum(-1)  # DeepSeek-V3: sum of each group's top-2
             group_ids = group_scores_TG.topk(self.cfg.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores_TG).scatter(1, group_ids, 1.0).bool()
-            # NOTE: masked with 0.0 as in DeepSeek-V3's reference code (not -inf).
-            choice_TE = grouped.masked_fill(~group_mask[..., None], 0.0).view(T, E)
+            # Experts outside the chosen groups can never be picked (transformers' DeepseekV3TopkRouter).
+            choice_TE = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, E)
         ids_TK = choice_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.cfg.norm_topk_prob:

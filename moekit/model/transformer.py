@@ -14,7 +14,7 @@ from torch import nn
 
 from moekit.config import ModelConfig
 from moekit.model.cross_entropy import linear_cross_entropy
-from moekit.model.layers import MLP, Attention, KVCache, RMSNorm, rope_frequencies
+from moekit.model.layers import MLP, Attention, KVCache, LatentAttention, RMSNorm, rope_frequencies
 from moekit.model.moe import MoE
 from moekit.model.router import RouterStats, SigmoidBiasRouter
 
@@ -31,7 +31,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoE(cfg) if self.is_moe else MLP(cfg.dim, cfg.ffn_dim)
@@ -149,9 +149,13 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         """One empty KV cache per layer for incremental decoding."""
-        p = self.embed.weight
-        return [KVCache(batch, self.cfg.n_kv_heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim,
-                        dtype or p.dtype, p.device) for _ in self.layers]
+        p, c = self.embed.weight, self.cfg
+        if c.attention == "mla":
+            heads, k_dim, v_dim = c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
+        else:
+            heads, k_dim, v_dim = c.n_kv_heads, c.head_dim, c.head_dim
+        return [KVCache(batch, heads, max_len or c.max_seq_len, k_dim, dtype or p.dtype, p.device, v_dim)
+                for _ in self.layers]
 
 
 @torch.no_grad()

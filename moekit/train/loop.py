@@ -168,8 +168,11 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
             window_loss, window_aux, window_n = window_loss + step_loss, window_aux + step_aux, window_n + 1
             last_loss = step_loss
             maxvio = _max_violation(loads)
+            # refresh=False: the bar redraws at its own interval (every step on a terminal would be
+            # fine, but in a log file each redraw is a line).
+            bar.set_postfix_str(_postfix(step_loss, step_aux, maxvio, tokens_window / (time.perf_counter() - t_window)),
+                                refresh=False)
             bar.update(1)
-            bar.set_postfix_str(_postfix(step_loss, step_aux, maxvio, tokens_window / (time.perf_counter() - t_window)))
 
             is_last = step == cfg.max_steps
             if step % cfg.log_every == 0 or is_last:

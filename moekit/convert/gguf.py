@@ -1,0 +1,617 @@
+"""GGUF in and out: llama.cpp's single-file format, for the Llama family (dense and Mixtral-style MoE).
+
+    model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # dequantised to float32
+    save_gguf(model, tokenizer, "tiny-moe.gguf", dtype="q8_0")          # llama.cpp runs it
+    inspect_gguf("model.gguf")                                          # metadata only, no weights read
+
+Legend: E experts, F FFN dim, D model dim, V vocabulary, H query heads, G kv heads, Dh head dim.
+
+Layout facts (llama.cpp, ``convert_hf_to_gguf.py`` and ``src/models/llama.cpp``):
+
+- Tensor names: ``token_embd``, ``output_norm``, ``output`` (absent when tied to the embedding),
+  ``blk.{i}.attn_norm|attn_q|attn_k|attn_v|attn_output|ffn_norm`` and either the dense
+  ``blk.{i}.ffn_gate|ffn_up|ffn_down`` or the MoE ``blk.{i}.ffn_gate_inp`` (router [E, D]) with
+  stacked ``ffn_gate_exps|ffn_up_exps`` [E, F, D] and ``ffn_down_exps`` [E, D, F]. Older Mixtral
+  files store one tensor per expert (``blk.{i}.ffn_gate.{e}``); both are read.
+- GGUF lists dimensions fastest-first (``ne[0]`` is the row length), so a torch [out, in] weight is
+  stored as ne = [in, out]; ``gguf``'s reader hands it back in torch order.
+- llama.cpp's ``llama`` graph rotates *adjacent* pairs (rope type NORM), while Hugging Face Llama and
+  moekit rotate halves (pairs (i, i + Dh/2)). The converter therefore permutes the rows of q and k
+  (``LlamaModel.permute``); :func:`unpermute_qk` undoes it on import, :func:`permute_qk` redoes it.
+- MoE in the ``llama`` graph is softmax over all experts, top-k, then renormalised over the k
+  (``build_moe_ffn(..., LLM_FFN_SILU, true /* norm_w */, ..., GATING_FUNC_TYPE_SOFTMAX)``): exactly
+  moekit's ``router="topk"`` with ``norm_topk_prob=True``, dropless. Every layer is MoE when
+  ``expert_count > 0``, and there is no shared expert, QK-norm or q/k/v bias in that graph.
+
+Tokenizers: ``tokenizer.ggml.model == "gpt2"`` files describe a byte-level BPE (tokens already in
+GPT-2's byte alphabet, merges as "a b" strings); ``tokenizer.ggml.pre`` names the split regex, mapped
+here to the Hugging Face pre-tokenizer that produces the same pieces (``llm_tokenizer_bpe`` in
+llama.cpp's ``src/llama-vocab.cpp``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor, TokenType
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from moekit.checkpoint import CheckpointError
+from moekit.config import ConfigError, ModelConfig
+from moekit.data.errors import DataError
+from moekit.data.tokenizer import find_eos_id
+from moekit.model.transformer import Transformer
+from moekit.utils import atomic_write
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+EXPORT_DTYPES = ("f32", "f16", "q8_0")
+
+_QTYPE = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
+_FILE_TYPE = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+# Derived data that some old files carry and llama.cpp ignores (precomputed rotary tables).
+_IGNORED_TENSOR = re.compile(r"^blk\.\d+\.attn_rot_embd(\.weight)?$")
+
+
+# --------------------------------------------------------------------------- q/k row permutation
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q or k projection [n_heads * Dh, D] from rotate-half to llama.cpp's adjacent pairs.
+
+    Within each head, rows (x_0..x_{h-1}, y_0..y_{h-1}) with h = Dh/2 become (x_0, y_0, x_1, y_1, ...),
+    so llama.cpp's rotation of (2i, 2i+1) rotates what Llama rotates as (i, i+h).
+    Same as ``LlamaModel.permute`` in llama.cpp's ``convert_hf_to_gguf.py`` (n_heads = G for k).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of :func:`permute_qk`: llama.cpp's adjacent-pair rows back to rotate-half."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------- tokenizer pre-splitting
+# llama.cpp's split regexes per ``tokenizer.ggml.pre`` (src/llama-vocab.cpp, llm_tokenizer_bpe) and the
+# Hugging Face pre-tokenizer that cuts text into the same pieces before the byte-level BPE.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _gpt2_split() -> pre_tokenizers.PreTokenizer:
+    """GPT-2's regex ('s|'t|...| ?\\p{L}+| ?\\p{N}+|...), built into the ByteLevel pre-tokenizer."""
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _digits_then_gpt2() -> pre_tokenizers.PreTokenizer:
+    """Every digit on its own ("\\p{N}"), then GPT-2's regex: SmolLM, StarCoder (as their tokenizer.json)."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_split()])
+
+
+def _regex_split(pattern: str) -> Callable[[], pre_tokenizers.PreTokenizer]:
+    return lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+#: ``tokenizer.ggml.pre`` value -> pre-tokenizer factory. The first name of each kind is what export writes.
+PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
+    "gpt-2": _gpt2_split, "mpt": _gpt2_split, "olmo": _gpt2_split, "jais": _gpt2_split,
+    "smollm": _digits_then_gpt2, "starcoder": _digits_then_gpt2, "refact": _digits_then_gpt2,
+    "command-r": _digits_then_gpt2, "codeshell": _digits_then_gpt2, "exaone": _digits_then_gpt2,
+    "minerva": _digits_then_gpt2,
+    "llama-bpe": _regex_split(_LLAMA3_SPLIT), "llama3": _regex_split(_LLAMA3_SPLIT),
+    "llama-v3": _regex_split(_LLAMA3_SPLIT), "dbrx": _regex_split(_LLAMA3_SPLIT),
+    "smaug-bpe": _regex_split(_LLAMA3_SPLIT),
+    "qwen2": _regex_split(_QWEN2_SPLIT), "stablelm2": _regex_split(_QWEN2_SPLIT),
+    "deepseek-r1-qwen": _regex_split(_QWEN2_SPLIT),
+}
+
+
+# --------------------------------------------------------------------------- reading
+class _Metadata:
+    """GGUF key/values, decoded on access (token lists are large; ``inspect_gguf`` never decodes them)."""
+
+    def __init__(self, reader: GGUFReader):
+        self.fields = reader.fields
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.fields.get(key)
+        return default if field is None else field.contents()
+
+    def length(self, key: str) -> int:
+        """Number of items of an array field, without decoding it (0 when absent)."""
+        field = self.fields.get(key)
+        if field is None or not field.types or field.types[0] != GGUFValueType.ARRAY:
+            return 0
+        return len(field.data)
+
+
+def _open(path: str | os.PathLike) -> tuple[Path, GGUFReader]:
+    """Open a GGUF file; a missing or corrupt file raises :class:`CheckpointError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file not found: {path}")
+    try:
+        return path, GGUFReader(path)
+    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not a valid GGUF file or is truncated ({type(e).__name__}: {e})") from None
+
+
+def _torch_shape(t: ReaderTensor) -> tuple[int, ...]:
+    """A tensor's shape in torch order: GGUF lists ne[0], the row length, first."""
+    return tuple(int(n) for n in reversed(t.shape.tolist()))
+
+
+def _from_f32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _uniform_int(meta: _Metadata, key: str, path: Path, default: int | None = None) -> int:
+    """An integer hyperparameter; llama.cpp allows per-layer arrays, accepted here when all equal."""
+    value = meta.get(key, default)
+    if value is None:
+        raise CheckpointError(f"{path}: metadata key {key!r} is missing")
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"{path}: {key} varies per layer ({sorted(set(value))}); moekit needs one value")
+        value = value[0]
+    return int(value)
+
+
+def config_from_gguf(meta: _Metadata, tensor_shapes: dict[str, tuple[int, ...]], path: Path) -> ModelConfig:
+    """Translate llama.cpp hyperparameters to a :class:`ModelConfig`, refusing what moekit cannot run."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                              f"supported: {list(SUPPORTED_ARCHITECTURES)}")
+    a = arch
+    if "token_embd.weight" not in tensor_shapes:
+        raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing")
+    _refuse_unsupported_features(meta, tensor_shapes, a, path)
+    dim = _uniform_int(meta, f"{a}.embedding_length", path)
+    n_heads = _uniform_int(meta, f"{a}.attention.head_count", path)
+    head_dim = _uniform_int(meta, f"{a}.attention.key_length", path, dim // n_heads)
+    value_dim = _uniform_int(meta, f"{a}.attention.value_length", path, head_dim)
+    rot_dim = _uniform_int(meta, f"{a}.rope.dimension_count", path, head_dim)
+    if not value_dim == rot_dim == head_dim:
+        raise CheckpointError(f"{path}: key_length={head_dim}, value_length={value_dim}, rope.dimension_count="
+                              f"{rot_dim} differ; moekit needs them equal (full rotary, same head size)")
+    ffn_dim = _uniform_int(meta, f"{a}.feed_forward_length", path)
+    num_experts = _uniform_int(meta, f"{a}.expert_count", path, 0)
+    fields = dict(
+        vocab_size=tensor_shapes["token_embd.weight"][0],
+        dim=dim,
+        n_layers=_uniform_int(meta, f"{a}.block_count", path),
+        n_heads=n_heads,
+        n_kv_heads=_uniform_int(meta, f"{a}.attention.head_count_kv", path, n_heads),
+        head_dim=head_dim,
+        ffn_dim=ffn_dim,
+        max_seq_len=_uniform_int(meta, f"{a}.context_length", path),
+        rope_theta=_from_f32(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        norm_eps=_from_f32(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensor_shapes,
+        num_experts=num_experts,
+        top_k=_uniform_int(meta, f"{a}.expert_used_count", path, 2) if num_experts else 2,
+        expert_ffn_dim=_uniform_int(meta, f"{a}.expert_feed_forward_length", path, ffn_dim),
+        router="topk",
+        norm_topk_prob=True,  # the llama graph renormalises the top-k softmax weights (see module doc)
+    )
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _refuse_unsupported_features(meta: _Metadata, tensor_shapes: dict[str, tuple[int, ...]], a: str, path: Path) -> None:
+    """Settings the llama graph can carry but moekit's model does not compute: refuse, never ignore."""
+    scaling = meta.get(f"{a}.rope.scaling.type", "none")
+    factor = meta.get(f"{a}.rope.scaling.factor", 1.0)
+    if (scaling not in ("none", "") and factor not in (0.0, 1.0)) or "rope_freqs.weight" in tensor_shapes:
+        raise CheckpointError(f"{path}: RoPE scaling ({scaling!r}, factor {factor}, or a rope_freqs tensor as in "
+                              "Llama 3.1) is not supported by moekit yet")
+    scale = meta.get(f"{a}.expert_weights_scale", 0.0)
+    if scale not in (0.0, 1.0):
+        raise CheckpointError(f"{path}: {a}.expert_weights_scale={scale} is not supported (moekit's topk router "
+                              "does not scale expert weights)")
+    attn_scale = meta.get(f"{a}.attention.scale", 0.0)
+    if attn_scale != 0.0:
+        raise CheckpointError(f"{path}: a custom attention scale ({attn_scale}) is not supported")
+
+
+def _expected_gguf_names(cfg: ModelConfig) -> dict[str, str]:
+    """moekit parameter name -> GGUF tensor name, for everything that is not a stacked expert weight."""
+    names = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    for i in range(cfg.n_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        names |= {p + "attn_norm.weight": b + "attn_norm.weight", p + "ffn_norm.weight": b + "ffn_norm.weight",
+                  p + "attn.q_proj.weight": b + "attn_q.weight", p + "attn.k_proj.weight": b + "attn_k.weight",
+                  p + "attn.v_proj.weight": b + "attn_v.weight", p + "attn.o_proj.weight": b + "attn_output.weight"}
+        if cfg.is_moe_layer(i):
+            names[p + "ffn.router.weight"] = b + "ffn_gate_inp.weight"
+        else:
+            names |= {p + f"ffn.{k}_proj.weight": b + f"ffn_{k}.weight" for k in ("gate", "up", "down")}
+    return names
+
+
+class _TensorSource:
+    """Dequantises named GGUF tensors to torch (one at a time) and records which were used."""
+
+    def __init__(self, reader: GGUFReader, path: Path, dtype: torch.dtype):
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.path, self.dtype = path, dtype
+        self.used: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Tensor ``name`` dequantised to torch, after checking it has the ``shape`` the config implies."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        found = _torch_shape(t)
+        if found != tuple(shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {found}, the file's hyperparameters "
+                                  f"imply {tuple(shape)}")
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {t.tensor_type.name}, which the gguf "
+                                  "package cannot dequantise") from None
+        self.used.add(name)
+        # F32 comes back as a read-only view of the memory-mapped file: copy it out.
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(self.dtype)
+
+    def experts(self, block: str, kind: str, shape_EXY: tuple[int, ...]) -> torch.Tensor:
+        """Stacked expert weight ``ffn_{kind}_exps`` [E, ...], or stack legacy ``ffn_{kind}.{e}`` tensors."""
+        stacked = f"{block}ffn_{kind}_exps.weight"
+        if stacked in self.tensors or f"{block}ffn_{kind}.0.weight" not in self.tensors:
+            return self.get(stacked, shape_EXY)
+        return torch.stack([self.get(f"{block}ffn_{kind}.{e}.weight", shape_EXY[1:]) for e in range(shape_EXY[0])])
+
+
+def _state_from_gguf(source: _TensorSource, cfg: ModelConfig, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """moekit state dict (``shapes``: the parameter shapes ``cfg`` gives) from GGUF tensors: renamed,
+    q/k un-permuted, gate and up experts fused."""
+    state = {}
+    for name, gguf_name in _expected_gguf_names(cfg).items():
+        w = source.get(gguf_name, shapes[name])
+        if name.endswith("q_proj.weight"):
+            w = unpermute_qk(w, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_qk(w, cfg.n_kv_heads)
+        state[name] = w
+    for i in range(cfg.n_layers):
+        if cfg.is_moe_layer(i):
+            b, p = f"blk.{i}.", f"layers.{i}.ffn.experts."
+            E, F, D = cfg.num_experts, cfg.expert_ffn_dim, cfg.dim
+            gate_EFD, up_EFD = source.experts(b, "gate", (E, F, D)), source.experts(b, "up", (E, F, D))
+            state[p + "gate_up_proj"] = torch.cat([gate_EFD, up_EFD], dim=1)  # [E, 2F, D]: gate rows, then up
+            state[p + "down_proj"] = source.experts(b, "down", (E, D, F))
+    unused = sorted(n for n in set(source.tensors) - source.used if not _IGNORED_TENSOR.match(n))
+    if unused:
+        raise CheckpointError(f"{source.path}: tensors moekit does not know how to use: {unused[:6]}"
+                              f"{' ...' if len(unused) > 6 else ''}")
+    return state
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer | None]:
+    """Load a Llama-family GGUF file as ``(model, tokenizer)``, every tensor dequantised to ``dtype``.
+
+    Dense Llama files and Mixtral-style MoE files (``ffn_*_exps``) load; other architectures raise
+    :class:`CheckpointError` naming the supported ones. The tokenizer is rebuilt from the file's
+    metadata (None, with a warning, for tokenizer kinds moekit cannot rebuild yet).
+    """
+    path, reader = _open(path)
+    meta = _Metadata(reader)
+    shapes = {t.name: _torch_shape(t) for t in reader.tensors}
+    cfg = config_from_gguf(meta, shapes, path)
+    with torch.device("meta"):  # shapes only: no memory, no random init for weights about to be replaced
+        model = Transformer(cfg)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state = _state_from_gguf(_TensorSource(reader, path, dtype), cfg, expected)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval(), tokenizer_from_gguf(meta, path)
+
+
+# --------------------------------------------------------------------------- tokenizer import
+def tokenizer_from_gguf(meta: _Metadata, path: Path) -> Tokenizer | None:
+    """Rebuild a byte-level BPE ``tokenizers.Tokenizer`` from ``tokenizer.ggml.*`` metadata.
+
+    Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain added
+    tokens, as llama.cpp matches both whole. BOS is prepended by the post-processor only when the
+    file says ``add_bos_token``.
+    """
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        warnings.warn(f"{path}: tokenizer model {kind!r} cannot be rebuilt yet (supported: ['gpt2']); "
+                      "returning no tokenizer", stacklevel=3)
+        return None
+    if pre not in PRE_TOKENIZERS:
+        warnings.warn(f"{path}: tokenizer pre-type {pre!r} is not known to moekit (known: {sorted(PRE_TOKENIZERS)}); "
+                      "returning no tokenizer", stacklevel=3)
+        return None
+    tokens: list[str] | None = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        warnings.warn(f"{path}: no tokenizer.ggml.tokens in the file; returning no tokenizer", stacklevel=3)
+        return None
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)  # a repeated token keeps its first id, as a dict lookup in llama.cpp would
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind_ in zip(tokens, types) if kind_ == TokenType.CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, kind_ in zip(tokens, types) if kind_ == TokenType.USER_DEFINED])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]}:0 $A:0", pair=f"{tokens[bos]}:0 $A:0 $B:1", special_tokens=[(tokens[bos], bos)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+# --------------------------------------------------------------------------- inspection
+def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
+    """What a GGUF file holds, from its metadata and tensor table alone (no tensor data is read).
+
+    Keys: path, architecture, name, supported (and ``error`` when not), tensors, tensor_types
+    ({"Q4_1": n, ...}), file_type, params_in_file, params_total / params_active (from the translated
+    config's ``param_counts()``; None when unsupported), num_experts, experts_per_token, vocab_size,
+    context_length, tokenizer ("gpt2/smollm"), config (dict or None).
+    """
+    path, reader = _open(path)
+    meta = _Metadata(reader)
+    arch = meta.get("general.architecture")
+    file_type = meta.get("general.file_type")
+    shapes = {t.name: _torch_shape(t) for t in reader.tensors}
+    info: dict[str, Any] = {
+        "path": str(path),
+        "architecture": arch,
+        "name": meta.get("general.name"),
+        "tensors": len(reader.tensors),
+        "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors).most_common()),
+        "file_type": _file_type_name(file_type),
+        "params_in_file": sum(int(t.n_elements) for t in reader.tensors),
+        "num_experts": int(meta.get(f"{arch}.expert_count", 0) or 0),
+        "experts_per_token": int(meta.get(f"{arch}.expert_used_count", 0) or 0),
+        "vocab_size": meta.length("tokenizer.ggml.tokens") or None,
+        "context_length": meta.get(f"{arch}.context_length"),
+        "tokenizer": f"{meta.get('tokenizer.ggml.model')}/{meta.get('tokenizer.ggml.pre', 'default')}",
+        "supported": True, "params_total": None, "params_active": None, "config": None,
+    }
+    try:
+        cfg = config_from_gguf(meta, shapes, path)
+    except (CheckpointError, ConfigError) as e:
+        info["supported"], info["error"] = False, str(e)
+        return info
+    total, active = cfg.param_counts()
+    info |= {"params_total": total, "params_active": active, "config": cfg.to_dict()}
+    return info
+
+
+def _file_type_name(file_type: int | None) -> str | int | None:
+    """``general.file_type`` as llama.cpp names it ("MOSTLY_Q4_1"), or the raw number if unknown."""
+    try:
+        return None if file_type is None else LlamaFileType(file_type).name
+    except ValueError:
+        return file_type
+
+
+# --------------------------------------------------------------------------- export
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise :class:`ConfigError` naming every setting llama.cpp's ``llama`` architecture cannot express."""
+    problems = []
+    if cfg.num_experts:
+        if cfg.router != "topk":
+            problems.append(f"router={cfg.router!r} has no llama.cpp equivalent")
+        if not cfg.norm_topk_prob:
+            problems.append("norm_topk_prob=False (llama.cpp renormalises the top-k weights)")
+        if cfg.eval_capacity_factor is not None:
+            problems.append(f"eval_capacity_factor={cfg.eval_capacity_factor} (llama.cpp never drops tokens)")
+        if cfg.num_shared_experts:
+            problems.append(f"num_shared_experts={cfg.num_shared_experts}")
+        if cfg.first_dense_layers or cfg.moe_every != 1:
+            problems.append(f"first_dense_layers={cfg.first_dense_layers}, moe_every={cfg.moe_every} "
+                            "(llama.cpp makes every layer MoE)")
+    if cfg.qk_norm is not None:
+        problems.append(f"qk_norm={cfg.qk_norm!r}")
+    if cfg.attention_bias:
+        problems.append("attention_bias=True")
+    if problems:
+        raise ConfigError("cannot export to GGUF (llama.cpp 'llama' architecture): " + "; ".join(problems)
+                          + ". Supported: dense models, or MoE with router='topk', norm_topk_prob=True, every layer "
+                          "MoE, no shared experts, eval_capacity_factor=None; no qk_norm, no attention_bias")
+
+
+def _export_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor in torch order) for every weight, q/k permuted, experts split into gate and up."""
+    cfg = model.cfg
+    params = dict(model.named_parameters())
+    out = []
+    for name, gguf_name in _expected_gguf_names(cfg).items():
+        w = params[name].detach()
+        if name.endswith("q_proj.weight"):
+            w = permute_qk(w, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = permute_qk(w, cfg.n_kv_heads)
+        out.append((gguf_name, w))
+    for i in range(cfg.n_layers):
+        if cfg.is_moe_layer(i):
+            gate_up_E2FD = params[f"layers.{i}.ffn.experts.gate_up_proj"].detach()
+            F = cfg.expert_ffn_dim
+            out += [(f"blk.{i}.ffn_gate_exps.weight", gate_up_E2FD[:, :F]),
+                    (f"blk.{i}.ffn_up_exps.weight", gate_up_E2FD[:, F:]),
+                    (f"blk.{i}.ffn_down_exps.weight", params[f"layers.{i}.ffn.experts.down_proj"].detach())]
+    return out
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], dtype: str) -> GGMLQuantizationType:
+    """Storage type per tensor, as llama.cpp's converter picks it: norms (1-D) and the router stay F32;
+    a row length that is not a whole number of Q8_0 blocks (32) falls back to F16."""
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight") or dtype == "f32":
+        return GGMLQuantizationType.F32
+    if dtype == "q8_0":
+        block = gguf.GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
+        return GGMLQuantizationType.Q8_0 if shape[-1] % block == 0 else GGMLQuantizationType.F16
+    return GGMLQuantizationType.F16
+
+
+def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * type_size
+
+
+def _write_model_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig, dtype: str) -> None:
+    """Hyperparameters under llama.cpp's ``llama.*`` keys (gguf-py ``Keys``)."""
+    writer.add_name("moekit")
+    writer.add_file_type(_FILE_TYPE[dtype])
+    if dtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.expert_ffn_dim if cfg.num_experts else cfg.ffn_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.num_experts:
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.top_k)
+
+
+def _pre_tokenizer_json(pre: pre_tokenizers.PreTokenizer | None) -> Any:
+    """A pre-tokenizer's JSON with ``trim_offsets`` dropped (it moves offsets, never token ids)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre
+    return _drop_key(json.loads(tok.to_str())["pre_tokenizer"], "trim_offsets")
+
+
+def _drop_key(obj: Any, key: str) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_key(v, key) for k, v in obj.items() if k != key}
+    if isinstance(obj, list):
+        return [_drop_key(v, key) for v in obj]
+    return obj
+
+
+def gguf_pre_tokenizer_name(tokenizer: Tokenizer) -> str:
+    """The ``tokenizer.ggml.pre`` name whose split regex matches ``tokenizer``'s pre-tokenizer."""
+    ours = _drop_key(json.loads(tokenizer.to_str())["pre_tokenizer"], "trim_offsets")
+    for name, make in PRE_TOKENIZERS.items():
+        if _pre_tokenizer_json(make()) == ours:
+            return name
+    raise ConfigError(f"cannot export to GGUF: the tokenizer's pre-tokenizer {json.dumps(ours)} has no llama.cpp "
+                      "equivalent; supported: byte-level BPE with GPT-2's split (moekit's own), digits + GPT-2 "
+                      "(SmolLM), or the Llama 3 / Qwen2 split regexes")
+
+
+def _write_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """``tokenizer.ggml.*``: tokens in id order (padded with unused ``[PAD{i}]`` up to the model's
+    vocabulary, as llama.cpp's converter does), token types, merges, BOS/EOS and no automatic BOS."""
+    data = json.loads(tokenizer.to_str())
+    if data["model"]["type"] != "BPE":
+        raise ConfigError(f"cannot export to GGUF: tokenizer model {data['model']['type']!r} is not supported; "
+                          "supported: byte-level BPE")
+    pre = gguf_pre_tokenizer_name(tokenizer)
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= vocab_size:
+        raise ConfigError(f"cannot export to GGUF: the tokenizer has token id {max(vocab.values())}, beyond the "
+                          f"model's vocab_size={vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [TokenType.UNUSED] * vocab_size
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, TokenType.NORMAL
+    for added in data.get("added_tokens", []):
+        types[added["id"]] = TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    bos, add_bos = _bos_from_post_processor(data.get("post_processor"), tokenizer)
+    try:
+        eos = find_eos_id(tokenizer)
+    except DataError:
+        eos = None
+    if eos is not None:
+        writer.add_eos_token_id(eos)
+    if bos is not None or eos is not None:  # GPT-2 convention: <|endoftext|> doubles as BOS
+        writer.add_bos_token_id(bos if bos is not None else eos)
+    pad = tokenizer.token_to_id("<|pad|>")
+    if pad is not None:
+        writer.add_pad_token_id(pad)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(False)
+
+
+def _bos_from_post_processor(post: dict[str, Any] | None, tokenizer: Tokenizer) -> tuple[int | None, bool]:
+    """(BOS id, whether encoding prepends it) from a TemplateProcessing that starts with a special token."""
+    if not post or post.get("type") != "TemplateProcessing" or not post.get("single"):
+        return None, False
+    first = post["single"][0]
+    if "SpecialToken" not in first:
+        return None, False
+    return tokenizer.token_to_id(first["SpecialToken"]["id"]), True
+
+
+def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike, dtype: str = "f32") -> Path:
+    """Write ``model`` and ``tokenizer`` as a llama.cpp ``llama`` GGUF file (atomically).
+
+    ``dtype``: "f32", "f16" or "q8_0" for the matrices (norms and routers stay float32). Dense models
+    and Mixtral-style MoE models export; anything llama.cpp would compute differently raises
+    :class:`ConfigError` first (see :func:`check_exportable`). Tensors are converted and written one
+    at a time, so the file never needs a second copy of the model in memory.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {list(EXPORT_DTYPES)}")
+    if tokenizer is None:
+        raise ValueError("save_gguf needs the tokenizer: llama.cpp cannot run a GGUF file without its vocabulary")
+    cfg: ModelConfig = model.cfg
+    check_exportable(cfg)
+    plan = [(name, w, _tensor_type(name, tuple(w.shape), dtype)) for name, w in _export_tensors(model)]
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, SUPPORTED_ARCHITECTURES[0])
+        _write_model_metadata(writer, cfg, dtype)
+        _write_tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
+        for name, w, qtype in plan:  # shapes in torch order; the writer reverses them to ne order
+            writer.add_tensor_info(name, tuple(w.shape), np.dtype(np.float32), _nbytes(tuple(w.shape), qtype), qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, w, qtype in plan:
+            writer.write_tensor_data(gguf.quants.quantize(w.float().contiguous().numpy(), qtype))
+        writer.close()
+
+    path = Path(path)
+    atomic_write(path, write)
+    return path

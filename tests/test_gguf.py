@@ -1,0 +1,271 @@
+"""Tests for moekit.convert.gguf: the q/k layout, export -> import round trips, refusals, corrupt files,
+inspection, parity with transformers on a real SmolLM2 GGUF, and llama.cpp running a moekit MoE."""
+
+import re
+
+import gguf
+import pytest
+import torch
+from torch.testing import assert_close
+
+import moekit.convert.gguf as gguf_io
+from moekit import ConfigError, ModelConfig, Transformer
+from moekit.checkpoint import CheckpointError
+from moekit.convert.gguf import (
+    check_exportable,
+    gguf_pre_tokenizer_name,
+    inspect_gguf,
+    load_gguf,
+    permute_qk,
+    save_gguf,
+    unpermute_qk,
+)
+from moekit.data import decode, encode, load_tokenizer
+from moekit.infer import generate, generate_tokens
+from moekit.model.layers import apply_rope, rope_frequencies
+
+TEXTS = ["Hello world! It's a test: don't panic.", "  two spaces,\nnew line\ttab end ", "naïve café, Ünïcödé ✓ 🙂",
+         "<|endoftext|>after a special token", "ROMEO:\nBut soft, what light through yonder window breaks?"]
+
+
+def rope_adjacent_pairs(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """llama.cpp's rope for the llama architecture (mode NORM): rotate pairs (2i, 2i + 1)."""
+    Dh = x.shape[-1]
+    angles = positions.float()[:, None] * theta ** (-torch.arange(0, Dh, 2).float() / Dh)  # [T, Dh/2]
+    cos, sin = angles.cos(), angles.sin()
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+def test_permute_qk_turns_rotate_half_into_llama_cpp_adjacent_pairs():
+    H, Dh, D, T = 3, 8, 16, 5
+    w, x, pos = torch.randn(H * Dh, D), torch.randn(T, D), torch.arange(T)
+    cos, sin = rope_frequencies(Dh, pos, 10000.0)
+    q_hf = apply_rope((x @ w.T).view(T, H, Dh).transpose(0, 1), cos, sin)  # [H, T, Dh], rotate-half
+    q_cpp = rope_adjacent_pairs((x @ permute_qk(w, H).T).view(T, H, Dh).transpose(0, 1), pos, 10000.0)
+    # Same rotated values, each head's features interleaved (x0, y0, x1, y1, ...): dot products agree.
+    assert_close(q_cpp, q_hf.view(H, T, 2, Dh // 2).transpose(-1, -2).reshape(H, T, Dh))
+    assert torch.equal(unpermute_qk(permute_qk(w, H), H), w)
+    k = torch.randn(2 * Dh, D)  # GQA: k is permuted with the kv head count
+    assert torch.equal(unpermute_qk(permute_qk(k, 2), 2), k)
+
+
+# --------------------------------------------------------------------------- moekit -> GGUF -> moekit
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def tiny_model(kind: str, seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    preset = "tiny-moe" if kind == "moe" else "tiny-dense"
+    return Transformer(ModelConfig.from_preset(preset, n_layers=2, **kw)).eval()
+
+
+def logits(model: Transformer, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's logit scale."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+CONFIG_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len", "rope_theta",
+                 "norm_eps", "tie_embeddings", "num_experts", "top_k", "router", "norm_topk_prob")
+
+
+@pytest.mark.parametrize("kind, dtype, tol", [("moe", "f32", 0.0), ("moe", "f16", 2e-3), ("moe", "q8_0", 2e-2),
+                                              ("dense", "f32", 0.0), ("dense", "q8_0", 2e-2)])
+def test_round_trip_gives_same_logits_and_tokenizer(tmp_path, tok, kind, dtype, tol):
+    model = tiny_model(kind, tie_embeddings=kind == "moe")  # the dense one has its own lm_head
+    path = save_gguf(model, tok, tmp_path / f"{kind}.gguf", dtype=dtype)
+    loaded, tok2 = load_gguf(path)
+    for name in CONFIG_FIELDS:
+        assert getattr(loaded.cfg, name) == getattr(model.cfg, name), name
+    if model.cfg.num_experts:
+        assert loaded.cfg.expert_ffn_dim == model.cfg.expert_ffn_dim
+    else:
+        assert loaded.cfg.ffn_dim == model.cfg.ffn_dim
+    ids = encode(tok, TEXTS[-1])
+    if dtype == "f32":  # exact: every weight survives bit for bit
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name
+        assert torch.equal(logits(loaded, ids), logits(model, ids))
+    else:
+        assert rel_diff(logits(loaded, ids), logits(model, ids)) < tol
+    for text in TEXTS:
+        assert encode(tok2, text) == encode(tok, text)
+        assert decode(tok2, encode(tok2, text)) == text
+
+
+def test_loads_per_expert_tensors_of_older_mixtral_files(tmp_path, tok, monkeypatch):
+    """Files from before stacked experts hold ``blk.{i}.ffn_gate.{e}.weight`` per expert."""
+    model = tiny_model("moe")
+    stacked = gguf_io._export_tensors
+
+    def per_expert(m):
+        out = []
+        for name, w in stacked(m):
+            match = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight", name)
+            out += [(f"blk.{match[1]}.ffn_{match[2]}.{e}.weight", w[e]) for e in range(len(w))] if match else [(name, w)]
+        return out
+
+    monkeypatch.setattr(gguf_io, "_export_tensors", per_expert)
+    path = save_gguf(model, tok, tmp_path / "old.gguf")
+    assert "blk.0.ffn_gate.7.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    loaded, _ = load_gguf(path)
+    assert torch.equal(logits(loaded, [5, 6, 7]), logits(model, [5, 6, 7]))
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(router="expert_choice"), "router='expert_choice'"),
+    (dict(router="noisy_topk"), "router='noisy_topk'"),
+    (dict(router="switch", top_k=1), "router='switch'"),
+    (dict(router="sigmoid_bias"), "router='sigmoid_bias'"),
+    (dict(norm_topk_prob=False), "norm_topk_prob=False"),
+    (dict(eval_capacity_factor=1.25), "eval_capacity_factor=1.25"),
+    (dict(num_shared_experts=1), "num_shared_experts=1"),
+    (dict(first_dense_layers=1), "first_dense_layers=1"),
+    (dict(qk_norm="head"), "qk_norm='head'"),
+    (dict(attention_bias=True), "attention_bias=True"),
+])
+def test_export_refuses_what_llama_cpp_cannot_express(tmp_path, tok, overrides, named):
+    cfg = ModelConfig.from_preset("tiny-moe", n_layers=2, **overrides)
+    with pytest.raises(ConfigError, match="Supported: ") as err:
+        check_exportable(cfg)
+    assert named in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError):
+        save_gguf(Transformer(cfg), tok, tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_export_refuses_a_tokenizer_llama_cpp_cannot_split_like(tmp_path, tok):
+    from tokenizers import pre_tokenizers
+
+    assert gguf_pre_tokenizer_name(tok) == "gpt-2"
+    other = load_tokenizer()
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ConfigError, match="pre-tokenizer"):
+        save_gguf(tiny_model("moe"), other, tmp_path / "x.gguf")
+
+
+def write_minimal_gguf(path, arch: str) -> None:
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
+    path = tmp_path / "other.gguf"
+    write_minimal_gguf(path, "qwen2moe")
+    with pytest.raises(CheckpointError, match=r"architecture 'qwen2moe' is not supported; supported: \['llama'\]"):
+        load_gguf(path)
+    info = inspect_gguf(path)
+    assert info["architecture"] == "qwen2moe" and info["supported"] is False and "qwen2moe" in info["error"]
+
+
+def test_corrupt_truncated_and_missing_files_name_the_file(tmp_path, tok):
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 10)
+    truncated = tmp_path / "truncated.gguf"
+    data = save_gguf(tiny_model("moe"), tok, tmp_path / "good.gguf").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    for path in (garbage, truncated, tmp_path / "missing.gguf"):
+        with pytest.raises(CheckpointError, match=re.escape(str(path))):
+            load_gguf(path)
+
+
+def test_inspect_reads_metadata_and_tensor_types(tmp_path, tok):
+    model = tiny_model("moe")
+    info = inspect_gguf(save_gguf(model, tok, tmp_path / "m.gguf", dtype="q8_0"))
+    total, active = model.cfg.param_counts()
+    assert (info["architecture"], info["supported"], info["file_type"]) == ("llama", True, "MOSTLY_Q8_0")
+    assert (info["params_total"], info["params_active"], info["params_in_file"]) == (total, active, total)
+    assert (info["num_experts"], info["experts_per_token"], info["vocab_size"]) == (8, 2, 4096)
+    assert set(info["tensor_types"]) == {"Q8_0", "F32"} and info["tokenizer"] == "gpt2/gpt-2"
+    assert ModelConfig.from_dict(info["config"]).num_experts == 8
+
+
+# --------------------------------------------------------------------------- a real model: SmolLM2-135M
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return load_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_gguf):
+    """transformers' own GGUF import of the same file (its dequantisation, its tokenizer conversion)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+    kw = dict(gguf_file=smollm2_gguf.name, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
+
+
+def test_smollm2_logits_match_transformers(smollm2, hf_smollm2):
+    (model, tok), (hf_model, _) = smollm2, hf_smollm2
+    assert model.cfg.num_experts == 0 and model.cfg.tie_embeddings
+    ids = encode(tok, PROMPT + " Paris, and the capital of Germany is Berlin.")
+    ours = logits(model, ids)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0]
+    assert rel_diff(ours, ref) < 1e-3
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_smollm2_tokenizer_matches_transformers_conversion(smollm2, hf_smollm2):
+    (_, tok), (_, hf_tok) = smollm2, hf_smollm2
+    for text in [*TEXTS, "<|im_start|>user\nHi!<|im_end|>"]:
+        assert encode(tok, text) == hf_tok.encode(text, add_special_tokens=False), text
+    # The file's pre-type "smollm" splits every digit (llama.cpp's SMOLLM regexes, like SmolLM2's own
+    # tokenizer.json); transformers' GGUF conversion does not know that pre-type, so digits are checked here.
+    assert [decode(tok, [i]) for i in encode(tok, "in 2024")] == ["in", " ", "2", "0", "2", "4"]
+
+
+def test_smollm2_greedy_answer_is_paris(smollm2):
+    model, tok = smollm2
+    text = generate(model, tok, PROMPT, max_new_tokens=8, temperature=0)
+    assert "Paris" in text, text
+
+
+def test_smollm2_inspect_and_reexport(tmp_path, smollm2_gguf, smollm2):
+    info = inspect_gguf(smollm2_gguf)
+    assert info["architecture"] == "llama" and "Q4_1" in info["tensor_types"] and info["num_experts"] == 0
+    assert info["params_total"] == info["params_active"] == info["params_in_file"]
+    assert 130e6 < info["params_total"] < 140e6 and info["tokenizer"] == "gpt2/smollm"
+    model, tok = smollm2
+    loaded, tok2 = load_gguf(save_gguf(model, tok, tmp_path / "smol.gguf", dtype="q8_0"))
+    ids = encode(tok, PROMPT)
+    assert rel_diff(logits(loaded, ids), logits(model, ids)) < 2e-2
+    assert encode(tok2, "in 2024, naïve") == encode(tok, "in 2024, naïve")
+
+
+# --------------------------------------------------------------------------- llama.cpp runs a moekit MoE
+def test_llama_cpp_greedy_tokens_equal_moekit(tmp_path, tok):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'moekit[llamacpp]')")
+    model = tiny_model("moe", init_std=0.1)  # mixtral-style: topk router, norm_topk_prob=True
+    path = save_gguf(model, tok, tmp_path / "tiny-moe.gguf", dtype="f32")
+    prompt = "ROMEO:\nBut soft, what light"
+    ids = encode(tok, prompt)
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=False, verbose=False, type_k=0, type_v=0)  # 0 = F32 cache
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids  # no BOS: moekit never adds one
+    ours = [int(t[0]) for t in generate_tokens(model, ids, max_new_tokens=16, temperature=0)]
+    llm.reset()
+    theirs = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == len(ours):
+            break
+    assert theirs == ours
