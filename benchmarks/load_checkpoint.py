@@ -5,7 +5,8 @@ The checkpoint is generated on the fly: random weights with Mixtral's hub names 
 (per-expert ``block_sparse_moe.experts.{j}.w1/w2/w3``, sharded safetensors with an index), sized by
 ``--size-gb``, written straight to safetensors shard by shard (no model is ever built to write it).
 Each load runs in a fresh process that imports its library first, records its baseline RSS, loads,
-and reports wall time and peak RSS (``ru_maxrss``); rounds alternate the order so that page-cache
+and reports wall time and peak RSS (the kernel's high-water mark, reset after the imports), then
+reads every weight once and reports the RSS again; rounds alternate the order so that page-cache
 and machine-load drift hit both loaders alike.
 
     python benchmarks/load_checkpoint.py                          # ~2.5 GB bfloat16, 2 rounds
@@ -133,15 +134,58 @@ def child(loader: str, directory: str, dtype_name: str) -> None:
 
         def load():
             return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _reset_peak_rss()
+    base, base_anon = _current_rss(), _status_bytes("RssAnon")
     t0 = time.perf_counter()
     model = load()
     seconds = time.perf_counter() - t0
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_rss()
+    rss_after = _current_rss()
+    # NOTE: a loader may hand back tensors that still map the file lazily; reading every weight once
+    # (as the first forward passes would) shows the memory a usable model really holds.
     params = list(model.parameters())
-    print(json.dumps({"seconds": seconds, "base_bytes": base_kb * 1024, "peak_bytes": peak_kb * 1024,
-                      "rss_after_bytes": _current_rss(), "parameters": sum(p.numel() for p in params),
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for p in params:
+            p.sum()
+    touch_seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "touch_seconds": touch_seconds, "base_bytes": base,
+                      "peak_bytes": peak, "rss_after_bytes": rss_after, "peak_touched_bytes": _peak_rss(),
+                      "rss_touched_bytes": _current_rss(), "anon_touched_bytes": _status_bytes("RssAnon"),
+                      "base_anon_bytes": base_anon, "parameters": sum(p.numel() for p in params),
                       "dtypes": sorted({str(p.dtype) for p in params})}))
+
+
+def _status_bytes(field: str) -> int:
+    """A size field of ``/proc/self/status`` (e.g. ``RssAnon``: private memory, not file pages); 0 elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process: ``VmHWM`` on Linux, else ``ru_maxrss``.
+
+    NOTE: on Linux ``ru_maxrss`` also counts the parent's RSS at fork (exec records the pre-exec
+    memory's high-water mark in the process's rusage), which inflated the children's figures here;
+    ``VmHWM`` belongs to the new image alone and can be reset (below).
+    """
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_peak_rss() -> None:
+    """Reset the RSS high-water mark (Linux >= 4.0: ``5`` to ``/proc/self/clear_refs``), so that the
+    peak measures the load and not an import spike. Best effort elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _current_rss() -> int:
@@ -164,17 +208,19 @@ def run_child(loader: str, directory: Path, dtype_name: str) -> dict:
 # --------------------------------------------------------------------------- report
 def report(results: dict[str, list[dict]], weight_bytes: int) -> str:
     gib = 1 << 30
-    med = {name: {k: statistics.median(r[k] for r in runs) for k in ("seconds", "base_bytes", "peak_bytes",
-                                                                       "rss_after_bytes")}
-           for name, runs in results.items()}
+    keys = ("seconds", "touch_seconds", "base_bytes", "peak_bytes", "rss_touched_bytes", "anon_touched_bytes",
+            "base_anon_bytes")
+    med = {name: {k: statistics.median(r[k] for r in runs) for k in keys} for name, runs in results.items()}
     ref = med[LOADERS[1]]
-    lines = ["| loader | load time (s) | peak RSS (GiB) | peak over baseline (GiB) | peak over baseline / weights "
-             "| RSS after load (GiB) | time vs transformers | peak-over-baseline vs transformers |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| loader | load (s) | then read every weight (s) | peak RSS (GiB) | peak over baseline (GiB) "
+             "| RSS after reading every weight (GiB) | of which private (anon) over baseline / weights "
+             "| load time vs transformers | peak over baseline vs transformers |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, m in med.items():
         grew, ref_grew = m["peak_bytes"] - m["base_bytes"], ref["peak_bytes"] - ref["base_bytes"]
-        lines.append(f"| {name} | {m['seconds']:.2f} | {m['peak_bytes'] / gib:.2f} | {grew / gib:.2f} | "
-                     f"{grew / weight_bytes:.2f}x | {m['rss_after_bytes'] / gib:.2f} | "
+        private = m["anon_touched_bytes"] - m["base_anon_bytes"]
+        lines.append(f"| {name} | {m['seconds']:.2f} | {m['touch_seconds']:.2f} | {m['peak_bytes'] / gib:.2f} | "
+                     f"{grew / gib:.2f} | {m['rss_touched_bytes'] / gib:.2f} | {private / weight_bytes:.2f}x | "
                      f"{m['seconds'] / ref['seconds']:.2f}x | {grew / ref_grew:.2f}x |")
     return "\n".join(lines)
 

@@ -52,31 +52,70 @@ def _write_model_files(model, tokenizer, directory: Path, card: str | None) -> N
     atomic_write_text(directory / "README.md", card if card is not None else model_card(cfg))
 
 
-def save(model, tokenizer, path: str | os.PathLike, format: str = "moekit", card: str | None = None) -> Path:
-    """Write ``model`` (and ``tokenizer``, may be None) as a checkpoint directory at ``path``."""
-    if format != "moekit":
-        raise ValueError(f"format={format!r} is not supported yet; supported: ['moekit']")
+SAVE_FORMATS = ("moekit", "hf", "gguf")
+
+
+def save(model, tokenizer, path: str | os.PathLike, format: str = "moekit", card: str | None = None,
+         **options: Any) -> Path:
+    """Write ``model`` (and ``tokenizer``, may be None) at ``path``.
+
+    ``format``: "moekit" (checkpoint directory), "hf" (a directory ``transformers`` loads; options go to
+    :func:`moekit.convert.hf.save_hf`) or "gguf" (a file llama.cpp runs; ``dtype="f32"|"f16"|"q8_0"``).
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r} is not one of {list(SAVE_FORMATS)}")
+    if format == "hf":
+        from moekit.convert.hf import save_hf
+
+        return save_hf(model, tokenizer, path, **options)
+    if format == "gguf":
+        from moekit.convert.gguf import save_gguf
+
+        return save_gguf(model, tokenizer, path, **options)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     _write_model_files(model, tokenizer, directory, card)
+    if getattr(model, "chat_template", None):
+        atomic_write_text(directory / "tokenizer_config.json",
+                          json.dumps({"chat_template": model.chat_template}, indent=2) + "\n")
     return directory
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load ``(model, tokenizer)`` from a moekit checkpoint directory (tokenizer None if absent).
+def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
+    """("moekit" | "hf" | "gguf", resolved path). A run directory resolves to its newest checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return "gguf", p
+        raise CheckpointError(f"{p} is a file but not a .gguf; give a checkpoint directory or a .gguf file")
+    if not (p / "model.safetensors").exists() and (p / "checkpoints").is_dir():
+        found = find_checkpoints(p)
+        if not found:
+            raise CheckpointError(f"run directory {p} has no complete checkpoint yet")
+        p = found[-1][1]
+    config = p / "config.json"
+    if not config.exists():
+        raise CheckpointError(f"{config} is missing: not a moekit, Hugging Face or run directory")
+    return ("hf" if "model_type" in read_json(config) else "moekit"), p
 
-    A training run directory works too: its newest complete checkpoint is used.
-    """
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load ``(model, tokenizer)`` from a moekit checkpoint or run directory, a Hugging Face directory
+    or a ``.gguf`` file (tokenizer None if the checkpoint has none). The model is in eval mode."""
+    fmt, directory = detect_format(path)
+    if fmt == "hf":
+        from moekit.convert.hf import load_hf
+
+        return load_hf(directory, dtype=dtype, device=device)
+    if fmt == "gguf":
+        from moekit.convert.gguf import load_gguf
+
+        model, tokenizer = load_gguf(directory, dtype=dtype or torch.float32)
+        return model.to(device), tokenizer
     from moekit.model import Transformer
 
-    directory = Path(path)
-    if not directory.exists():
-        raise CheckpointError(f"checkpoint not found: {directory}")
-    if directory.is_dir() and not (directory / "model.safetensors").exists() and (directory / "checkpoints").is_dir():
-        found = find_checkpoints(directory)
-        if not found:
-            raise CheckpointError(f"run directory {directory} has no complete checkpoint yet")
-        directory = found[-1][1]
     cfg = read_model_config(directory)
     model = Transformer(cfg)
     load_weights(model, directory / "model.safetensors")
@@ -85,6 +124,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
         from moekit.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(directory / "tokenizer.json")
+    model.chat_template = None
+    if (directory / "tokenizer_config.json").exists():
+        model.chat_template = read_json(directory / "tokenizer_config.json").get("chat_template")
+    if dtype is not None:
+        model = model.to(dtype)
     return model.to(device).eval(), tokenizer
 
 

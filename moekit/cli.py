@@ -168,6 +168,37 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def _cmd_info(args: argparse.Namespace) -> None:
+    from moekit.convert.inspect import format_info, inspect_checkpoint
+
+    print(format_info(inspect_checkpoint(args.path)))
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from moekit.checkpoint import load, save
+
+    fmt = args.format or ("gguf" if str(args.dst).lower().endswith(".gguf") else "moekit")
+    if Path(args.dst).exists() and not args.overwrite:
+        raise ConfigError(f"{args.dst} already exists; pass --overwrite to replace it")
+    model, tokenizer = load(args.src)
+    options = {"dtype": args.gguf_type} if fmt == "gguf" else {}
+    if fmt == "gguf" and tokenizer is None:
+        raise ConfigError(f"{args.src} has no tokenizer; GGUF files must carry one")
+    out = save(model.float(), tokenizer, args.dst, format=fmt, **options)
+    total, active = model.cfg.param_counts()
+    print(f"wrote {out} ({fmt}): {total:,} parameters, {active:,} active per token")
+
+
+def _cmd_upcycle(args: argparse.Namespace) -> None:
+    from moekit.convert.upcycle import upcycle_checkpoint
+
+    if Path(args.dst).exists() and not args.overwrite:
+        raise ConfigError(f"{args.dst} already exists; pass --overwrite to replace it")
+    out = upcycle_checkpoint(args.src, args.dst, args.experts, args.top_k, router=args.router, noise=args.noise,
+                             seed=args.seed)
+    print(f"wrote {out}; continue training with: moekit train --init {out} --out RUN")
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from moekit.train.config import TrainConfig
@@ -223,6 +254,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--quiet-prompt", action="store_true", help="print only the continuation")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("info", help="what is inside a checkpoint (moekit, Hugging Face or GGUF), without loading it")
+    p.add_argument("path", metavar="PATH", help="checkpoint directory, run directory, Hugging Face directory or .gguf")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="convert between checkpoint formats (moekit, Hugging Face, GGUF)",
+                       description="Read SRC in any supported format and write DST. Example: "
+                                   "moekit convert runs/a/checkpoints/step-60 model.gguf --gguf-type q8_0")
+    p.add_argument("src", metavar="SRC", help="moekit/run directory, Hugging Face directory or .gguf file")
+    p.add_argument("dst", metavar="DST", help="output directory (moekit, hf) or .gguf file")
+    p.add_argument("--format", choices=["moekit", "hf", "gguf"], default=None,
+                   help="output format (default: gguf if DST ends in .gguf, else moekit)")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16",
+                   help="tensor type of GGUF matrices (default f16)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("upcycle", help="turn a dense model into an MoE by copying its MLPs into experts",
+                       description="Sparse upcycling (Komatsuzaki et al. 2022). At initialisation the MoE computes "
+                                   "the dense model's outputs; continue with moekit train --init DST.")
+    p.add_argument("src", metavar="SRC", help="dense model: moekit/run directory, Hugging Face directory or .gguf")
+    p.add_argument("dst", metavar="DST", help="output moekit checkpoint directory")
+    p.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--router", default="topk",
+                   choices=["topk", "switch", "noisy_topk", "expert_choice", "sigmoid_bias"],
+                   help="router (default topk; switch and expert_choice do not reproduce the dense outputs at init)")
+    p.add_argument("--noise", type=float, default=0.0, help="relative std of noise added to each expert copy (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the router init and noise (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_cmd_upcycle)
     return parser
 
 

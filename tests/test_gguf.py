@@ -4,6 +4,7 @@ inspection, parity with transformers on a real SmolLM2 GGUF, and llama.cpp runni
 import re
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -245,27 +246,36 @@ def test_smollm2_inspect_and_reexport(tmp_path, smollm2_gguf, smollm2):
     assert info["architecture"] == "llama" and "Q4_1" in info["tensor_types"] and info["num_experts"] == 0
     assert info["params_total"] == info["params_active"] == info["params_in_file"]
     assert 130e6 < info["params_total"] < 140e6 and info["tokenizer"] == "gpt2/smollm"
-    model, tok = smollm2
+    model, tok = smollm2  # re-quantising Q4_1 values to Q8_0: lossy, but the next token stays
     loaded, tok2 = load_gguf(save_gguf(model, tok, tmp_path / "smol.gguf", dtype="q8_0"))
     ids = encode(tok, PROMPT)
-    assert rel_diff(logits(loaded, ids), logits(model, ids)) < 2e-2
+    ours, ref = logits(loaded, ids), logits(model, ids)
+    assert rel_diff(ours, ref) < 5e-2 and ours[-1].argmax() == ref[-1].argmax()
     assert encode(tok2, "in 2024, naïve") == encode(tok, "in 2024, naïve")
 
 
 # --------------------------------------------------------------------------- llama.cpp runs a moekit MoE
-def test_llama_cpp_greedy_tokens_equal_moekit(tmp_path, tok):
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_llama_cpp_runs_exported_moe_like_moekit(tmp_path, tok, dtype):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'moekit[llamacpp]')")
-    model = tiny_model("moe", init_std=0.1)  # mixtral-style: topk router, norm_topk_prob=True
-    path = save_gguf(model, tok, tmp_path / "tiny-moe.gguf", dtype="f32")
+    model = tiny_model("moe", init_std=0.1)  # mixtral-style (topk, norm_topk_prob=True); 0.1: decisive logits
+    path = save_gguf(model, tok, tmp_path / "tiny-moe.gguf", dtype=dtype)
     prompt = "ROMEO:\nBut soft, what light"
     ids = encode(tok, prompt)
-    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=False, verbose=False, type_k=0, type_v=0)  # 0 = F32 cache
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=False, verbose=False, type_k=0, type_v=0)  # 0: F32 cache
     assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids  # no BOS: moekit never adds one
+    llm.eval(ids)
+    cpp_last = torch.from_numpy(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                                      shape=(llm.n_vocab(),)).copy())
+    if dtype == "q8_0":  # llama.cpp also rounds activations to 8 bits; compare with the same Q8_0 weights
+        assert rel_diff(cpp_last, logits(load_gguf(path)[0], ids)[-1]) < 5e-2
+        return
+    assert rel_diff(cpp_last, logits(model, ids)[-1]) < 1e-5
     ours = [int(t[0]) for t in generate_tokens(model, ids, max_new_tokens=16, temperature=0)]
     llm.reset()
     theirs = []
-    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+    for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0):  # temp 0: llama.cpp's greedy sampler
         theirs.append(token)
         if len(theirs) == len(ours):
             break
-    assert theirs == ours
+    assert theirs == ours and len(set(ours)) > 4  # a varied continuation, not one token repeated

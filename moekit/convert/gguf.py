@@ -53,6 +53,9 @@ from moekit.data.tokenizer import find_eos_id
 from moekit.model.transformer import Transformer
 from moekit.utils import atomic_write
 
+__all__ = ["EXPORT_DTYPES", "PRE_TOKENIZERS", "SUPPORTED_ARCHITECTURES", "check_exportable", "gguf_pre_tokenizer_name",
+           "inspect_gguf", "load_gguf", "permute_qk", "save_gguf", "unpermute_qk"]
+
 SUPPORTED_ARCHITECTURES = ("llama",)
 EXPORT_DTYPES = ("f32", "f16", "q8_0")
 
@@ -125,9 +128,6 @@ class _Metadata:
     def __init__(self, reader: GGUFReader):
         self.fields = reader.fields
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.fields
-
     def get(self, key: str, default: Any = None) -> Any:
         field = self.fields.get(key)
         return default if field is None else field.contents()
@@ -173,7 +173,7 @@ def _uniform_int(meta: _Metadata, key: str, path: Path, default: int | None = No
     return int(value)
 
 
-def config_from_gguf(meta: _Metadata, tensor_shapes: dict[str, tuple[int, ...]], path: Path) -> ModelConfig:
+def _config_from_gguf(meta: _Metadata, tensor_shapes: dict[str, tuple[int, ...]], path: Path) -> ModelConfig:
     """Translate llama.cpp hyperparameters to a :class:`ModelConfig`, refusing what moekit cannot run."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -258,9 +258,6 @@ class _TensorSource:
         self.path, self.dtype = path, dtype
         self.used: set[str] = set()
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Tensor ``name`` dequantised to torch, after checking it has the ``shape`` the config implies."""
         t = self.tensors.get(name)
@@ -322,17 +319,17 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     path, reader = _open(path)
     meta = _Metadata(reader)
     shapes = {t.name: _torch_shape(t) for t in reader.tensors}
-    cfg = config_from_gguf(meta, shapes, path)
+    cfg = _config_from_gguf(meta, shapes, path)
     with torch.device("meta"):  # shapes only: no memory, no random init for weights about to be replaced
         model = Transformer(cfg)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state = _state_from_gguf(_TensorSource(reader, path, dtype), cfg, expected)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval(), tokenizer_from_gguf(meta, path)
+    return model.eval(), _tokenizer_from_gguf(meta, path)
 
 
 # --------------------------------------------------------------------------- tokenizer import
-def tokenizer_from_gguf(meta: _Metadata, path: Path) -> Tokenizer | None:
+def _tokenizer_from_gguf(meta: _Metadata, path: Path) -> Tokenizer | None:
     """Rebuild a byte-level BPE ``tokenizers.Tokenizer`` from ``tokenizer.ggml.*`` metadata.
 
     Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain added
@@ -403,7 +400,7 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
         "supported": True, "params_total": None, "params_active": None, "config": None,
     }
     try:
-        cfg = config_from_gguf(meta, shapes, path)
+        cfg = _config_from_gguf(meta, shapes, path)
     except (CheckpointError, ConfigError) as e:
         info["supported"], info["error"] = False, str(e)
         return info

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -31,6 +32,7 @@ from tokenizers import Tokenizer
 from moekit.checkpoint import CheckpointError
 from moekit.config import ConfigError, ModelConfig
 from moekit.convert.hf_archs import ARCHITECTURES, ArchSpec, export_model_type, template_regex
+from moekit.convert.inspect import SAFETENSORS_DTYPES, read_safetensors_header
 from moekit.model import Transformer
 from moekit.utils import atomic_write, atomic_write_text
 
@@ -40,9 +42,6 @@ EXPERT_LAYOUTS = ("per_expert", "fused")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _FUSED = template_regex("layers.{i}.ffn.experts.{fused}")
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 # =========================================================================== reading a directory
@@ -89,27 +88,6 @@ def weight_files(directory: Path) -> list[Path]:
                           "(PyTorch .bin checkpoints are not supported: convert them to safetensors)")
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (dtype, shape)}`` from a safetensors header alone; the tensor data is never read.
-
-    Format: an 8-byte little-endian header length, a JSON header, then the data; a file shorter than
-    its header promises is truncated.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError("the header is longer than the file")
-            header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            raise ValueError(f"the header describes {8 + n + end} bytes, the file has {size}")
-        return {k: (t["dtype"], tuple(t["shape"])) for k, t in header.items() if k != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
-
-
 class Shards:
     """Lazy access to every tensor of a checkpoint's safetensors files, by name."""
 
@@ -129,7 +107,7 @@ class Shards:
 
     def dtype(self, name: str) -> torch.dtype:
         stored = self.where[name][1].get_slice(name).get_dtype()
-        return getattr(torch, _SAFETENSORS_DTYPES.get(stored, stored.lower()))
+        return getattr(torch, SAFETENSORS_DTYPES.get(stored, stored.lower()))
 
     def read(self, name: str) -> torch.Tensor:
         path, handle = self.where[name]
@@ -496,7 +474,8 @@ def tokenizer_config(tokenizer: Tokenizer, cfg: ModelConfig, chat_template: str 
 
 # =========================================================================== inspect
 def inspect_hf(path: str | os.PathLike) -> dict[str, Any]:
-    """What a Hugging Face checkpoint holds, from ``config.json`` and the safetensors headers only.
+    """What a Hugging Face checkpoint holds, from ``config.json`` and the safetensors headers only
+    (the keys of :func:`moekit.convert.inspect.inspect_moekit`, plus ``model_type`` and ``summary``).
 
     Parameter counts come from the translated config (``ModelConfig.param_counts``): ``parameters``
     in total and ``active_parameters`` per token; ``stored_parameters`` counts what the files hold.
@@ -508,35 +487,38 @@ def inspect_hf(path: str | os.PathLike) -> dict[str, Any]:
     model_type, spec = architecture(hf)
     cfg = spec.to_config(hf)
     files = weight_files(directory)
-    numel_by_dtype: Counter[str] = Counter()
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in files:
-        for dtype, shape in read_safetensors_header(file).values():
-            numel_by_dtype[_SAFETENSORS_DTYPES.get(dtype, dtype.lower())] += _numel(shape)
+        tensors.update(read_safetensors_header(file)[0])
+    dtypes: Counter[str] = Counter()
+    for dtype, shape in tensors.values():
+        dtypes[SAFETENSORS_DTYPES.get(dtype, dtype.lower())] += math.prod(shape)
     total, active = cfg.param_counts()
-    return {
-        "format": "huggingface",
+    class_name = (hf.get("architectures") or [model_type])[0]
+    info: dict[str, Any] = {
         "path": str(directory),
+        "format": "hf",
         "model_type": model_type,
-        "architecture": describe_config(cfg),
-        "dtype": numel_by_dtype.most_common(1)[0][0] if numel_by_dtype else None,
+        "architecture": class_name,
+        "summary": describe_config(cfg),
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+        "dtypes": dict(dtypes),
         "parameters": total,
         "active_parameters": active,
-        "stored_parameters": sum(numel_by_dtype.values()),
-        "num_layers": cfg.n_layers,
-        "num_moe_layers": cfg.num_moe_layers,
+        "stored_parameters": sum(dtypes.values()),
+        "n_layers": cfg.n_layers, "dim": cfg.dim, "vocab_size": cfg.vocab_size,
         "num_experts": cfg.num_experts,
-        "top_k": cfg.top_k if cfg.num_experts else 0,
-        "num_shared_experts": cfg.num_shared_experts if cfg.num_experts else 0,
-        "files": [f.name for f in files],
-        "size_bytes": sum(f.stat().st_size for f in files),
-        "tokenizer": (directory / "tokenizer.json").is_file(),
-        "chat_template": read_chat_template(directory) is not None,
-        "config": cfg.to_dict(),
     }
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    if cfg.num_experts:
+        info.update(top_k=cfg.top_k, router=cfg.router, moe_layers=cfg.num_moe_layers,
+                    expert_ffn_dim=cfg.expert_ffn_dim, num_shared_experts=cfg.num_shared_experts)
+    info.update(
+        tensors=len(tensors),
+        weights_bytes=sum(f.stat().st_size for f in files),
+        size_bytes=sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+        files=[f.name for f in files],
+        tokenizer=(directory / "tokenizer.json").is_file(),
+        chat_template=read_chat_template(directory) is not None,
+        config=cfg.to_dict(),
+    )
+    return info

@@ -238,6 +238,8 @@ def dense_layers(cfg: ModelConfig) -> list[int]:
 def llama_body_to_hf(cfg: ModelConfig, model_type: str, class_name: str) -> dict[str, Any]:
     """config.json fields every Llama-style architecture shares (both rope spellings: transformers 5
     reads ``rope_parameters``, 4.x reads ``rope_theta``)."""
+    need(cfg.attention == "gqa", f"attention={cfg.attention!r}: {model_type} has multi-head / grouped-query "
+         "attention only (multi-head latent attention is DeepSeek's)")
     return {
         "architectures": [class_name],
         "model_type": model_type,
@@ -277,7 +279,7 @@ def llama_to_config(hf: dict[str, Any]) -> ModelConfig:
     if value(hf, "attention_bias", LLAMA_DEFAULTS):
         raise ConfigError("attention_bias=true is not supported for llama: it biases o_proj, which moekit's "
                           "attention does not have")
-    check_sliding_window(hf, {})
+    check_sliding_window(hf, LLAMA_DEFAULTS)
     return build_config("llama", llama_body(hf, LLAMA_DEFAULTS))
 
 
@@ -458,7 +460,7 @@ def olmoe_to_config(hf: dict[str, Any]) -> ModelConfig:
     if value(hf, "attention_bias", d):
         raise ConfigError("attention_bias=true is not supported for olmoe: it biases o_proj, which moekit's "
                           "attention does not have")
-    check_sliding_window(hf, {})
+    check_sliding_window(hf, d)
     body = llama_body(hf, d)
     if body["head_dim"] not in (None, body["dim"] // body["n_heads"]):
         # OlmoeAttention sizes q_norm by hidden_size, which only fits when head_dim = hidden / heads.
@@ -502,7 +504,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 def register_architecture(model_type: str, spec: ArchSpec, *, replace: bool = False) -> None:
     """Teach :func:`moekit.convert.hf.load_hf` (and ``save_hf`` when ``spec.from_config`` is set) a new
-    Hugging Face ``model_type``. Registering an existing one needs ``replace=True``."""
+    Hugging Face ``model_type``. Registering an existing one needs ``replace=True``.
+
+    Example: a checkpoint whose shared experts are called ``shared_experts`` (plural) and whose router
+    carries a selection bias only needs two more key templates in front of the Llama ones::
+
+        register_architecture("my_moe", ArchSpec(
+            to_config=my_to_config,  # config.json dict -> ModelConfig, ConfigError on what it cannot hold
+            keys=(("model.layers.{i}.mlp.shared_experts.{mlp}.weight", "layers.{i}.ffn.shared_expert.{mlp}.weight"),
+                  ("model.layers.{i}.mlp.gate.e_score_correction_bias", "layers.{i}.ffn.router.bias"),
+                  *LLAMA_KEYS)))
+    """
     if not isinstance(spec, ArchSpec):
         raise TypeError(f"spec must be an ArchSpec, got {type(spec).__name__}")
     if model_type in ARCHITECTURES and not replace:
@@ -526,3 +538,7 @@ def export_model_type(cfg: ModelConfig) -> str:
     plain = (renormalises(cfg) and cfg.num_shared_experts == 0 and cfg.num_moe_layers == cfg.n_layers
              and not cfg.attention_bias)
     return "mixtral" if plain else "qwen2_moe"
+
+
+# DeepSeek-V3 lives in its own module (multi-head latent attention); importing it registers it.
+from moekit.convert import deepseek_v3 as _deepseek_v3  # noqa: E402, F401

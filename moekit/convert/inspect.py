@@ -271,7 +271,8 @@ def format_info(info: dict[str, Any]) -> str:
         rows.append(("checkpoint", f"step {info.get('step')} (newest of {len(steps)}: {steps})"))
     if info.get("architecture"):
         rows.append(("architecture", str(info["architecture"])))
-    shape = [f"{k.replace('_', ' ')} {info[k]}" for k in ("n_layers", "dim", "vocab_size") if info.get(k) is not None]
+    shape = [f"{label} {info[k]}" for k, label in (("n_layers", "layers"), ("dim", "dim"), ("vocab_size", "vocab"))
+             if info.get(k) is not None]
     if shape:
         rows.append(("shape", ", ".join(shape)))
     rows += _dtype_rows(info) + _parameter_rows(info) + _expert_rows(info)

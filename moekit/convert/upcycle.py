@@ -11,7 +11,14 @@ that sum to one over the experts a token uses, ``sum_k w_k f(x) = f(x)``. Router
 renormalised over the chosen experts (``topk``, ``noisy_topk``, ``sigmoid_bias`` with
 ``norm_topk_prob=True``, dropless) keep that identity; ``switch`` (gate = the router probability,
 about 1/E at first) and ``expert_choice`` (each expert picks tokens, so a token gets 0..E experts
-with unnormalised weights) do not, and :func:`upcycle` warns about them.
+with unnormalised weights) do not, and :func:`upcycle` warns about them. The identity is exact up to
+rounding: in float32 to ~1e-5 of the logits; in bfloat16 the gate weights are rounded, so expect
+bfloat16-sized differences.
+
+NOTE: for the same reason the language-model loss gives the router no gradient while the experts are
+identical (the output does not depend on the gates); the experts drift apart because different
+tokens reach different experts, and only then does the router learn. ``noise`` > 0 starts that
+drift at step 0 (cf. Drop-Upcycling, Nakamura et al. 2025, which re-initialises part of each copy).
 
 Legend: E experts, F FFN width of the dense MLP (= expert width), D model dim.
 """
@@ -180,7 +187,7 @@ def _provenance(src: str | os.PathLike, dense: ModelConfig, moe: ModelConfig, no
     """Model-card section recording how the checkpoint was made."""
     total, _ = dense.param_counts()
     return "\n".join([
-        "## Upcycled", "",
+        "", "## Upcycled", "",
         f"Sparse-upcycled (Komatsuzaki et al. 2022) from the dense checkpoint `{src}` ({total:,} parameters): "
         f"each dense MLP in {moe.num_moe_layers} of {moe.n_layers} layers copied into {moe.num_experts} experts, "
         f"router `{moe.router}` top-{moe.top_k} initialised N(0, {ROUTER_INIT_SCALE} * init_std), "
