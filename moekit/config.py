@@ -92,17 +92,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def _check_types(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            allowed = _allowed_types(f.type)
-            if value is None and type(None) in allowed:
-                continue
-            if isinstance(value, bool) and bool not in allowed:
-                raise ConfigError(f"{f.name}={value!r}: expected {f.type}, got a bool")
-            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-                continue
-            if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
-                raise ConfigError(f"{f.name}={value!r}: expected {f.type}, got {type(value).__name__}")
+        check_field_types(self)
 
     def _validate(self) -> None:
         def positive(name: str) -> None:
@@ -259,6 +249,22 @@ class ModelConfig:
             raise ConfigError(f"unknown preset {name!r}{_did_you_mean(name, PRESETS)}; "
                               f"available: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def check_field_types(obj: Any) -> None:
+    """Raise a ConfigError naming the first dataclass field whose value has the wrong type
+    (an int is accepted for a float field; a bool is never accepted for an int field)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        allowed = _allowed_types(f.type)
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool) and bool not in allowed:
+            raise ConfigError(f"{f.name}={value!r}: expected {f.type}, got a bool")
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
+            raise ConfigError(f"{f.name}={value!r}: expected {f.type}, got {type(value).__name__}")
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...]:

@@ -153,6 +153,7 @@ def test_export_refuses_a_tokenizer_llama_cpp_cannot_split_like(tmp_path, tok):
     other.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(ConfigError, match="pre-tokenizer"):
         save_gguf(tiny_model("moe"), other, tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def write_minimal_gguf(path, arch: str) -> None:

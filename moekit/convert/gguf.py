@@ -103,6 +103,7 @@ def _digits_then_gpt2() -> pre_tokenizers.PreTokenizer:
 
 
 def _regex_split(pattern: str) -> Callable[[], pre_tokenizers.PreTokenizer]:
+    """A factory for: split on ``pattern`` (matches kept as pieces), then map bytes without GPT-2's regex."""
     return lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
                                             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
@@ -119,6 +120,10 @@ PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
     "qwen2": _regex_split(_QWEN2_SPLIT), "stablelm2": _regex_split(_QWEN2_SPLIT),
     "deepseek-r1-qwen": _regex_split(_QWEN2_SPLIT),
 }
+# The Llama 3 pre-types: llama.cpp looks a whole pre-token up in the vocabulary before merging
+# (``ignore_merges = true``, as ``"ignore_merges": true`` in Llama 3's tokenizer.json) and adds BOS
+# unless the file says otherwise (``add_bos = true``), both in llama-vocab.cpp.
+_LLAMA3_FAMILY = frozenset({"llama-bpe", "llama3", "llama-v3"})
 
 
 # --------------------------------------------------------------------------- reading
@@ -350,19 +355,17 @@ def _tokenizer_from_gguf(meta: _Metadata, path: Path) -> Tokenizer | None:
         warnings.warn(f"{path}: no tokenizer.ggml.tokens in the file; returning no tokenizer", stacklevel=3)
         return None
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
-    vocab: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        vocab.setdefault(token, i)  # a repeated token keeps its first id, as a dict lookup in llama.cpp would
+    vocab = {token: i for i, token in enumerate(tokens)}  # a repeated token keeps its last id, as in llama.cpp
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_FAMILY))
     tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind_ in zip(tokens, types) if kind_ == TokenType.CONTROL])
+                            for t, ttype in zip(tokens, types) if ttype == TokenType.CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, kind_ in zip(tokens, types) if kind_ == TokenType.USER_DEFINED])
+                    for t, ttype in zip(tokens, types) if ttype == TokenType.USER_DEFINED])
     bos = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if meta.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_FAMILY) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]}:0 $A:0", pair=f"{tokens[bos]}:0 $A:0 $B:1", special_tokens=[(tokens[bos], bos)])
     else:
@@ -467,13 +470,12 @@ def _export_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
 
 def _tensor_type(name: str, shape: tuple[int, ...], dtype: str) -> GGMLQuantizationType:
     """Storage type per tensor, as llama.cpp's converter picks it: norms (1-D) and the router stay F32;
-    a row length that is not a whole number of Q8_0 blocks (32) falls back to F16."""
-    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight") or dtype == "f32":
+    a row length that is not a whole number of quantisation blocks (32 for Q8_0) falls back to F16."""
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
         return GGMLQuantizationType.F32
-    if dtype == "q8_0":
-        block = gguf.GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
-        return GGMLQuantizationType.Q8_0 if shape[-1] % block == 0 else GGMLQuantizationType.F16
-    return GGMLQuantizationType.F16
+    qtype = _QTYPE[dtype]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if shape[-1] % block == 0 else GGMLQuantizationType.F16
 
 
 def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
@@ -530,14 +532,14 @@ def gguf_pre_tokenizer_name(tokenizer: Tokenizer) -> str:
                       "(SmolLM), or the Llama 3 / Qwen2 split regexes")
 
 
-def _write_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """``tokenizer.ggml.*``: tokens in id order (padded with unused ``[PAD{i}]`` up to the model's
-    vocabulary, as llama.cpp's converter does), token types, merges, BOS/EOS and no automatic BOS."""
+def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    """``tokenizer.ggml.*`` values: tokens in id order (padded with unused ``[PAD{i}]`` up to the
+    model's vocabulary, as llama.cpp's converter does), token types, merges, pre-type, BOS/EOS/PAD ids
+    and whether BOS is added. Raises :class:`ConfigError` for a tokenizer llama.cpp cannot reproduce."""
     data = json.loads(tokenizer.to_str())
     if data["model"]["type"] != "BPE":
         raise ConfigError(f"cannot export to GGUF: tokenizer model {data['model']['type']!r} is not supported; "
                           "supported: byte-level BPE")
-    pre = gguf_pre_tokenizer_name(tokenizer)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:
         raise ConfigError(f"cannot export to GGUF: the tokenizer has token id {max(vocab.values())}, beyond the "
@@ -548,25 +550,30 @@ def _write_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer, voc
         tokens[i], types[i] = token, TokenType.NORMAL
     for added in data.get("added_tokens", []):
         types[added["id"]] = TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
     bos, add_bos = _bos_from_post_processor(data.get("post_processor"), tokenizer)
     try:
         eos = find_eos_id(tokenizer)
     except DataError:
         eos = None
-    if eos is not None:
-        writer.add_eos_token_id(eos)
-    if bos is not None or eos is not None:  # GPT-2 convention: <|endoftext|> doubles as BOS
-        writer.add_bos_token_id(bos if bos is not None else eos)
-    pad = tokenizer.token_to_id("<|pad|>")
-    if pad is not None:
-        writer.add_pad_token_id(pad)
-    writer.add_add_bos_token(add_bos)
+    return {
+        "pre": gguf_pre_tokenizer_name(tokenizer), "tokens": tokens, "types": types,
+        "merges": [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]],
+        "bos": bos if bos is not None else eos,  # GPT-2 convention: <|endoftext|> doubles as BOS
+        "eos": eos, "pad": tokenizer.token_to_id("<|pad|>"), "add_bos": add_bos,
+    }
+
+
+def _write_tokenizer_metadata(writer: gguf.GGUFWriter, tok: dict[str, Any]) -> None:
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types(tok["types"])
+    writer.add_token_merges(tok["merges"])
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("pad", writer.add_pad_token_id)):
+        if tok[key] is not None:
+            add(tok[key])
+    writer.add_add_bos_token(tok["add_bos"])  # moekit never adds BOS; say so, or llama.cpp may guess
     writer.add_add_eos_token(False)
 
 
@@ -594,20 +601,23 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike,
         raise ValueError("save_gguf needs the tokenizer: llama.cpp cannot run a GGUF file without its vocabulary")
     cfg: ModelConfig = model.cfg
     check_exportable(cfg)
+    tok_meta = _tokenizer_metadata(tokenizer, cfg.vocab_size)  # refuse before a file exists
     plan = [(name, w, _tensor_type(name, tuple(w.shape), dtype)) for name, w in _export_tensors(model)]
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, SUPPORTED_ARCHITECTURES[0])
-        _write_model_metadata(writer, cfg, dtype)
-        _write_tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
-        for name, w, qtype in plan:  # shapes in torch order; the writer reverses them to ne order
-            writer.add_tensor_info(name, tuple(w.shape), np.dtype(np.float32), _nbytes(tuple(w.shape), qtype), qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _, w, qtype in plan:
-            writer.write_tensor_data(gguf.quants.quantize(w.float().contiguous().numpy(), qtype))
-        writer.close()
+        try:
+            _write_model_metadata(writer, cfg, dtype)
+            _write_tokenizer_metadata(writer, tok_meta)
+            for name, w, qtype in plan:  # shapes in torch order; the writer reverses them to ne order
+                writer.add_tensor_info(name, tuple(w.shape), np.dtype(np.float32), _nbytes(tuple(w.shape), qtype), qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for _, w, qtype in plan:  # one tensor converted at a time
+                writer.write_tensor_data(gguf.quants.quantize(w.float().cpu().contiguous().numpy(), qtype))
+        finally:
+            writer.close()
 
     path = Path(path)
     atomic_write(path, write)

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 from moekit.checkpoint import CheckpointError
 from moekit.config import ConfigError, ModelConfig
 from moekit.convert.hf_archs import ARCHITECTURES, ArchSpec, export_model_type, template_regex
-from moekit.convert.inspect import SAFETENSORS_DTYPES, read_safetensors_header
+from moekit.convert.inspect import SAFETENSORS_DTYPES, config_info, files_info, read_safetensors_header
 from moekit.model import Transformer
 from moekit.utils import atomic_write, atomic_write_text
 
@@ -503,22 +503,10 @@ def inspect_hf(path: str | os.PathLike) -> dict[str, Any]:
         "summary": describe_config(cfg),
         "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
         "dtypes": dict(dtypes),
-        "parameters": total,
-        "active_parameters": active,
         "stored_parameters": sum(dtypes.values()),
-        "n_layers": cfg.n_layers, "dim": cfg.dim, "vocab_size": cfg.vocab_size,
-        "num_experts": cfg.num_experts,
+        **config_info(cfg),
+        **files_info(directory, files, tensors),
+        "chat_template": read_chat_template(directory) is not None,
+        "config": cfg.to_dict(),
     }
-    if cfg.num_experts:
-        info.update(top_k=cfg.top_k, router=cfg.router, moe_layers=cfg.num_moe_layers,
-                    expert_ffn_dim=cfg.expert_ffn_dim, num_shared_experts=cfg.num_shared_experts)
-    info.update(
-        tensors=len(tensors),
-        weights_bytes=sum(f.stat().st_size for f in files),
-        size_bytes=sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
-        files=[f.name for f in files],
-        tokenizer=(directory / "tokenizer.json").is_file(),
-        chat_template=read_chat_template(directory) is not None,
-        config=cfg.to_dict(),
-    )
     return info

@@ -83,23 +83,14 @@ def inspect_moekit(directory: str | os.PathLike) -> dict[str, Any]:
         "architecture": f"moekit Transformer ({'MoE' if cfg.num_experts else 'dense'})",
         "dtype": max(dtype_params, key=dtype_params.get) if dtype_params else None,
         "dtypes": dtype_params,
+        **config_info(cfg),
+        # counted from the stored tensors (equal to the config's counts for a consistent checkpoint)
         "parameters": total,
         "active_parameters": active,
-        "n_layers": cfg.n_layers, "dim": cfg.dim, "vocab_size": cfg.vocab_size,
-        "num_experts": cfg.num_experts,
+        **files_info(directory, files, tensors),
+        "metadata": metadata,
+        "warnings": _consistency_warnings(tensors, expected, total, cfg.param_counts()[0]),
     }
-    if cfg.num_experts:
-        info.update(top_k=cfg.top_k, router=cfg.router, moe_layers=cfg.num_moe_layers,
-                    expert_ffn_dim=cfg.expert_ffn_dim, num_shared_experts=cfg.num_shared_experts)
-    info.update(
-        tensors=len(tensors),
-        weights_bytes=sum(f.stat().st_size for f in files),
-        size_bytes=sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
-        files=[f.name for f in files],
-        tokenizer=(directory / "tokenizer.json").is_file(),
-        metadata=metadata,
-        warnings=_consistency_warnings(tensors, expected, total, cfg.param_counts()[0]),
-    )
     return info
 
 
@@ -114,6 +105,24 @@ def _inspect_run(run: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- safetensors headers
+def config_info(cfg: ModelConfig) -> dict[str, Any]:
+    """The shape and routing facts every format reports, from the config alone."""
+    total, active = cfg.param_counts()
+    info: dict[str, Any] = {"parameters": total, "active_parameters": active, "n_layers": cfg.n_layers,
+                            "dim": cfg.dim, "vocab_size": cfg.vocab_size, "num_experts": cfg.num_experts}
+    if cfg.num_experts:
+        info.update(top_k=cfg.top_k, router=cfg.router, moe_layers=cfg.num_moe_layers,
+                    expert_ffn_dim=cfg.expert_ffn_dim, num_shared_experts=cfg.num_shared_experts)
+    return info
+
+
+def files_info(directory: Path, files: list[Path], tensors: dict[str, Any]) -> dict[str, Any]:
+    """Tensor count, sizes on disk and whether a tokenizer ships with a checkpoint directory."""
+    return {"tensors": len(tensors), "weights_bytes": sum(f.stat().st_size for f in files),
+            "size_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+            "files": [f.name for f in files], "tokenizer": (directory / "tokenizer.json").is_file()}
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
     """``({name: (dtype, shape)}, metadata)`` from a safetensors file's header; the data is not read.
 

@@ -17,8 +17,7 @@ from moekit.checkpoint import find_checkpoints
 from moekit.config import ConfigError, ModelConfig
 from moekit.summary import human
 from moekit.train.config import TrainConfig
-from moekit.train.loop import train
-from moekit.train.plots import read_metrics
+from moekit.train.loop import read_metrics, train
 from moekit.utils import atomic_write_text
 
 ALL_ROUTERS = ("topk", "switch", "expert_choice", "sigmoid_bias", "noisy_topk")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from moekit.config import ConfigError, ModelConfig, _allowed_types, _did_you_mean
+from moekit.config import ConfigError, ModelConfig, _did_you_mean, check_field_types
 
 
 @dataclass
@@ -45,17 +45,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None = torch's default
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            allowed = _allowed_types(f.type)
-            if value is None and type(None) in allowed:
-                continue
-            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-                continue
-            if isinstance(value, bool) and bool not in allowed:
-                raise ConfigError(f"{f.name}={value!r}: expected {f.type}")
-            if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
-                raise ConfigError(f"{f.name}={value!r}: expected {f.type}, got {type(value).__name__}")
+        check_field_types(self)
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")

@@ -127,7 +127,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
         _set_rng_state(state["rng"])
     model.train()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
-    evals = [e for e in _read_metrics(run) if "val_loss" in e]
+    evals = [e for e in read_metrics(run) if "val_loss" in e]
 
     # 4. the loop ----------------------------------------------------------------------------
     bar = _progress_bar(cfg.max_steps, step, desc, progress)
@@ -307,8 +307,9 @@ def _append_metrics(run: Path, record: dict[str, Any]) -> None:
         f.flush()
 
 
-def _read_metrics(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
+def read_metrics(run: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``RUN/metrics.jsonl`` (a line torn by a kill is skipped)."""
+    path = Path(run) / "metrics.jsonl"
     if not path.exists():
         return []
     records = []
@@ -322,7 +323,7 @@ def _read_metrics(run: Path) -> list[dict[str, Any]]:
 
 def _truncate_metrics(run: Path, step: int) -> None:
     """Drop records after ``step`` (they will be redone), so a resumed log equals an uninterrupted one."""
-    kept = [r for r in _read_metrics(run) if r.get("step", 0) <= step]
+    kept = [r for r in read_metrics(run) if r.get("step", 0) <= step]
     atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
 
