@@ -18,7 +18,16 @@ run: $(STAMP)
 	$(PY) -m moekit compare --preset tiny-moe --out runs/compare --max-steps 1000 --eval-every 50 \
 		--sample "ROMEO:"
 
-test: $(STAMP)
+# The GGUF export test runs moekit models in llama.cpp through llama-cpp-python, an optional extra
+# that compiles llama.cpp (about 7 minutes on 2 cores, once). If it cannot build, that test skips.
+LLAMA_STAMP := .venv/.llamacpp
+
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(PY) -m pip install --quiet -e ".[llamacpp]" \
+		|| echo "warning: llama-cpp-python did not build; the llama.cpp test will be skipped"
+	touch $(LLAMA_STAMP)
+
+test: $(STAMP) $(LLAMA_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
