@@ -28,20 +28,20 @@ class ModelConfig:
     """Shape and routing of a decoder-only transformer. ``num_experts=0`` gives a dense model."""
 
     # --- transformer body
-    vocab_size: int = 4096
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = 4096  # token vocabulary (follows the tokenizer when training)
+    dim: int = 128  # model width D (residual stream)
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads
     n_kv_heads: int | None = None  # None -> n_heads (multi-head); fewer -> grouped-query attention
     head_dim: int | None = None  # None -> dim // n_heads
     ffn_dim: int = 512  # hidden width of dense SwiGLU MLPs (dense model, dense-first layers)
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
+    max_seq_len: int = 256  # longest sequence (context) the model is built for
+    rope_theta: float = 10000.0  # rotary embedding base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # share the input embedding with the output head
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     qk_norm: str | None = None  # None | "head" (Qwen3: per head) | "full" (OLMoE: over all heads)
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the normal weight init (output projections scaled by 1/sqrt(2L))
     attention: str = "gqa"  # "gqa" (multi-head / grouped-query) | "mla" (DeepSeek multi-head latent attention)
     q_lora_rank: int | None = None  # mla: low-rank query projection width (None = full-rank query)
     kv_lora_rank: int = 512  # mla: width of the compressed key/value latent
@@ -51,9 +51,9 @@ class ModelConfig:
     rope_interleave: bool = True  # mla: rotary pairs are (0,1), (2,3), ... (DeepSeek) instead of rotate-half
 
     # --- mixture of experts (ignored when num_experts == 0)
-    num_experts: int = 0
-    top_k: int = 2
-    router: str = "topk"
+    num_experts: int = 0  # routed experts per MoE layer; 0 = dense model
+    top_k: int = 2  # experts per token (expert_choice: average experts per token, sets capacity)
+    router: str = "topk"  # topk | switch | noisy_topk | expert_choice | sigmoid_bias
     expert_ffn_dim: int | None = None  # None -> ffn_dim; smaller values give fine-grained experts
     norm_topk_prob: bool = True  # renormalise the k selected gate weights to sum to 1
     capacity_factor: float | None = None  # training; None = dropless

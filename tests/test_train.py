@@ -65,6 +65,16 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
+def test_every_setting_has_help_text():
+    from dataclasses import fields
+
+    from moekit.cli import _field_help
+
+    for cls in (ModelConfig, TrainConfig):
+        helps = _field_help(cls)
+        assert [f.name for f in fields(cls) if f.name not in helps] == [], cls.__name__
+
+
 def test_time_to_reach_interpolates():
     evals = [{"tokens": 100, "elapsed_s": 1.0, "val_loss": 5.0}, {"tokens": 200, "elapsed_s": 2.0, "val_loss": 3.0}]
     assert time_to_reach(evals, 4.0, "tokens") == pytest.approx(150)

@@ -27,13 +27,13 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup_steps: int = 20  # steps of linear learning-rate warmup
+    weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases, embeddings)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     bf16: bool = False  # bfloat16 autocast for matmuls (weights and optimizer stay float32)
-    seed: int = 0
+    seed: int = 0  # seeds the init, the data order and every random draw
     eval_every: int = 50  # steps between validation passes (and at the end); 0 = only at the end
     eval_batches: int = 20  # validation batches per pass (sequential windows of the held-out text)
     save_every: int = 100  # steps between checkpoints (and at the end)
