@@ -57,7 +57,8 @@ def hf_mixtral_from(model: Transformer):
 
 
 def make_step(model, hf: bool, bf16: bool, lr: float = 1e-3):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)
+    # Fused AdamW for both: moekit's trainer uses it, and so does transformers' Trainer by default.
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     aux_coef = model.config.router_aux_loss_coef if hf else None
 
     def step(x, y) -> float:
