@@ -32,7 +32,13 @@ from tokenizers import Tokenizer
 from moekit.checkpoint import CheckpointError
 from moekit.config import ConfigError, ModelConfig
 from moekit.convert.hf_archs import ARCHITECTURES, ArchSpec, export_model_type, template_regex
-from moekit.convert.inspect import SAFETENSORS_DTYPES, config_info, files_info, read_safetensors_header
+from moekit.convert.inspect import (
+    SAFETENSORS_DTYPES,
+    config_info,
+    files_info,
+    read_json_object,
+    read_safetensors_header,
+)
 from moekit.model import Transformer
 from moekit.utils import atomic_write, atomic_write_text
 
@@ -52,13 +58,7 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"Hugging Face checkpoint not found: {directory} is not a directory")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: not a Hugging Face checkpoint directory")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path)
 
 
 def architecture(hf: dict[str, Any]) -> tuple[str, ArchSpec]:

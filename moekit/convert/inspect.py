@@ -51,7 +51,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return _with_defaults(inspect_gguf(p), p, "gguf")
     if p.is_dir() and (p / "checkpoints").is_dir():
         return _inspect_run(p)
-    config = _read_config_json(p / "config.json") if p.is_dir() else None
+    config = read_json_object(p / "config.json") if p.is_dir() else None
     if config is not None and "model_type" in config:
         from moekit.convert.hf import inspect_hf
 
@@ -162,7 +162,7 @@ def weight_files(directory: Path) -> list[Path]:
         return [single]
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_config_json(index).get("weight_map", {})
+        weight_map = read_json_object(index).get("weight_map", {})
         return [directory / name for name in sorted(set(weight_map.values()))]
     raise CheckpointError(f"{directory} has config.json but no model.safetensors (nor a sharded index)")
 
@@ -229,7 +229,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
-def _read_config_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``; None if the file does not exist."""
     if not path.is_file():
         return None
