@@ -39,12 +39,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y_c = y_N[s:e]
             valid_c = valid_N[s:e]
             safe_y = torch.where(valid_c, y_c, 0)
-            lse_c = torch.logsumexp(logits_cV, dim=-1)
             target_c = logits_cV.gather(1, safe_y[:, None]).squeeze(1)
+            # One exp pass serves both the loss and the gradient: p = exp(z - max) / sum, in place.
+            max_c = logits_cV.amax(dim=-1, keepdim=True)
+            exp_cV = logits_cV.sub_(max_c).exp_()
+            sum_c = exp_cV.sum(dim=-1)
+            lse_c = max_c.squeeze(1) + sum_c.log()
             total += ((lse_c - target_c) * valid_c).sum()
             if need_h or need_w:
                 # d(loss)/d(logits) = (softmax - onehot) * scale, zero on ignored positions; in place.
-                grad_cV = logits_cV.sub_(lse_c[:, None]).exp_()
+                grad_cV = exp_cV.div_(sum_c[:, None])
                 grad_cV.scatter_add_(1, safe_y[:, None], -torch.ones_like(target_c)[:, None])
                 grad_cV.mul_((valid_c.to(grad_cV.dtype) * scale)[:, None])
                 g = grad_cV.to(compute_dtype)
