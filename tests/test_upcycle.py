@@ -217,15 +217,12 @@ def test_train_continues_from_upcycled_checkpoint(tmp_path):
 
 
 # --------------------------------------------------------------------------- a real model
-def test_upcycle_smollm2_matches_dense(request):
+def test_upcycle_smollm2_matches_dense(smollm2_gguf):
     """SmolLM2-135M (a real Llama) from GGUF, upcycled to 4 experts top-2, predicts what it did."""
-    gguf = pytest.importorskip("moekit.convert.gguf")
-    try:
-        path = request.getfixturevalue("smollm2_gguf")
-    except pytest.FixtureLookupError:
-        pytest.skip("the smollm2_gguf fixture is not available")
-    loaded = gguf.load_gguf(path)
-    dense = (loaded[0] if isinstance(loaded, tuple) else loaded).float().eval()
+    from moekit.convert.gguf import load_gguf
+
+    dense, _ = load_gguf(smollm2_gguf)
+    dense = dense.float().eval()
     moe = upcycle(dense, num_experts=4, top_k=2).eval()
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2102, 30, 378, 3190, 314]]) % dense.cfg.vocab_size
     with torch.no_grad():

@@ -29,14 +29,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from moekit.checkpoint import CheckpointError
+from moekit.checkpoint import CheckpointError, read_json
 from moekit.config import ConfigError, ModelConfig
 from moekit.convert.hf_archs import ARCHITECTURES, ArchSpec, export_model_type, template_regex
 from moekit.convert.inspect import (
     SAFETENSORS_DTYPES,
     config_info,
     files_info,
-    read_json_object,
     read_safetensors_header,
 )
 from moekit.model import Transformer
@@ -58,7 +57,7 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"Hugging Face checkpoint not found: {directory} is not a directory")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: not a Hugging Face checkpoint directory")
-    return read_json_object(path)
+    return read_json(path)
 
 
 def architecture(hf: dict[str, Any]) -> tuple[str, ArchSpec]:

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from moekit.checkpoint import CheckpointError, find_checkpoints, read_model_config
+from moekit.checkpoint import CheckpointError, find_checkpoints, read_json, read_model_config
 from moekit.config import ModelConfig
 from moekit.summary import human
 
@@ -231,15 +231,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 # --------------------------------------------------------------------------- helpers
 def read_json_object(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``; None if the file does not exist."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
+    return read_json(path) if path.is_file() else None
 
 
 # Other spellings converters use for the keys moekit reports (e.g. ``inspect_gguf``'s).

@@ -92,9 +92,6 @@ class Router(nn.Module):
     def capacity_factor(self) -> float | None:
         return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        raise NotImplementedError
-
     def _token_choice(self, ids_TK: torch.Tensor, weights_TK: torch.Tensor, probs_TE: torch.Tensor,
                       mask_T: torch.Tensor | None, aux_loss: torch.Tensor, balance: torch.Tensor,
                       zl: torch.Tensor) -> Routing:

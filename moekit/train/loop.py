@@ -38,6 +38,7 @@ from moekit.data import DataError, TokenDataset, decode, load_tokenizer, prepare
 from moekit.data.corpus import load_shakespeare
 from moekit.data.dataset import iter_texts
 from moekit.model import Transformer, update_router_biases
+from moekit.model.losses import max_violation
 from moekit.train.config import TrainConfig
 from moekit.train.optim import build_optimizer, lr_at
 from moekit.utils import atomic_write, atomic_write_text
@@ -328,13 +329,10 @@ def _truncate_metrics(run: Path, step: int) -> None:
 
 
 def _max_violation(loads) -> float:
+    """Mean over MoE layers of MaxVio (losses.max_violation); 0 for a dense model."""
     if not loads:
         return 0.0
-    values = []
-    for v in loads:
-        v = v.float()
-        values.append(float((v.max() - v.mean()) / v.mean().clamp_min(1e-9)))
-    return sum(values) / len(values)
+    return sum(float(max_violation(v)) for v in loads) / len(loads)
 
 
 def _postfix(loss: float, aux: float, maxvio: float, tok_s: float) -> str:
