@@ -1,16 +1,17 @@
 """Checkpoints on disk: ``save`` / ``load`` for models, and the trainer's atomic checkpoint directories.
 
 A checkpoint is a directory holding ``config.json``, ``model.safetensors``, ``tokenizer.json``,
-``README.md`` (a model card) and, for training runs, ``trainer_state.pt``. Training checkpoints are
-written into a temporary sibling directory, every file fsynced, then renamed into place in one step,
-so a directory named ``step-N`` is always complete: a crash (or SIGKILL, or a full disk) mid-write
-leaves only a ``.tmp-*`` directory that the next resume removes, and the last good checkpoint intact.
+``README.md`` (a model card), the special tokens and chat template in the Hugging Face files
+``tokenizer_config.json`` and ``generation_config.json`` (:mod:`moekit.data.special`) and, for training
+runs, ``trainer_state.pt``. Training checkpoints are written into a temporary sibling directory, every
+file fsynced, then renamed into place in one step, so a directory named ``step-N`` is always complete:
+a crash (or SIGKILL, or a full disk) mid-write leaves only a ``.tmp-*`` directory that the next resume
+removes, and the last good checkpoint intact.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -23,14 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moekit.config import ConfigError, ModelConfig
-from moekit.utils import atomic_write, atomic_write_text, fsync_dir
+from moekit.data.special import read_hf_special_tokens, special_tokens_of, write_hf_special_tokens
+from moekit.errors import CheckpointError  # also imported from here by older code
+from moekit.utils import atomic_write, atomic_write_text, fsync_dir, read_json
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt or incompatible; the message names the file."""
 
 
 # --------------------------------------------------------------------------- model weights
@@ -49,6 +48,7 @@ def _write_model_files(model, tokenizer, directory: Path, card: str | None) -> N
                  lambda tmp: save_file(model_state(model), tmp, metadata={"format": "pt", "moekit": "1"}))
     if tokenizer is not None:
         atomic_write(directory / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
+    write_hf_special_tokens(directory, special_tokens_of(model, tokenizer), tokenizer, cfg.max_seq_len)
     atomic_write_text(directory / "README.md", card if card is not None else model_card(cfg))
 
 
@@ -75,9 +75,6 @@ def save(model, tokenizer, path: str | os.PathLike, format: str = "moekit", card
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     _write_model_files(model, tokenizer, directory, card)
-    if getattr(model, "chat_template", None):
-        atomic_write_text(directory / "tokenizer_config.json",
-                          json.dumps({"chat_template": model.chat_template}, indent=2) + "\n")
     return directory
 
 
@@ -103,7 +100,9 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load ``(model, tokenizer)`` from a moekit checkpoint or run directory, a Hugging Face directory
-    or a ``.gguf`` file (tokenizer None if the checkpoint has none). The model is in eval mode."""
+    or a ``.gguf`` file (tokenizer None if the checkpoint has none). The model is in eval mode and carries
+    ``model.special_tokens`` (:class:`moekit.data.special.SpecialTokens`, from the checkpoint's metadata)
+    and ``model.chat_template`` (the same template, or None)."""
     fmt, directory = detect_format(path)
     if fmt == "hf":
         from moekit.convert.hf import load_hf
@@ -124,9 +123,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         from moekit.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(directory / "tokenizer.json")
-    model.chat_template = None
-    if (directory / "tokenizer_config.json").exists():
-        model.chat_template = read_json(directory / "tokenizer_config.json").get("chat_template")
+    model.special_tokens = read_hf_special_tokens(directory, tokenizer)
+    model.chat_template = model.special_tokens.chat_template
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval(), tokenizer
@@ -252,13 +250,3 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
         raise CheckpointError(f"{path} is corrupt or unreadable ({type(e).__name__}: {e})") from None
 
-
-def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; a CheckpointError naming the file if it is unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data

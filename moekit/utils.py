@@ -1,11 +1,15 @@
-"""Small shared helpers: atomic file writes (write to a temporary name, fsync, rename)."""
+"""Small shared helpers: atomic file writes (write to a temporary name, fsync, rename), JSON objects."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from moekit.errors import CheckpointError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -48,6 +52,17 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a CheckpointError naming the file if it is unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
 
 
 def tune_cpu_allocator() -> bool:

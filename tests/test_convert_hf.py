@@ -24,6 +24,7 @@ from moekit.config import ConfigError, ModelConfig  # noqa: E402
 from moekit.convert import hf as hf_mod  # noqa: E402
 from moekit.convert.hf import inspect_hf, load_hf, save_hf  # noqa: E402
 from moekit.convert.hf_archs import ARCHITECTURES, ArchSpec, register_architecture  # noqa: E402
+from moekit.data.special import SpecialTokens  # noqa: E402
 from moekit.data.tokenizer import load_tokenizer  # noqa: E402
 from moekit.infer.generate import generate_tokens  # noqa: E402
 from moekit.model import Transformer  # noqa: E402
@@ -216,7 +217,22 @@ def test_import_tokenizer_and_chat_template(saved, tmp_path):
     (target / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     model, tokenizer = load_hf(target)
     assert tokenizer.token_to_id("<|endoftext|>") == 0
-    assert model.chat_template == "{{ messages }}"
+    assert model.chat_template == "{{ messages }}" == model.special_tokens.chat_template
+    # the files name no special tokens: guessed from the tokenizer's names
+    assert model.special_tokens == SpecialTokens(eos_ids=(0,), pad_id=1, chat_template="{{ messages }}")
+
+
+def test_import_special_tokens_as_transformers_writes_them(saved, tmp_path):
+    """Llama-3.1-Instruct style: generation_config.json stops on several ids, the tokenizer names its eos."""
+    target = copy_of(saved("llama")[1], tmp_path)
+    load_tokenizer().save(str(target / "tokenizer.json"))
+    edit_config(target, bos_token_id=7, eos_token_id=3, pad_token_id=None)
+    transformers.GenerationConfig(bos_token_id=7, eos_token_id=[0, 1, 9]).save_pretrained(target)
+    (target / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|pad|>", "add_bos_token": True}))
+    (target / "chat_template.jinja").write_text("{{ messages }}")  # transformers >= 4.50 keeps it here
+    model, _ = load_hf(target)
+    assert model.special_tokens == SpecialTokens(bos_id=7, eos_ids=(1, 0, 9), pad_id=1, add_bos=True,
+                                                 chat_template="{{ messages }}")
 
 
 # =========================================================================== export parity
@@ -286,11 +302,28 @@ def test_export_tokenizer_and_chat_template(tmp_path):
     directory = save_hf(model, tokenizer, tmp_path / "export")
     config = json.loads((directory / "config.json").read_text())
     assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == (0, 1, None)
+    assert transformers.GenerationConfig.from_pretrained(directory).eos_token_id == 0
     hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
     assert hf_tok.encode("To be, or not") == tokenizer.encode("To be, or not").ids
     assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
     back, back_tok = load_hf(directory)
     assert back.chat_template == model.chat_template and back_tok.get_vocab_size() == tokenizer.get_vocab_size()
+
+
+def test_export_writes_the_models_special_tokens_not_a_guess(tmp_path):
+    model = moekit_model(num_experts=0, vocab_size=4096)
+    template = "{% for m in messages %}{{ m['content'] }}<|pad|>{% endfor %}"
+    model.special_tokens = SpecialTokens(bos_id=0, eos_ids=(1, 0), pad_id=0, chat_template=template)
+    model.chat_template = template
+    directory = save_hf(model, load_tokenizer(), tmp_path / "export")
+    config = json.loads((directory / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 1, 0)
+    generation = transformers.GenerationConfig.from_pretrained(directory)
+    assert (generation.eos_token_id, generation.bos_token_id) == ([1, 0], 0)  # transformers stops on both
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
+    assert (hf_tok.eos_token, hf_tok.bos_token, hf_tok.pad_token) == ("<|pad|>", "<|endoftext|>", "<|endoftext|>")
+    assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi<|pad|>"
+    assert load_hf(directory)[0].special_tokens == model.special_tokens
 
 
 @pytest.mark.parametrize("router", ["expert_choice", "noisy_topk", "sigmoid_bias"])

@@ -1,6 +1,7 @@
 """Tests for moekit.convert.gguf: the q/k layout, export -> import round trips, refusals, corrupt files,
 inspection, parity with transformers on a real SmolLM2 GGUF, and llama.cpp running a moekit MoE."""
 
+import json
 import re
 
 import gguf
@@ -11,7 +12,7 @@ from torch.testing import assert_close
 
 import moekit.convert.gguf as gguf_io
 from moekit import ConfigError, ModelConfig, Transformer
-from moekit.checkpoint import CheckpointError
+from moekit.checkpoint import CheckpointError, load, save
 from moekit.convert.gguf import (
     check_exportable,
     gguf_pre_tokenizer_name,
@@ -22,6 +23,7 @@ from moekit.convert.gguf import (
     unpermute_qk,
 )
 from moekit.data import decode, encode, load_tokenizer
+from moekit.data.special import SpecialTokens, guess_special_tokens
 from moekit.infer import generate, generate_tokens
 from moekit.model.layers import apply_rope, rope_frequencies
 
@@ -102,6 +104,29 @@ def test_round_trip_gives_same_logits_and_tokenizer(tmp_path, tok, kind, dtype, 
     for text in TEXTS:
         assert encode(tok2, text) == encode(tok, text)
         assert decode(tok2, encode(tok2, text)) == text
+
+
+def test_special_tokens_round_trip(tmp_path, tok):
+    model = tiny_model("dense")
+    loaded, _ = load_gguf(save_gguf(model, tok, tmp_path / "guessed.gguf"))
+    # a model no loader made: guessed from names, and <|endoftext|> doubles as BOS (GPT-2; llama.cpp needs one)
+    assert loaded.special_tokens == SpecialTokens(bos_id=0, eos_ids=(0,), pad_id=1)
+    assert loaded.chat_template is None
+    model.special_tokens = SpecialTokens(bos_id=1, eos_ids=(5, 0), pad_id=0, add_bos=True, chat_template="{{ x }}")
+    model.chat_template = "{{ x }}"
+    path = save_gguf(model, tok, tmp_path / "stated.gguf")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == 0  # the second stop id: llama.cpp stops on it too
+    loaded, tok2 = load_gguf(path)
+    assert loaded.special_tokens == model.special_tokens and loaded.chat_template == "{{ x }}"
+    assert tok2.encode("hi").ids[0] == 1  # add_bos: the rebuilt tokenizer prepends BOS, as llama.cpp does
+
+
+def test_export_refuses_special_token_ids_outside_the_vocabulary(tmp_path, tok):
+    model = tiny_model("dense")
+    model.special_tokens = SpecialTokens(bos_id=0, eos_ids=(4096,))
+    with pytest.raises(ConfigError, match=r"special token ids \{'eos': 4096\} are outside the model's vocab_size=4096"):
+        save_gguf(model, tok, tmp_path / "x.gguf")
 
 
 def test_loads_per_expert_tensors_of_older_mixtral_files(tmp_path, tok, monkeypatch):
@@ -234,6 +259,39 @@ def test_smollm2_tokenizer_matches_transformers_conversion(smollm2, hf_smollm2):
     # The file's pre-type "smollm" splits every digit (llama.cpp's SMOLLM regexes, like SmolLM2's own
     # tokenizer.json); transformers' GGUF conversion does not know that pre-type, so digits are checked here.
     assert [decode(tok, [i]) for i in encode(tok, "in 2024")] == ["in", " ", "2", "0", "2", "4"]
+
+
+def test_smollm2_special_tokens_come_from_its_metadata(smollm2):
+    model, tok = smollm2
+    special = model.special_tokens
+    assert special.eos_ids[0] == 2 and tok.id_to_token(2) == "<|im_end|>"  # not <|endoftext|> (0)
+    assert (special.bos_id, special.pad_id, special.add_bos) == (1, 2, False)
+    assert special.chat_template.startswith("{% for message in messages %}")
+    assert model.chat_template == special.chat_template
+    assert guess_special_tokens(tok).eos_ids[0] == 0  # what a guess by name would have stopped on
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2, tmp_path_factory):
+    model, tok = smollm2
+    return save(model, tok, tmp_path_factory.mktemp("smollm2") / "hf", format="hf")
+
+
+def test_smollm2_special_tokens_survive_hf(smollm2, smollm2_hf):
+    model, _ = smollm2
+    config = json.loads((smollm2_hf / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 2)
+    assert json.loads((smollm2_hf / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+    hf_model, hf_tok = load(smollm2_hf)
+    assert hf_model.special_tokens == model.special_tokens and hf_model.chat_template == model.chat_template
+    assert hf_tok.get_vocab_size() == 49152
+
+
+def test_smollm2_special_tokens_survive_hf_to_gguf(smollm2, smollm2_hf, tmp_path):
+    model, _ = smollm2
+    hf_model, hf_tok = load(smollm2_hf)
+    back, _ = load(save(hf_model.float(), hf_tok, tmp_path / "smol.gguf", format="gguf"))  # as `moekit convert`
+    assert back.special_tokens == model.special_tokens and back.chat_template == model.chat_template
 
 
 def test_smollm2_greedy_answer_is_paris(smollm2):

@@ -27,6 +27,10 @@ Tokenizers: ``tokenizer.ggml.model == "gpt2"`` files describe a byte-level BPE (
 GPT-2's byte alphabet, merges as "a b" strings); ``tokenizer.ggml.pre`` names the split regex, mapped
 here to the Hugging Face pre-tokenizer that produces the same pieces (``llm_tokenizer_bpe`` in
 llama.cpp's ``src/llama-vocab.cpp``).
+
+Special tokens (``moekit.data.special``): ``tokenizer.ggml.bos_token_id``, ``eos_token_id`` (then
+``eot_token_id``, which llama.cpp also stops on), ``padding_token_id``, ``add_bos_token`` and
+``tokenizer.chat_template`` become ``model.special_tokens`` on import and are written back on export.
 """
 
 from __future__ import annotations
@@ -46,10 +50,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor, TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from moekit.checkpoint import CheckpointError
 from moekit.config import ConfigError, ModelConfig
-from moekit.data.errors import DataError
-from moekit.data.tokenizer import find_eos_id
+from moekit.data.special import SpecialTokens, fill_missing, special_tokens_of
+from moekit.errors import CheckpointError
 from moekit.model.transformer import Transformer
 from moekit.utils import atomic_write
 
@@ -319,7 +322,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
 
     Dense Llama files and Mixtral-style MoE files (``ffn_*_exps``) load; other architectures raise
     :class:`CheckpointError` naming the supported ones. The tokenizer is rebuilt from the file's
-    metadata (None, with a warning, for tokenizer kinds moekit cannot rebuild yet).
+    metadata (None, with a warning, for tokenizer kinds moekit cannot rebuild yet). The model carries
+    ``model.special_tokens`` and ``model.chat_template`` from the file's ``tokenizer.*`` metadata.
     """
     path, reader = _open(path)
     meta = _Metadata(reader)
@@ -330,16 +334,41 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state = _state_from_gguf(_TensorSource(reader, path, dtype), cfg, expected)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval(), _tokenizer_from_gguf(meta, path)
+    stated = _special_tokens_from_gguf(meta)
+    tokenizer = _tokenizer_from_gguf(meta, path, stated)
+    model.special_tokens = fill_missing(stated, tokenizer)
+    model.chat_template = model.special_tokens.chat_template
+    return model.eval(), tokenizer
+
+
+def _special_tokens_from_gguf(meta: _Metadata) -> SpecialTokens:
+    """What the file says about its special tokens; ids outside the vocabulary are dropped (None)."""
+    n_tokens = meta.length("tokenizer.ggml.tokens")
+
+    def token_id(key: str) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is None or int(value) < 0 or (n_tokens and int(value) >= n_tokens):
+            return None
+        return int(value)
+
+    template = meta.get("tokenizer.chat_template")
+    return SpecialTokens(
+        bos_id=token_id("bos_token_id"),
+        eos_ids=[i for i in (token_id("eos_token_id"), token_id("eot_token_id")) if i is not None],
+        pad_id=token_id("padding_token_id"),
+        # llama.cpp adds BOS for the Llama 3 pre-types unless the file says otherwise (llama-vocab.cpp)
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.pre") in _LLAMA3_FAMILY)),
+        chat_template=template if isinstance(template, str) else None,
+    )
 
 
 # --------------------------------------------------------------------------- tokenizer import
-def _tokenizer_from_gguf(meta: _Metadata, path: Path) -> Tokenizer | None:
+def _tokenizer_from_gguf(meta: _Metadata, path: Path, special: SpecialTokens) -> Tokenizer | None:
     """Rebuild a byte-level BPE ``tokenizers.Tokenizer`` from ``tokenizer.ggml.*`` metadata.
 
     Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain added
     tokens, as llama.cpp matches both whole. BOS is prepended by the post-processor only when the
-    file says ``add_bos_token``.
+    file says ``add_bos_token`` (``special.add_bos``).
     """
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if kind != "gpt2":
@@ -364,8 +393,8 @@ def _tokenizer_from_gguf(meta: _Metadata, path: Path) -> Tokenizer | None:
                             for t, ttype in zip(tokens, types) if ttype == TokenType.CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ttype in zip(tokens, types) if ttype == TokenType.USER_DEFINED])
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_FAMILY) and bos is not None:
+    bos = special.bos_id
+    if special.add_bos and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]}:0 $A:0", pair=f"{tokens[bos]}:0 $A:0 $B:1", special_tokens=[(tokens[bos], bos)])
     else:
@@ -532,10 +561,11 @@ def gguf_pre_tokenizer_name(tokenizer: Tokenizer) -> str:
                       "(SmolLM), or the Llama 3 / Qwen2 split regexes")
 
 
-def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
+def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int, special: SpecialTokens) -> dict[str, Any]:
     """``tokenizer.ggml.*`` values: tokens in id order (padded with unused ``[PAD{i}]`` up to the
-    model's vocabulary, as llama.cpp's converter does), token types, merges, pre-type, BOS/EOS/PAD ids
-    and whether BOS is added. Raises :class:`ConfigError` for a tokenizer llama.cpp cannot reproduce."""
+    model's vocabulary, as llama.cpp's converter does), token types, merges, pre-type, and from
+    ``special``: BOS/EOS/EOT/PAD ids, whether BOS is added, the chat template. Raises
+    :class:`ConfigError` for a tokenizer llama.cpp cannot reproduce."""
     data = json.loads(tokenizer.to_str())
     if data["model"]["type"] != "BPE":
         raise ConfigError(f"cannot export to GGUF: tokenizer model {data['model']['type']!r} is not supported; "
@@ -550,16 +580,19 @@ def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]
         tokens[i], types[i] = token, TokenType.NORMAL
     for added in data.get("added_tokens", []):
         types[added["id"]] = TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED
-    bos, add_bos = _bos_from_post_processor(data.get("post_processor"), tokenizer)
-    try:
-        eos = find_eos_id(tokenizer)
-    except DataError:
-        eos = None
+    ids = {"bos": special.bos_id, "eos": special.eos_id, "pad": special.pad_id,
+           # llama.cpp has one more end-of-generation slot (and finds others by name): the second stop id
+           "eot": special.eos_ids[1] if len(special.eos_ids) > 1 else None}
+    if ids["bos"] is None:
+        ids["bos"] = ids["eos"]  # GPT-2 convention: <|endoftext|> doubles as BOS (else llama.cpp guesses id 11)
+    outside = {k: v for k, v in ids.items() if v is not None and not 0 <= v < vocab_size}
+    if outside:
+        raise ConfigError(f"cannot export to GGUF: special token ids {outside} are outside the model's "
+                          f"vocab_size={vocab_size}")
     return {
         "pre": gguf_pre_tokenizer_name(tokenizer), "tokens": tokens, "types": types,
         "merges": [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]],
-        "bos": bos if bos is not None else eos,  # GPT-2 convention: <|endoftext|> doubles as BOS
-        "eos": eos, "pad": tokenizer.token_to_id("<|pad|>"), "add_bos": add_bos,
+        **ids, "add_bos": special.add_bos, "chat_template": special.chat_template,
     }
 
 
@@ -570,21 +603,13 @@ def _write_tokenizer_metadata(writer: gguf.GGUFWriter, tok: dict[str, Any]) -> N
     writer.add_token_types(tok["types"])
     writer.add_token_merges(tok["merges"])
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("pad", writer.add_pad_token_id)):
+                     ("eot", writer.add_eot_token_id), ("pad", writer.add_pad_token_id)):
         if tok[key] is not None:
             add(tok[key])
-    writer.add_add_bos_token(tok["add_bos"])  # moekit never adds BOS; say so, or llama.cpp may guess
+    writer.add_add_bos_token(tok["add_bos"])  # always say it, or llama.cpp guesses from the pre-type
     writer.add_add_eos_token(False)
-
-
-def _bos_from_post_processor(post: dict[str, Any] | None, tokenizer: Tokenizer) -> tuple[int | None, bool]:
-    """(BOS id, whether encoding prepends it) from a TemplateProcessing that starts with a special token."""
-    if not post or post.get("type") != "TemplateProcessing" or not post.get("single"):
-        return None, False
-    first = post["single"][0]
-    if "SpecialToken" not in first:
-        return None, False
-    return tokenizer.token_to_id(first["SpecialToken"]["id"]), True
+    if tok["chat_template"] is not None:
+        writer.add_chat_template(tok["chat_template"])
 
 
 def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike, dtype: str = "f32") -> Path:
@@ -593,7 +618,8 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike,
     ``dtype``: "f32", "f16" or "q8_0" for the matrices (norms and routers stay float32). Dense models
     and Mixtral-style MoE models export; anything llama.cpp would compute differently raises
     :class:`ConfigError` first (see :func:`check_exportable`). Tensors are converted and written one
-    at a time, so the file never needs a second copy of the model in memory.
+    at a time, so the file never needs a second copy of the model in memory. Special tokens and the
+    chat template are the model's own (:func:`moekit.data.special.special_tokens_of`).
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {list(EXPORT_DTYPES)}")
@@ -601,7 +627,7 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike,
         raise ValueError("save_gguf needs the tokenizer: llama.cpp cannot run a GGUF file without its vocabulary")
     cfg: ModelConfig = model.cfg
     check_exportable(cfg)
-    tok_meta = _tokenizer_metadata(tokenizer, cfg.vocab_size)  # refuse before a file exists
+    tok_meta = _tokenizer_metadata(tokenizer, cfg.vocab_size, special_tokens_of(model, tokenizer))  # refuse first
     plan = [(name, w, _tensor_type(name, tuple(w.shape), dtype)) for name, w in _export_tensors(model)]
 
     def write(tmp: str) -> None:

@@ -29,7 +29,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from moekit.checkpoint import CheckpointError, read_json
 from moekit.config import ConfigError, ModelConfig
 from moekit.convert.hf_archs import ARCHITECTURES, ArchSpec, export_model_type, template_regex
 from moekit.convert.inspect import (
@@ -38,8 +37,16 @@ from moekit.convert.inspect import (
     files_info,
     read_safetensors_header,
 )
+from moekit.data.special import (
+    hf_config_ids,
+    read_chat_template,
+    read_hf_special_tokens,
+    special_tokens_of,
+    write_hf_special_tokens,
+)
+from moekit.errors import CheckpointError
 from moekit.model import Transformer
-from moekit.utils import atomic_write, atomic_write_text
+from moekit.utils import atomic_write, atomic_write_text, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -190,7 +197,9 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
             device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer | None]:
     """Load a Hugging Face checkpoint directory as ``(model, tokenizer)`` (tokenizer None without
     ``tokenizer.json``). The model is in eval mode, in the checkpoint's dtype unless ``dtype`` is given,
-    and carries ``model.chat_template`` (a string, or None) from ``tokenizer_config.json``.
+    and carries ``model.special_tokens`` (ids from ``generation_config.json`` / ``config.json``, names and
+    the chat template from ``tokenizer_config.json``; :mod:`moekit.data.special`) and
+    ``model.chat_template`` (the same template, or None).
     """
     directory = Path(path)
     hf = read_hf_config(directory)
@@ -215,8 +224,10 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if left:  # a tensor the model has outside its state_dict (none today); never hand out meta tensors
         raise RuntimeError(f"load_hf left tensors without data: {left}")
     model.eval()
-    model.chat_template = read_chat_template(directory)
-    return model, read_tokenizer(directory)
+    tokenizer = read_tokenizer(directory)
+    model.special_tokens = read_hf_special_tokens(directory, tokenizer, hf)
+    model.chat_template = model.special_tokens.chat_template
+    return model, tokenizer
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -317,23 +328,6 @@ def read_state(plan: KeyPlan, shards: Shards, expected: dict[str, torch.Tensor],
     return state
 
 
-def read_chat_template(directory: Path) -> str | None:
-    """The chat template from ``tokenizer_config.json`` (or transformers' ``chat_template.jinja``)."""
-    config = directory / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise CheckpointError(f"{config} is unreadable: {e}") from None
-        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default", next(iter(named.values()), None))
-        if isinstance(template, str):
-            return template
-    jinja = directory / "chat_template.jinja"
-    return jinja.read_text(encoding="utf-8") if jinja.is_file() else None
-
-
 def read_tokenizer(directory: Path) -> Tokenizer | None:
     path = directory / "tokenizer.json"
     if not path.is_file():
@@ -355,7 +349,9 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str | os.Path
     dense models, mixtral, qwen2_moe, qwen3_moe or olmoe for MoE); settings it cannot hold exactly raise a
     ConfigError. ``expert_layout="per_expert"`` writes one tensor per expert, the format transformers'
     own ``save_pretrained`` writes and every version reads; ``"fused"`` writes the 3-D stacks that only
-    transformers >= 5 reads. Tensors are written as they are (no copy of the weights is made).
+    transformers >= 5 reads. Tensors are written as they are (no copy of the weights is made). Special
+    tokens and the chat template are the model's own (:func:`moekit.data.special.special_tokens_of`):
+    ids in ``config.json`` and ``generation_config.json``, names and template in ``tokenizer_config.json``.
     """
     cfg: ModelConfig = model.cfg
     model_type = model_type or export_model_type(cfg)
@@ -370,7 +366,8 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str | os.Path
     if spec.adapt_state is not None:
         state = spec.adapt_state(cfg, state)
     tensors = hf_tensors(state, spec, expert_layout)
-    hf.update(special_token_ids(tokenizer))
+    special = special_tokens_of(model, tokenizer)
+    hf.update(hf_config_ids(special))
     # transformers 5 reads "dtype", 4.x "torch_dtype" (5 accepts it silently: configuration_utils.py)
     hf["dtype"] = hf["torch_dtype"] = str(state["embed.weight"].dtype).removeprefix("torch.")
 
@@ -378,11 +375,9 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str | os.Path
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory, tensors, max_shard_bytes)
     atomic_write_text(directory / "config.json", json.dumps(hf, indent=2) + "\n")
-    chat_template = getattr(model, "chat_template", None)
     if tokenizer is not None:
         atomic_write(directory / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
-        atomic_write_text(directory / "tokenizer_config.json",
-                          json.dumps(tokenizer_config(tokenizer, cfg, chat_template), indent=2) + "\n")
+    write_hf_special_tokens(directory, special, tokenizer, cfg.max_seq_len)
     return directory
 
 
@@ -439,36 +434,6 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
         atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
     for path in stale:
         path.unlink()
-
-
-def _token_id(tokenizer: Tokenizer | None, candidates: tuple[str, ...]) -> int | None:
-    if tokenizer is None:
-        return None
-    return next((i for i in map(tokenizer.token_to_id, candidates) if i is not None), None)
-
-
-_BOS = ("<s>", "<|begin_of_text|>", "<bos>")
-_EOS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
-_PAD = ("<|pad|>", "<pad>")
-
-
-def special_token_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
-    """bos/eos/pad ids for config.json, written even when None so transformers' class defaults
-    (e.g. Mixtral's bos=1, eos=2) never apply to a tokenizer they do not fit."""
-    return {"bos_token_id": _token_id(tokenizer, _BOS), "eos_token_id": _token_id(tokenizer, _EOS),
-            "pad_token_id": _token_id(tokenizer, _PAD)}
-
-
-def tokenizer_config(tokenizer: Tokenizer, cfg: ModelConfig, chat_template: str | None) -> dict[str, Any]:
-    """A minimal ``tokenizer_config.json``: the fast tokenizer class, special tokens, the chat template."""
-    data: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}
-    for key, candidates in (("bos_token", _BOS), ("eos_token", _EOS), ("pad_token", _PAD)):
-        token_id = _token_id(tokenizer, candidates)
-        if token_id is not None:
-            data[key] = tokenizer.id_to_token(token_id)
-    if chat_template is not None:
-        data["chat_template"] = chat_template
-    return data
 
 
 # =========================================================================== inspect

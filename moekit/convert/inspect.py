@@ -19,9 +19,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from moekit.checkpoint import CheckpointError, find_checkpoints, read_json, read_model_config
 from moekit.config import ModelConfig
+from moekit.errors import CheckpointError
 from moekit.summary import human
+from moekit.utils import read_json
 
 # safetensors dtype codes -> torch names (the ones users see elsewhere in moekit).
 SAFETENSORS_DTYPES = {
@@ -66,6 +67,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def inspect_moekit(directory: str | os.PathLike) -> dict[str, Any]:
     """Describe a moekit checkpoint directory from ``config.json`` and the safetensors headers."""
+    # NOTE: imported here, not at the top: moekit.checkpoint dispatches to the converters, which import
+    # this module, so convert/ depends on checkpoint.py only where it reads moekit's own layout.
+    from moekit.checkpoint import read_model_config
+
     directory = Path(directory)
     cfg = read_model_config(directory)
     files = weight_files(directory)
@@ -95,6 +100,8 @@ def inspect_moekit(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _inspect_run(run: Path) -> dict[str, Any]:
+    from moekit.checkpoint import find_checkpoints  # NOTE: function level, see inspect_moekit
+
     found = find_checkpoints(run)
     if not found:
         raise CheckpointError(f"run directory {run} has no complete checkpoint yet")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ROUTERS, ConfigError, ModelConfig
+from moekit.errors import CheckpointError
 from moekit.model import Transformer
 
 # Routers whose gate weights over a token's experts do not sum to one (see the module docstring).
@@ -101,7 +102,7 @@ def upcycle(model: Transformer, num_experts: int, top_k: int, router: str = "top
     and element; a relative std) so that experts start different; 0 keeps exact copies. The router
     is ``N(0, router_std)`` (default ``0.1 * init_std``), seeded by ``seed``. ``moe_every`` and
     ``first_dense_layers`` choose the layers to upcycle as in :class:`ModelConfig`; the others keep
-    their dense MLP. Dtypes and device are preserved, and ``model`` is left untouched.
+    their dense MLP. Dtypes, device and special tokens are kept, and ``model`` is left untouched.
     """
     check_arguments(num_experts, top_k, router, noise)
     cfg = upcycled_config(model.cfg, num_experts, top_k, router, moe_every, first_dense_layers)
@@ -122,6 +123,9 @@ def upcycle(model: Transformer, num_experts: int, top_k: int, router: str = "top
             raise RuntimeError(f"upcycled {name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
         state[name] = value
     moe.load_state_dict(state, strict=True, assign=True)
+    for attr in ("special_tokens", "chat_template"):  # the tokenizer is unchanged, and so are its special tokens
+        if hasattr(model, attr):
+            setattr(moe, attr, getattr(model, attr))
     return moe.train(model.training)
 
 
@@ -167,7 +171,7 @@ def upcycle_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_exper
     source tokenizer and a model card saying where it came from; it can be trained further with
     ``moekit train --init DST``. A ``dst`` that exists and is not empty is refused.
     """
-    from moekit.checkpoint import CheckpointError, load, model_card, save
+    from moekit.checkpoint import load, model_card, save  # NOTE: function level: checkpoint.py sits above convert/
     from moekit.convert.inspect import inspect_checkpoint
 
     check_arguments(num_experts, top_k, router, noise)

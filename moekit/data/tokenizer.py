@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moekit.data.corpus import SHAKESPEARE_DIR
 from moekit.data.errors import DataError
+from moekit.data.special import END_OF_TURN_NAMES, EOS_NAMES, guess_eos_ids
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -114,9 +115,14 @@ def bytes_per_token(tokenizer: Tokenizer, text: str) -> float:
 
 
 def find_eos_id(tokenizer: Tokenizer) -> int:
-    """The end-of-text token id: ``<|endoftext|>`` or a common alternative (``</s>``, ``<eos>``, ...)."""
-    for name in (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>"):
-        token_id = tokenizer.token_to_id(name)
-        if token_id is not None:
-            return token_id
-    raise DataError(f"the tokenizer has no end-of-text token (looked for {EOS_TOKEN!r}, '</s>', '<eos>'): pass eos_id")
+    """The end-of-text token id that separates training documents, found by name: ``<|endoftext|>`` or a
+    common alternative (``</s>``, ``<eos>``, ..., then end-of-turn tokens; :mod:`moekit.data.special`).
+
+    Generation stops on ``special_tokens_of(model, tokenizer).eos_ids`` instead: a checkpoint's own
+    metadata knows its end-of-turn token, which a guess by name can miss.
+    """
+    eos_ids = guess_eos_ids(tokenizer)
+    if not eos_ids:
+        looked = ", ".join(map(repr, (*EOS_NAMES, *END_OF_TURN_NAMES)))
+        raise DataError(f"the tokenizer has no end-of-text token (looked for {looked}): pass eos_id")
+    return eos_ids[0]
