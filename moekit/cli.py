@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import sys
 from dataclasses import fields
@@ -154,18 +155,119 @@ def _compare_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def _cmd_generate(args: argparse.Namespace) -> None:
-    from moekit.checkpoint import load
-    from moekit.infer import generate
+def _sampling_params(args: argparse.Namespace, stop: tuple[str, ...] = ()):
+    from moekit.infer import SamplingParams
 
-    model, tokenizer = load(args.checkpoint)
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                          stop=tuple(args.stop or ()) + stop)
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Bad sampling flags fail before the model is loaded or anything is printed."""
+    from moekit.infer import EngineError
+
+    params = _sampling_params(args)
+    try:
+        params.check(vocab_size=2**62, max_len=2**62)  # the context is checked once the model is known
+    except EngineError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _load_for_generation(path: str):
+    from moekit.checkpoint import load
+
+    model, tokenizer = load(path)
     if tokenizer is None:
-        raise ConfigError(f"{args.checkpoint} has no tokenizer.json; cannot turn text into tokens")
-    if not args.quiet_prompt:
-        print(args.prompt, end="", flush=True)
-    generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=lambda p: print(p, end="", flush=True))
-    print()
+        raise ConfigError(f"{path} has no tokenizer; cannot turn text into tokens")
+    return model, tokenizer
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
+    from moekit.infer import Engine
+    from moekit.infer.chat import chat_stops, render_chat
+    from moekit.utils import tune_cpu_allocator
+
+    _check_sampling_flags(args)
+    if args.prompts is not None and args.prompt is not None:
+        raise ConfigError("give --prompt TEXT or --prompts FILE, not both")
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system TEXT needs --chat (it is the system turn of the chat template)")
+    if args.prompts is not None:
+        prompts = _read_prompts(args.prompts)
+    else:
+        prompts = [args.prompt if args.prompt is not None else ""]
+    tune_cpu_allocator()
+    model, tokenizer = _load_for_generation(args.checkpoint)
+    engine = Engine(model, tokenizer, max_batch=min(len(prompts), 64))
+    stops = ()
+    if args.chat:
+        messages = [[{"role": "system", "content": args.system}] if args.system else [] for _ in prompts]
+        texts = [render_chat(m + [{"role": "user", "content": p}], engine.special, tokenizer) for m, p in zip(messages, prompts)]
+        stops = chat_stops(engine.special)
+    else:
+        texts = prompts
+    params = _sampling_params(args, stops)
+    ids = [engine.add_request(t, params) for t in texts]  # every request is checked before anything is printed
+    for i in ids:
+        if engine.request(i).notice:
+            print(f"moekit generate: note: {engine.request(i).notice}", file=sys.stderr)
+    show_prompt = not args.quiet_prompt and not args.chat
+    start = time.perf_counter()
+    if len(ids) == 1:
+        if show_prompt:
+            print(prompts[0], end="", flush=True)
+        while engine.has_work():
+            for ev in engine.step():
+                if ev.text:
+                    print(ev.text, end="", flush=True)
+        print()
+    else:
+        while engine.has_work():
+            engine.step()
+        for n, (prompt, i) in enumerate(zip(prompts, ids)):
+            if n:
+                print("\n" + "-" * 40)
+            print((prompt if show_prompt else "") + engine.request(i).text)
+    elapsed = time.perf_counter() - start
+    generated = engine.stats.generated_tokens
+    print(f"[{generated} tokens in {elapsed:.2f} s: {generated / max(elapsed, 1e-9):.1f} tok/s; "
+          f"{engine.stats.prompt_tokens} prompt tokens; {len(ids)} sequence{'s' if len(ids) > 1 else ''}]",
+          file=sys.stderr)
+
+
+def _read_prompts(path: str) -> list[str]:
+    """One prompt a line (``\\n`` inside a line is a newline); blank lines are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"--prompts file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read --prompts file {path}: {e}") from None
+    prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompts file {path} holds no prompt (one prompt a line)")
+    return prompts
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from moekit.infer import Engine
+    from moekit.infer.chat import chat_loop
+    from moekit.utils import tune_cpu_allocator
+
+    _check_sampling_flags(args)
+    tune_cpu_allocator()
+    model, tokenizer = _load_for_generation(args.checkpoint)
+    engine = Engine(model, tokenizer, max_batch=1)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        template = "its chat template" if engine.special.chat_template else "plain User:/Assistant: turns"
+        print(f"chatting with {args.checkpoint} ({template}); /reset forgets the conversation, /exit ends it",
+              file=sys.stderr)
+    chat_loop(engine, _sampling_params(args), sys.stdin, lambda s: print(s, end="", flush=True),
+              status=sys.stderr, system=args.system, prompt_marker="> " if interactive else "")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -244,16 +346,38 @@ def build_parser() -> argparse.ArgumentParser:
     run_flags(p)
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint or run directory, streaming")
-    p.add_argument("checkpoint", metavar="PATH", help="checkpoint directory, or a run directory (newest checkpoint)")
-    p.add_argument("--prompt", default="", help="text to continue (default: empty)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default 50)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                       help=f"tokens to generate at most (default {max_new_tokens})")
+        p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+        p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default 50)")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off (default 1.0)")
+        p.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="> 1 discourages repeating tokens; 1 = off (default 1.0)")
+        p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+        p.add_argument("--stop", action="append", default=None, metavar="STRING",
+                       help="end the answer at this text (not printed); repeatable")
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint or run directory, streaming",
+                       description="Continue a prompt (or a file of prompts, as one batch). The answer ends at the "
+                                   "model's end token, a --stop string or --max-new-tokens; speed goes to stderr.")
+    p.add_argument("checkpoint", metavar="PATH", help="moekit/run directory, Hugging Face directory or .gguf file")
+    p.add_argument("--prompt", default=None, help="text to continue (default: empty, i.e. from the end-of-text token)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="generate for every line of FILE (one prompt a line, \\n for a newline inside), as one batch")
+    p.add_argument("--chat", action="store_true", help="treat the prompt as a user message in the model's chat template")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system message (with --chat)")
+    sampling_flags(p, 100)
     p.add_argument("--quiet-prompt", action="store_true", help="print only the continuation")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal (its chat template, streamed answers)",
+                       description="Interactive multi-turn chat. Each input line is a user turn; /reset forgets the "
+                                   "conversation, /exit (or Ctrl-D) ends it. Input may be piped. Tokens/s go to stderr.")
+    p.add_argument("checkpoint", metavar="PATH", help="moekit/run directory, Hugging Face directory or .gguf file")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system message at the start of the conversation")
+    sampling_flags(p, 256)
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("info", help="what is inside a checkpoint (moekit, Hugging Face or GGUF), without loading it")
     p.add_argument("path", metavar="PATH", help="checkpoint directory, run directory, Hugging Face directory or .gguf")
@@ -289,20 +413,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("--version", action="version", version=f"moekit {_version()}")
+    args = parser.parse_args(argv)
     from moekit.checkpoint import CheckpointError
     from moekit.data import DataError
+    from moekit.infer import EngineError
+    from moekit.infer.chat import ChatTemplateError
     from moekit.train.loop import RunError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, RunError) as e:
+        sys.stdout.flush()
+    except (ConfigError, DataError, CheckpointError, RunError, EngineError, ChatTemplateError) as e:
         print(f"moekit {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"moekit {args.verb}: error: file not found: {e.filename}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`moekit generate ... | head -5`): stop quietly, as Unix tools do.
+        # Python docs, "Note on SIGPIPE": point stdout at devnull so the exit flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
-        print("\ninterrupted; a run continues from its last checkpoint with --resume RUN", file=sys.stderr)
+        hint = "; a run continues from its last checkpoint with --resume RUN" if args.verb in ("train", "compare") else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     return 0
+
+
+def _version() -> str:
+    from moekit import __version__
+
+    return __version__

@@ -1,15 +1,14 @@
 """Tests for moekit.infer: sampling filters, KV-cached generation vs full recompute, text streaming."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 from torch.testing import assert_close
 
 from moekit import ModelConfig, Transformer
 from moekit.data import decode, encode, find_eos_id, load_tokenizer
+from moekit.data.special import SpecialTokens
 from moekit.infer import (
     apply_repetition_penalty,
     apply_temperature,
@@ -19,6 +18,7 @@ from moekit.infer import (
     top_k_filter,
     top_p_filter,
 )
+from moekit.infer.text import Detokenizer
 
 INF = float("-inf")
 
@@ -40,33 +40,6 @@ def tok():
 def text_model(tok):
     torch.manual_seed(0)
     return Transformer(tiny("topk", vocab_size=tok.get_vocab_size())).eval()
-
-
-class ScriptedLM(nn.Module):
-    """A stand-in model that emits a fixed script per row: the logits at absolute position p put all
-    mass on ``scripts[b][p - (prompt_len - 1)]`` (the last script token once it runs out)."""
-
-    def __init__(self, scripts: list[list[int]], prompt_len: int, vocab_size: int, max_seq_len: int = 128):
-        super().__init__()
-        self.cfg = ModelConfig(vocab_size=vocab_size, dim=8, n_layers=1, n_heads=1, max_seq_len=max_seq_len)
-        self.scripts, self.prompt_len = scripts, prompt_len
-        self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
-
-    def new_cache(self, batch: int, max_len: int | None = None):
-        return [SimpleNamespace(length=0)]
-
-    def forward(self, ids, attention_mask=None, cache=None):
-        B, T = ids.shape
-        past = cache[0].length if cache is not None else 0
-        if cache is not None:
-            cache[0].length += T
-        logits = torch.full((B, T, self.cfg.vocab_size), -1e4)
-        for b, script in enumerate(self.scripts):
-            for t in range(T):
-                k = min(past + t - (self.prompt_len - 1), len(script) - 1)
-                if k >= 0:
-                    logits[b, t, script[k]] = 1e4
-        return SimpleNamespace(logits=logits)
 
 
 # ---------------------------------------------------------------------------------------- sampling
@@ -180,12 +153,17 @@ def test_seeded_sampling_is_deterministic():
 
 
 def test_eos_stops_rows_and_then_generation():
-    eos = 0
-    model = ScriptedLM([[5, 6, eos, 9, 9, 9], [5, 6, 7, 8, eos, 9]], prompt_len=3, vocab_size=16)
-    steps = list(generate_tokens(model, torch.full((2, 3), 4), 10, eos_id=eos))
-    assert torch.stack(steps, 1).tolist() == [[5, 6, eos, eos, eos], [5, 6, 7, 8, eos]]  # done rows pad with eos
-    unstopped = list(generate_tokens(model, torch.full((2, 3), 4), 8, eos_id=eos, stop_at_eos=False))
-    assert torch.stack(unstopped, 1).tolist()[0] == [5, 6, eos, 9, 9, 9, 9, 9]
+    model = Transformer(tiny("topk", tie_embeddings=False, init_std=0.1)).eval()
+    prompt = torch.randint(0, 256, (2, 5))
+    free = torch.stack(list(generate_tokens(model, prompt, 10, temperature=0)), 1).tolist()
+    eos = free[0][2]  # row 0 ends at its third token; row 1 wherever that token first appears (if at all)
+    steps = torch.stack(list(generate_tokens(model, prompt, 10, temperature=0, eos_id=eos)), 1).tolist()
+    ends = [row.index(eos) + 1 if eos in row else len(row) for row in free]
+    assert len(steps[0]) == max(ends)  # generation ends once every row has ended
+    for row, ref, end in zip(steps, free, ends):
+        assert row[:end] == ref[:end] and all(t == eos for t in row[end:])  # done rows pad with eos
+    unstopped = torch.stack(list(generate_tokens(model, prompt, 10, temperature=0, eos_id=eos, stop_at_eos=False)), 1)
+    assert unstopped.tolist() == free
 
 
 def test_eos_on_a_real_model():
@@ -207,11 +185,16 @@ def test_repetition_penalty_is_applied_over_prompt_and_output():
 def test_long_prompt_is_truncated_from_the_left_with_a_warning():
     model = Transformer(tiny("topk", max_seq_len=32)).eval()
     prompt = torch.randint(0, 256, (1, 40))
-    with pytest.warns(UserWarning, match=r"prompt of 40 tokens \+ max_new_tokens=8 exceeds .*max_seq_len=32; "
-                                         r"keeping the last 24 prompt tokens"):
+    with pytest.warns(UserWarning, match=r"the prompt \(40 tokens\) does not fit the context of 32 tokens with "
+                                         r"max_new_tokens=8: keeping its last 24 tokens$"):
         got = torch.stack(list(generate_tokens(model, prompt, 8, temperature=0)), 1)
     assert torch.equal(got, greedy_without_cache(model, prompt[:, -24:], 8)[:, 24:])
-    with pytest.raises(ValueError, match=r"max_new_tokens=32 leaves no room .* max_seq_len=32: ask for at most 31"):
+    # A long answer does not squeeze the prompt below half the context: the answer stops early instead.
+    with pytest.warns(UserWarning, match=r"keeping its last 16 tokens; the answer stops after 16 tokens"):
+        got = torch.stack(list(generate_tokens(model, prompt, 31, temperature=0)), 1)
+    assert torch.equal(got, greedy_without_cache(model, prompt[:, -16:], 16)[:, 16:])
+    with pytest.raises(ValueError, match=r"max_new_tokens=32 leaves no room for the prompt in the context of 32 tokens: "
+                                         r"ask for at most 31"):
         generate_tokens(model, prompt, 32)
 
 
@@ -219,7 +202,7 @@ def test_bad_prompts_and_lengths_are_named():
     model = Transformer(tiny("dense"))
     with pytest.raises(ValueError, match="the prompt is empty"):
         generate_tokens(model, [], 4)
-    with pytest.raises(ValueError, match=r"input_ids hold token 256, outside the vocabulary \[0, 256\)"):
+    with pytest.raises(ValueError, match=r"prompt holds 256, not a token id in \[0, 256\)"):
         generate_tokens(model, [3, 256], 4)
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\] or \[seq\]"):
         generate_tokens(model, torch.zeros(1, 2, 3, dtype=torch.long), 4)
@@ -262,21 +245,39 @@ def test_streaming_non_ascii_never_splits_a_character(tok):
     target = "Ünïcödé → 日本語 ☃!"
     ids = encode(tok, target)
     assert len(ids) > len(target)  # multi-byte characters span several byte-level tokens
-    eos = find_eos_id(tok)
-    model = ScriptedLM([ids + [eos]], prompt_len=1, vocab_size=tok.get_vocab_size())
-    pieces = []
-    text = generate(model, tok, "", max_new_tokens=64, seed=0, stream=pieces.append)  # empty prompt -> eos
-    assert text == target
+    detok = Detokenizer(tok)
+    pieces = [detok.push(t) for t in ids] + [detok.flush()]
     assert "".join(pieces) == target
-    assert len(pieces) > 5 and all("\ufffd" not in p for p in pieces)
-    assert generate(model, tok, "", max_new_tokens=0) == ""
+    assert sum(bool(p) for p in pieces) > 5 and all("\ufffd" not in p for p in pieces)
 
 
-def test_generate_stops_at_eos_and_excludes_it(tok):
-    eos = find_eos_id(tok)
-    ids = encode(tok, " fair Verona") + [eos] + encode(tok, " never")
-    prompt_len = len(encode(tok, "In"))
-    pieces = []
-    text = generate(ScriptedLM([ids], prompt_len, tok.get_vocab_size()), tok, "In", temperature=0.5,
-                    stream=pieces.append)
-    assert text == " fair Verona" == "".join(pieces)
+def test_special_tokens_are_not_printed(tok):
+    detok = Detokenizer(tok)
+    ids = encode(tok, "fair") + [find_eos_id(tok)] + encode(tok, " Verona")
+    assert "".join(detok.push(t) for t in ids) + detok.flush() == "fair Verona"
+
+
+@pytest.mark.parametrize("stops, expected", [(("Ver",), "fair "), (("ir V", "fa"), ""), (("xyz",), "fair Verona"),
+                                             (("r V",), "fai")])
+def test_stop_strings_end_the_text_even_across_pieces(tok, stops, expected):
+    detok = Detokenizer(tok, stops)
+    shown = ""
+    for t in encode(tok, "fair Verona"):
+        shown += detok.push(t)
+        assert not any(s in shown for s in stops)  # a stop string is never shown, even in part then whole
+    shown += detok.flush()
+    assert shown == expected and detok.stopped == (expected != "fair Verona")
+
+
+def test_generate_stops_at_the_models_end_token_and_excludes_it(tok, text_model):
+    prompt = "In"
+    free = generate_tokens(text_model, encode(tok, prompt), 12, temperature=0)
+    ids = [int(t[0]) for t in free]
+    # Make the 6th greedy token the model's end token: generation must stop there and not print it.
+    text_model.special_tokens = SpecialTokens(eos_ids=(ids[5],))
+    try:
+        pieces = []
+        text = generate(text_model, tok, prompt, max_new_tokens=12, temperature=0, stream=pieces.append)
+    finally:
+        del text_model.special_tokens
+    assert text == decode(tok, ids[:ids.index(ids[5])]) == "".join(pieces)

@@ -1,23 +1,18 @@
-"""Text generation: prefill the prompt once into a KV cache, then decode one token at a time.
+"""Text generation for one caller at a time: thin wrappers over :class:`moekit.infer.engine.Engine`.
 
-Legend: B batch, T tokens fed this step (the prompt at prefill, 1 when decoding), V vocabulary.
-
-:func:`generate_tokens` streams token ids for a batch of equal-length prompts; :func:`generate` wraps
-it for one text prompt and streams decoded text. A later, faster engine (batching of ragged prompts,
-compiled decoding) builds on the same sampling functions.
+- :func:`generate`: text in, continuation text out, optionally streamed piece by piece;
+- :func:`generate_tokens`: a batch of prompt ids in, one token per row yielded per step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Generator, Sequence
 
 import torch
 from tokenizers import Tokenizer
 
-from moekit.data.tokenizer import decode, encode, find_eos_id
-from moekit.infer.sampling import check_sampling_args, sample_next
+from moekit.infer.engine import Engine, EngineError, SamplingParams
 from moekit.model.transformer import Transformer
 
 
@@ -25,44 +20,67 @@ def generate_tokens(model: Transformer, input_ids: torch.Tensor | Sequence[int],
                     temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
                     eos_id: int | None = None, stop_at_eos: bool = True, *,
                     repetition_penalty: float = 1.0) -> Generator[torch.Tensor, None, None]:
-    """Yield the next token of every row, LongTensor [B], as soon as it is sampled (streaming).
+    """Yield the next token of every row, LongTensor [B], as soon as every row has it (streaming).
 
-    ``input_ids``: LongTensor [B, T] (or [T]) of real tokens, all rows the same length, or a list of
-    ids (B = 1). At most ``max_new_tokens`` steps are yielded. With ``eos_id`` and ``stop_at_eos``, a
-    row that has produced ``eos_id`` keeps yielding ``eos_id`` and generation ends once every row
-    has. ``seed`` makes sampling deterministic (its own ``torch.Generator``; None uses torch's global
-    RNG); ``temperature == 0`` is greedy.
+    ``input_ids``: LongTensor [B, T] (or [T]) or a list of ids (B = 1); each row is its own request
+    of one continuous batch. At most ``max_new_tokens`` steps are yielded. With ``eos_id`` and
+    ``stop_at_eos``, a row that has produced ``eos_id`` keeps yielding ``eos_id`` and generation ends
+    once every row has. ``seed`` makes sampling deterministic (row b uses ``seed + b``; None draws
+    from torch's global RNG); ``temperature == 0`` is greedy.
 
-    The prompt and the new tokens must fit in ``model.cfg.max_seq_len``: a longer prompt is cut from
-    the left, keeping its most recent ``max_seq_len - max_new_tokens`` tokens, with a warning.
-
-    Arguments are checked here, at the call, not at the first ``next()``. The model runs in eval mode
-    and its training mode is restored when the iterator finishes or is closed.
+    A prompt too long for ``model.cfg.max_seq_len`` with ``max_new_tokens`` is cut from the left
+    (see :func:`moekit.infer.engine.fit_prompt`), with a warning. Arguments are checked here, at the
+    call, not at the first ``next()``.
     """
-    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-    max_seq_len = model.cfg.max_seq_len
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-    if max_new_tokens >= max_seq_len:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
-                         f"max_seq_len={max_seq_len}: ask for at most {max_seq_len - 1}")
+    ids_BT = _as_batch(input_ids)
     vocab = model.cfg.vocab_size
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < vocab):
         raise ValueError(f"eos_id={eos_id!r} must be a token id in [0, {vocab}) or None")
-    device = next(model.parameters()).device
-    ids_BT = _as_batch(input_ids, vocab).to(device)
-    room = max_seq_len - max_new_tokens
-    if ids_BT.shape[1] > room:
-        warnings.warn(f"prompt of {ids_BT.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                      f"model's max_seq_len={max_seq_len}; keeping the last {room} prompt tokens", stacklevel=2)
-        ids_BT = ids_BT[:, -room:]
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    return _decode(model, ids_BT, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty), generator, eos_id if stop_at_eos else None)
+    was_training = model.training
+    engine = Engine(model, None, max_batch=max(1, ids_BT.shape[0]))  # NOTE: puts the model in eval mode
+    model.train(was_training)  # until the first next(): the caller may never start the generator
+    stop_ids = (eos_id,) if eos_id is not None and stop_at_eos else ()
+    requests = []
+    for b, row in enumerate(ids_BT.tolist()):
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=None if seed is None else seed + b,
+                                stop_ids=stop_ids)
+        requests.append(engine.add_request(row, params))
+        notice = engine.request(requests[-1]).notice
+        if notice:
+            warnings.warn(notice, stacklevel=2)
+    return _lockstep(engine, requests, max_new_tokens, eos_id, was_training)
 
 
-def _as_batch(input_ids: torch.Tensor | Sequence[int], vocab_size: int) -> torch.Tensor:
-    """Prompt ids as a LongTensor [B, T], checked to be non-empty and inside the vocabulary."""
+def _lockstep(engine: Engine, requests: list[str], max_new_tokens: int, eos_id: int | None, was_training: bool):
+    engine.model.eval()
+    try:
+        yield from _rows_in_step(engine, requests, max_new_tokens, eos_id)
+    finally:
+        engine.model.train(was_training)
+
+
+def _rows_in_step(engine: Engine, requests: list[str], max_new_tokens: int, eos_id: int | None):
+    tokens: dict[str, list[int]] = {r: [] for r in requests}
+    done: set[str] = set()
+    for i in range(max_new_tokens):
+        while any(len(tokens[r]) <= i and r not in done for r in requests):
+            for ev in engine.step():
+                if ev.token_id is not None:
+                    tokens[ev.request_id].append(ev.token_id)
+                if ev.finished:
+                    done.add(ev.request_id)
+        if all(len(tokens[r]) <= i for r in requests):
+            return  # every row ended early (context full)
+        # NOTE: rows that stopped keep yielding eos (or their last token) so the batch stays rectangular.
+        yield torch.tensor([tokens[r][i] if len(tokens[r]) > i else (eos_id if eos_id is not None else tokens[r][-1])
+                            for r in requests])
+        if eos_id is not None and all(r in done and eos_id in tokens[r] for r in requests):
+            return
+
+
+def _as_batch(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Prompt ids as a LongTensor [B, T], checked to be non-empty integers."""
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids), dtype=torch.long)
     if ids.dim() == 1:
         ids = ids[None]
@@ -73,106 +91,35 @@ def _as_batch(input_ids: torch.Tensor | Sequence[int], vocab_size: int) -> torch
                          "tokenizer's end-of-text token)")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
-    ids = ids.long()
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"input_ids hold token {lo if lo < 0 else hi}, outside the vocabulary [0, {vocab_size})")
-    return ids
-
-
-def _decode(model: Transformer, ids_BT: torch.Tensor, max_new_tokens: int, sampling: dict,
-            generator: torch.Generator | None, eos_id: int | None) -> Generator[torch.Tensor, None, None]:
-    """The decode loop: step 0 prefills the whole prompt into the cache, later steps feed one token."""
-    was_training = model.training
-    model.eval()
-    try:
-        B, T = ids_BT.shape
-        cache = model.new_cache(B, T + max_new_tokens)
-        seen_BT = ids_BT  # only read by the repetition penalty
-        done_B = torch.zeros(B, dtype=torch.bool, device=ids_BT.device)
-        for _ in range(max_new_tokens):
-            # NOTE: inference mode wraps each step, never a `yield`: grad mode is thread-global, and
-            # holding it across a yield would switch autograd off in the caller's code too.
-            with torch.inference_mode():
-                logits_BV = model(ids_BT, cache=cache).logits[:, -1]
-                next_B = sample_next(logits_BV, generator=generator, prev_ids_BT=seen_BT, **sampling)
-                if eos_id is not None:
-                    next_B = next_B.masked_fill(done_B, eos_id)  # finished rows keep yielding eos
-                    done_B = done_B | (next_B == eos_id)
-                if sampling["repetition_penalty"] != 1:
-                    seen_BT = torch.cat([seen_BT, next_B[:, None]], dim=1)
-            yield next_B
-            # NOTE: host-device sync, once per token; the caller reads each token anyway.
-            if eos_id is not None and bool(done_B.all()):
-                return
-            ids_BT = next_B[:, None]
-    finally:
-        model.train(was_training)
+    return ids.long()
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
-             stream: Callable[[str], None] | None = None, *, repetition_penalty: float = 1.0) -> str:
-    """The text continuing ``prompt`` (the prompt itself is not included); stops at end-of-text.
+             stream: Callable[[str], None] | None = None, *, repetition_penalty: float = 1.0,
+             stop: Sequence[str] = ()) -> str:
+    """The text continuing ``prompt`` (the prompt itself is not included); stops at the model's end
+    tokens (read from the checkpoint), a ``stop`` string, or ``max_new_tokens``.
 
-    ``stream`` is called with each new piece of text as it is produced; the pieces join to the
-    returned string. An empty prompt starts from the tokenizer's end-of-text token, which is also
-    how documents are separated in training. Sampling arguments as in :func:`generate_tokens`.
+    ``stream`` is called with each new piece of text as it is produced, ready to print as is
+    (``stream=lambda s: print(s, end="", flush=True)``); the pieces join to the returned string.
+    Special tokens are not part of the text. An empty prompt starts from the end-of-text token.
     """
+    was_training = model.training
     try:
-        eos_id = find_eos_id(tokenizer)
-    except ValueError:  # DataError: this tokenizer has no end-of-text token; generate to the length limit
-        eos_id = None
-    prompt_ids = encode(tokenizer, prompt)
-    if not prompt_ids:
-        if eos_id is None:
-            raise ValueError("the prompt is empty and the tokenizer has no end-of-text token to start from")
-        prompt_ids = [eos_id]
-    streamer = _TextStreamer(tokenizer, stream) if stream is not None else None
-    new_ids: list[int] = []
-    tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                             repetition_penalty=repetition_penalty)
-    with contextlib.closing(tokens):
-        for next_B in tokens:
-            token = int(next_B[0])
-            if token == eos_id:
-                break
-            new_ids.append(token)
-            if streamer is not None:
-                streamer.push(token)
-    if streamer is not None:
-        streamer.flush()
-    return decode(tokenizer, new_ids)
+        engine = Engine(model, tokenizer, max_batch=1)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+        rid = engine.add_request(prompt, params)
+        if engine.request(rid).notice:
+            warnings.warn(engine.request(rid).notice, stacklevel=2)
+        while not engine.request(rid).finished:
+            for ev in engine.step():
+                if stream is not None and ev.text:
+                    stream(ev.text)
+        return engine.request(rid).text
+    finally:
+        model.train(was_training)
 
 
-class _TextStreamer:
-    """Turns token ids into text pieces as they arrive, holding back a piece while it ends inside a
-    multi-byte UTF-8 character (a byte-level BPE token can hold part of one; it decodes to U+FFFD).
-
-    Incremental detokenization as in Hugging Face text-generation-inference (``decode_token``):
-    decode only a short window from ``prefix`` (a boundary that decoded cleanly) so each step costs
-    O(window), not O(text), and decoders that treat a sequence's start specially (SentencePiece's
-    leading space) still see the context before the new tokens.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, callback: Callable[[str], None]):
-        self.tokenizer, self.callback = tokenizer, callback
-        self.ids: list[int] = []
-        self.prefix = 0  # window start
-        self.read = 0  # tokens before this have been emitted
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        self._emit(final=False)
-
-    def flush(self) -> None:
-        """Emit whatever is held back (U+FFFD included, if the model produced invalid UTF-8)."""
-        if self.read < len(self.ids):
-            self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
-        done_text = decode(self.tokenizer, self.ids[self.prefix:self.read])
-        text = decode(self.tokenizer, self.ids[self.prefix:])
-        if len(text) > len(done_text) and (final or not text.endswith("\ufffd")):
-            self.callback(text[len(done_text):])
-            self.prefix, self.read = self.read, len(self.ids)
+__all__ = ["EngineError", "generate", "generate_tokens"]

@@ -164,6 +164,15 @@ class LatentAttention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
+        q_BHTQ, k_BHTQ, v_BHTV = self.project(x_BTD, cos, sin)
+        if cache is not None:
+            k_BHTQ, v_BHTV = cache.update(k_BHTQ, v_BHTV)
+        y = _sdpa(q_BHTQ, k_BHTQ, v_BHTV.contiguous(), mask, self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+    def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotated queries and expanded keys [B, H, T, nope + rope], values [B, H, T, Dv]."""
+        B, T, _ = x_BTD.shape
         H = self.n_heads
         if hasattr(self, "q_proj"):
             q = self.q_proj(x_BTD)
@@ -178,10 +187,7 @@ class LatentAttention(nn.Module):
         k_rot_B1Tr = apply_rope(k_rot_BTr[:, None], cos, sin, self.interleave)
         q_BHTQ = torch.cat([q_nope, q_rot], dim=-1)
         k_BHTQ = torch.cat([k_nope, k_rot_B1Tr.expand(B, H, T, self.rope)], dim=-1)
-        if cache is not None:
-            k_BHTQ, v_BHTV = cache.update(k_BHTQ, v_BHTV)
-        y = _sdpa(q_BHTQ, k_BHTQ, v_BHTV.contiguous(), mask, self.scale)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        return q_BHTQ, k_BHTQ, v_BHTV
 
 
 class MLP(nn.Module):

@@ -89,6 +89,12 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x, self.weight.float())  # [T, E] float32
 
+    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference-time choice for token-choice routers: (expert ids [T, K] long, gate weights [T, K]
+        float32), exactly what ``forward`` keeps in eval mode when dropless, without losses or
+        statistics. The inference engine calls this at decode time (no sort, no bincount, no sync)."""
+        raise NotImplementedError(f"{type(self).__name__} does not route tokens independently")
+
     def capacity_factor(self) -> float | None:
         return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
 
@@ -135,12 +141,24 @@ class TopKRouter(Router):
     With a capacity factor, overflow pairs are dropped (the token skips that expert).
     """
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        logits_TE = self.logits(x_TD)
+    def _choose(self, logits_TE: torch.Tensor):
         probs_TE = logits_TE.softmax(-1)
         top_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.cfg.norm_topk_prob:
             top_TK = top_TK / top_TK.sum(-1, keepdim=True)
+        return probs_TE, ids_TK, top_TK
+
+    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_TE = self.logits(x_TD)
+        if self.cfg.norm_topk_prob:  # softmax renormalised over the top k == softmax of the top-k logits
+            top_TK, ids_TK = logits_TE.topk(self.top_k, dim=-1)
+            return ids_TK, top_TK.softmax(-1)
+        _, ids_TK, top_TK = self._choose(logits_TE)
+        return ids_TK, top_TK
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD)
+        probs_TE, ids_TK, top_TK = self._choose(logits_TE)
         balance = losses.load_balance_loss(probs_TE, ids_TK, mask_T)
         zl = losses.z_loss(logits_TE, mask_T)
         aux = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * zl
@@ -150,6 +168,10 @@ class TopKRouter(Router):
 class SwitchRouter(Router):
     """Switch Transformer (Fedus et al. 2021): top-1, gate = the router probability (not renormalised),
     capacity factor; tokens over capacity skip the layer and travel on the residual stream."""
+
+    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top_T1, ids_T1 = self.logits(x_TD).softmax(-1).max(dim=-1, keepdim=True)
+        return ids_T1, top_T1
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
@@ -174,6 +196,10 @@ class NoisyTopKRouter(Router):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.dim))  # starts at softplus(0) noise
+
+    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top_TK, ids_TK = self.logits(x_TD).topk(self.top_k, dim=-1)  # no noise at inference
+        return ids_TK, top_TK.softmax(-1)
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         K, E = self.top_k, self.num_experts
@@ -259,8 +285,20 @@ class SigmoidBiasRouter(Router):
             self.bias = self.bias.float()
         return self
 
+    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, ids_TK, weights_TK = self._choose(self.logits(x_TD))
+        return ids_TK, weights_TK
+
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
+        scores_TE, ids_TK, weights_TK = self._choose(logits_TE)
+        zl = losses.z_loss(logits_TE, mask_T)
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        return self._token_choice(ids_TK, weights_TK, probs_TE, mask_T, self.cfg.z_loss_coef * zl,
+                                  torch.zeros(()), zl)
+
+    def _choose(self, logits_TE: torch.Tensor):
+        """Sigmoid scores, biased (and group-limited) selection, unbiased renormalised gate weights."""
         scores_TE = logits_TE.sigmoid()
         choice_TE = scores_TE + self.bias
         G = self.cfg.n_group
@@ -277,10 +315,7 @@ class SigmoidBiasRouter(Router):
         if self.cfg.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * self.cfg.routed_scaling_factor
-        zl = losses.z_loss(logits_TE, mask_T)
-        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
-        return self._token_choice(ids_TK, weights_TK, probs_TE, mask_T, self.cfg.z_loss_coef * zl,
-                                  torch.zeros(()), zl)
+        return scores_TE, ids_TK, weights_TK
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor, rate: float | None = None) -> None:

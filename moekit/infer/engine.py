@@ -1,0 +1,436 @@
+"""The inference engine: continuous batching over KV-cache slots.
+
+Every caller drives this one engine: ``generate`` / ``chat`` (one request at a time), batched
+generation of ragged prompts, the HTTP server (requests join and leave between steps), the evaluator
+(log-probabilities of prompts and continuations) and the routing views (which experts each token
+used). The contract:
+
+- :meth:`Engine.add_request` (prompt text or ids, :class:`SamplingParams`) -> request id; checked at
+  once, so a bad request fails before anything is printed; :meth:`Engine.cancel` drops one.
+- :meth:`Engine.step` advances every live request by one token and prefills waiting prompts in chunks
+  of at most ``prefill_chunk`` tokens, so a long prompt never stalls the others; it returns
+  :class:`Event` s (request id, token id, text piece, log-probability, routing, finished + why).
+- :attr:`Engine.stats` counts running batch size, queue, tokens in and out.
+
+Plan of one step:
+  1. admit waiting requests into free slots (first come, first served);
+  2. decode: one batched forward of every request that has a token to feed (T = 1 per row);
+  3. prefill: chunks of admitted prompts, oldest first, until the step's token budget is spent; a
+     request whose prompt is complete samples its first token from the chunk's last logits;
+  4. sample each row with its own settings and its own ``torch.Generator`` (so a request's output
+     never depends on what else is in the batch), apply stop rules, free finished slots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from moekit.data.special import prepend_bos, special_tokens_of
+from moekit.infer.runner import Runner
+from moekit.infer.sampling import check_sampling_args, sample_next
+from moekit.infer.text import Detokenizer
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take; the message names the value and what would be valid."""
+
+
+class EngineFull(EngineError):
+    """Every cache slot and the waiting queue are taken; try again later."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is generated. ``temperature == 0`` is greedy argmax."""
+
+    max_new_tokens: int = 64  # tokens to generate at most (0: only read the prompt, e.g. for its logprobs)
+    temperature: float = 0.8
+    top_k: int = 50  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None  # None: drawn from torch's global RNG when the request is added
+    stop_ids: tuple[int, ...] | None = None  # token ids that end the answer; None = the model's own end tokens
+    stop: tuple[str, ...] = ()  # strings that end the answer (not included in the text)
+    logprobs: bool = False  # log-probability of each generated token under the model (before filters)
+    prompt_logprobs: bool = False  # log-probability of each prompt token given the ones before it
+    routing: bool = False  # record which experts each token went to, with gate weights
+
+    def check(self, vocab_size: int, max_len: int) -> None:
+        try:
+            check_sampling_args(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise EngineError(f"max_new_tokens={n!r} must be an integer >= 0")
+        if n >= max_len:
+            raise EngineError(f"max_new_tokens={n} leaves no room for the prompt in the context of {max_len} "
+                              f"tokens: ask for at most {max_len - 1}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise EngineError(f"seed={self.seed!r} must be an integer or None")
+        for t in self.stop_ids or ():
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise EngineError(f"stop id {t!r} is not a token id in [0, {vocab_size})")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise EngineError(f"stop string {s!r} must be a non-empty string")
+
+
+@dataclass
+class Event:
+    """What one step did for one request."""
+
+    request_id: str
+    token_id: int | None  # the new token (None on a finish without a token: cancel, max_new_tokens=0)
+    text: str  # text to append to the answer so far ("" while a piece is held back)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (end token or stop string), "length", "cancelled"
+    logprob: float | None = None  # log-probability of token_id, with SamplingParams.logprobs
+    prompt_logprobs: list[float | None] | None = None  # with prompt_logprobs, on the event that ends the prefill
+    routing: list[list[tuple[list[int], list[float]]]] | None = None  # tokens fed this step -> per MoE layer (ids, gates)
+
+
+@dataclass
+class Request:
+    """A live request. Read-only for callers (``Engine.request(id)``)."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    generator: torch.Generator
+    detok: Detokenizer | None
+    notice: str | None = None  # e.g. how the prompt was cut to fit the context
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    routing: list[list[tuple[list[int], list[float]]]] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    next_token: int | None = None  # sampled, not yet fed to the model
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Tokens in this request's cache slot."""
+        return self.prefilled + max(len(self.output_ids) - (self.next_token is not None), 0)
+
+
+@dataclass
+class EngineStats:
+    running: int = 0  # requests holding a cache slot
+    waiting: int = 0  # requests queued for a slot
+    batch_size: int = 0  # rows decoded in the last step
+    steps: int = 0
+    prompt_tokens: int = 0  # prefilled, in all
+    generated_tokens: int = 0  # sampled, in all
+    finished: int = 0  # requests finished (any reason)
+
+
+@dataclass
+class Completion:
+    """A finished request, as :meth:`Engine.generate` returns it."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    routing: list[list[tuple[list[int], list[float]]]] = field(default_factory=list)
+    notice: str | None = None
+
+
+class Engine:
+    """Continuous batching for one model: at most ``max_batch`` sequences hold a KV-cache slot, the
+    rest wait (up to ``max_queue``; None = unbounded) in arrival order.
+
+    ``max_len`` (default: the model's ``max_seq_len``) is each slot's context: prompt + answer.
+    A prompt too long for it, with its ``max_new_tokens``, is cut from the left, keeping at least half
+    of the context for it (the answer then ends early with reason "length"); ``Request.notice`` says so.
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer | None = None, *, max_batch: int = 8, max_len: int | None = None,
+                 prefill_chunk: int = 512, max_queue: int | None = None):
+        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EngineError(f"{name}={value!r} must be an integer >= 1")
+        if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
+            raise EngineError(f"max_queue={max_queue!r} must be an integer >= 0, or None for no limit")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_len = max_len or model.cfg.max_seq_len
+        self.runner = Runner(model, max_batch, self.max_len)
+        self.device = model.embed.weight.device
+        self.special = special_tokens_of(model, tokenizer)
+        self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
+        self.vocab_size = model.cfg.vocab_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order
+        self.requests: dict[str, Request] = {}
+        self.free_slots = list(range(max_batch))
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._pending: list[Event] = []  # finish events of cancelled requests, returned by the next step
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> ids, with the BOS token first when the model expects one."""
+        if self.tokenizer is None:
+            raise EngineError("this engine has no tokenizer: give prompts as token ids")
+        return prepend_bos(self.tokenizer.encode(text, add_special_tokens=False).ids, self.special)
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Raises :class:`EngineError` for a bad request and
+        :class:`EngineFull` when every slot is busy and the queue is full."""
+        params = params or SamplingParams()
+        params.check(self.vocab_size, self.max_len)
+        ids = self.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        if not ids:  # an unconditional sample starts where a document starts: BOS, else end-of-text
+            start = self.special.bos_id if self.special.bos_id is not None else self.special.eos_id
+            if start is None:
+                raise EngineError("the prompt is empty and the model has no BOS or end-of-text token to start from")
+            ids = [start]
+        if params.stop and self.tokenizer is None:
+            raise EngineError("stop strings need a tokenizer; give stop_ids instead")
+        if self.max_queue is not None and not self.free_slots and len(self.waiting) >= self.max_queue:
+            raise EngineFull(f"the engine is full: {self.max_batch} requests running and {len(self.waiting)} waiting")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise EngineError(f"request id {request_id!r} is already in use")
+        ids, notice = fit_prompt(ids, params.max_new_tokens, self.max_len)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        stop_ids = frozenset(self.special.eos_ids if params.stop_ids is None else params.stop_ids)
+        detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        req = Request(request_id, ids, params, stop_ids, torch.Generator(device=self.device).manual_seed(seed),
+                      detok, notice)
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return request_id
+
+    def _check_ids(self, prompt: Sequence[int]) -> list[int]:
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+                raise EngineError(f"prompt ids must be a 1-D integer tensor, got {prompt.dtype} {tuple(prompt.shape)}")
+            prompt = prompt.tolist()
+        ids = list(prompt)
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise EngineError(f"prompt holds {t!r}, not a token id in [0, {self.vocab_size})")
+        return ids
+
+    def request(self, request_id: str) -> Request:
+        return self.requests[request_id]
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now (its slot is free for the next step). False if unknown or already finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, "cancelled")
+        self._pending.append(Event(req.id, None, "", True, "cancelled"))
+        return True
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request (the engine keeps finished ones until released or collected)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.finished:
+            del self.requests[request_id]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._pending)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[Event]:
+        """Advance every live request (see the module plan); returns this step's events."""
+        events, self._pending = self._pending, []
+        while self.waiting and self.free_slots:  # 1. admit
+            req = self.waiting.popleft()
+            req.slot = self.free_slots.pop(0)
+            self.running.append(req)
+        with torch.inference_mode():
+            events += self._decode()  # 2.
+            events += self._prefill()  # 3.
+        self.stats.steps += 1
+        self.stats.running, self.stats.waiting = len(self.running), len(self.waiting)
+        return events
+
+    def _decode(self) -> list[Event]:
+        rows = [r for r in self.running if r.next_token is not None]
+        self.stats.batch_size = len(rows)
+        if not rows:
+            return []
+        tokens = torch.tensor([[r.next_token] for r in rows], device=self.device)
+        starts = [r.position for r in rows]
+        routing = [] if any(r.params.routing for r in rows) else None
+        logits_BV = self.runner(tokens, [r.slot for r in rows], starts, routing=routing)
+        for r in rows:
+            r.next_token = None
+        fed_routing = _split_routing(routing, len(rows), 1)
+        return self._sample(rows, logits_BV, fed_routing)
+
+    def _prefill(self) -> list[Event]:
+        events: list[Event] = []
+        budget = self.prefill_chunk
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            todo = len(req.prompt_ids) - req.prefilled
+            if todo <= 0 or req.finished:
+                continue
+            n = min(todo, budget)
+            budget -= n
+            chunk = req.prompt_ids[req.prefilled:req.prefilled + n]
+            p = req.params
+            routing = [] if p.routing else None
+            logits = self.runner(torch.tensor([chunk], device=self.device), [req.slot], [req.prefilled],
+                                 all_logits=p.prompt_logprobs, routing=routing)
+            if p.prompt_logprobs:
+                self._score_prompt(req, logits[0], n)
+                logits = logits[:, -1]
+            req.prefilled += n
+            self.stats.prompt_tokens += n
+            fed_routing = _split_routing(routing, 1, n)
+            if fed_routing is not None:
+                req.routing += fed_routing[0]
+            if req.prefilled < len(req.prompt_ids):
+                continue
+            if p.max_new_tokens == 0:
+                self._finish(req, "length")
+                events.append(Event(req.id, None, "", True, "length",
+                                    prompt_logprobs=req.prompt_logprobs if p.prompt_logprobs else None,
+                                    routing=fed_routing[0] if fed_routing else None))
+                continue
+            ev = self._sample([req], logits, None)
+            ev[0].prompt_logprobs = req.prompt_logprobs if p.prompt_logprobs else None
+            if fed_routing is not None:
+                ev[0].routing = fed_routing[0]
+            events += ev
+        return events
+
+    def _score_prompt(self, req: Request, logits_TV: torch.Tensor, n: int) -> None:
+        """Log-probability of each prompt token given the ones before it (the first has none)."""
+        start = req.prefilled
+        if start == 0:
+            req.prompt_logprobs.append(None)
+        targets = req.prompt_ids[start + 1:start + n + 1]  # the next prompt token after each position
+        if targets:
+            logp = logits_TV[:len(targets)].float().log_softmax(-1)
+            req.prompt_logprobs += logp.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+
+    def _sample(self, rows: list[Request], logits_BV: torch.Tensor, fed_routing) -> list[Event]:
+        simple = all(r.params.temperature == 0 and r.params.repetition_penalty == 1 for r in rows)
+        if simple:  # all greedy: one argmax for the batch
+            tokens = logits_BV.argmax(-1).tolist()
+        else:
+            tokens = []
+            for b, r in enumerate(rows):
+                p = r.params
+                prev = None
+                if p.repetition_penalty != 1:
+                    prev = torch.tensor([r.prompt_ids + r.output_ids], device=self.device)
+                tokens.append(int(sample_next(logits_BV[b:b + 1], p.temperature, p.top_k, p.top_p, r.generator,
+                                              repetition_penalty=p.repetition_penalty, prev_ids_BT=prev)[0]))
+        want_logp = [b for b, r in enumerate(rows) if r.params.logprobs]
+        logps = {}
+        if want_logp:
+            idx = torch.tensor(want_logp, device=self.device)
+            lp = logits_BV.index_select(0, idx).float().log_softmax(-1)
+            chosen = torch.tensor([tokens[b] for b in want_logp], device=self.device)
+            logps = dict(zip(want_logp, lp.gather(1, chosen[:, None])[:, 0].tolist()))
+        events = []
+        for b, (r, t) in enumerate(zip(rows, tokens)):
+            self.stats.generated_tokens += 1
+            ev = Event(r.id, t, "", logprob=logps.get(b), routing=fed_routing[b] if fed_routing else None)
+            if r.params.logprobs:
+                r.logprobs.append(logps[b])
+            if fed_routing is not None:
+                r.routing += fed_routing[b]
+            if t in r.stop_ids:
+                ev.text = r.detok.flush() if r.detok else ""
+                self._finish(r, "stop")
+            else:
+                r.output_ids.append(t)
+                if r.detok is not None:
+                    ev.text = r.detok.push(t)
+                if r.detok is not None and r.detok.stopped:
+                    self._finish(r, "stop")
+                elif len(r.output_ids) >= r.params.max_new_tokens or r.prefilled + len(r.output_ids) >= self.max_len:
+                    ev.text += r.detok.flush() if r.detok else ""
+                    self._finish(r, "length")
+                else:
+                    r.next_token = t
+            r.text += ev.text
+            if r.finished:
+                ev.finished, ev.finish_reason = True, r.finish_reason
+            events.append(ev)
+        return events
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        req.next_token = None
+        if req in self.running:
+            self.running.remove(req)
+            self.free_slots.append(req.slot)
+            self.free_slots.sort()  # NOTE: low slots first keeps a small batch contiguous (a view, no gather)
+        self.stats.finished += 1
+
+    # ------------------------------------------------------------------ convenience
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[Completion]:
+        """Run ``prompts`` to completion as one continuous batch; results in prompt order."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise EngineError(f"{len(params_list)} sampling settings for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        while any(not self.requests[i].finished for i in ids):
+            self.step()
+        out = []
+        for i in ids:
+            r = self.requests.pop(i)
+            out.append(Completion(r.text, r.output_ids, r.finish_reason, len(r.prompt_ids), r.logprobs,
+                                  r.prompt_logprobs, r.routing, r.notice))
+        return out
+
+
+def fit_prompt(ids: list[int], max_new_tokens: int, max_len: int) -> tuple[list[int], str | None]:
+    """Cut a prompt from the left so that it fits the context with room for the answer.
+
+    The prompt keeps ``max_len - max_new_tokens`` tokens, but never less than half the context (or all
+    of it if shorter): a request for a long answer shortens the answer, not the prompt to nothing.
+    Returns the ids and a one-line notice when they were cut (None otherwise).
+    """
+    room = max_len - max_new_tokens
+    if len(ids) <= room:
+        return ids, None
+    keep = min(max(room, math.ceil(max_len / 2)), len(ids), max_len - 1)
+    if keep == len(ids):
+        return ids, (f"the prompt ({len(ids)} tokens) and max_new_tokens={max_new_tokens} exceed the context of "
+                     f"{max_len} tokens: the answer stops after {max_len - len(ids)} tokens")
+    return ids[-keep:], (f"the prompt ({len(ids)} tokens) does not fit the context of {max_len} tokens with "
+                         f"max_new_tokens={max_new_tokens}: keeping its last {keep} tokens"
+                         + (f"; the answer stops after {max_len - keep} tokens" if max_len - keep < max_new_tokens else ""))
+
+
+def _split_routing(routing: list | None, rows: int, T: int):
+    """Per MoE layer (ids [rows*T, K], gates) -> per row, per fed token, per layer (ids, gates)."""
+    if routing is None:
+        return None
+    layers = [(ids.tolist(), gates.tolist()) for ids, gates in routing]
+    return [[[(ids[b * T + t], gates[b * T + t]) for ids, gates in layers] for t in range(T)] for b in range(rows)]

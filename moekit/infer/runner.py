@@ -1,0 +1,305 @@
+"""The inference forward pass: a model's weights run over a slot KV cache, built for decoding.
+
+Legend: S cache slots, L cache length per slot, B rows this call, T tokens per row, N = B*T tokens,
+D model dim, H query heads, G kv heads, Dh head dim, K experts per token, V vocabulary.
+
+Why a second forward pass beside ``Transformer.forward`` (which stays the training path and the
+reference the tests compare against): at batch 1 and width 512 a decode step is ~40 small operations
+per layer, so per-operation overhead, not arithmetic, decides the speed. This path
+- fuses q/k/v and the dense gate/up projections into one matmul each (weights concatenated once);
+- reads rotary cos/sin from a table built once, writes keys/values in place into a preallocated
+  ``[S, G, L, Dh]`` cache where every sequence has its own slot and its own position (ragged rows);
+- routes with ``Router.select`` (the eval-mode choice, no losses or statistics) and, for a handful of
+  tokens, runs only the chosen experts' weight slices, one small matmul pair each, with no sort,
+  bincount or index bookkeeping; larger chunks (prefill) use the training path's grouped dispatch.
+The model's own modules are never patched: norms, routers and expert weights are read from them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, apply_rope, rope_frequencies
+from moekit.model.moe import MoE
+from moekit.model.transformer import Transformer
+
+#: Up to this many tokens in one call, the MoE runs the chosen experts one by one (decode path);
+#: above it, the grouped dispatch of ``Experts.forward`` (sort tokens by expert) is cheaper.
+SMALL_BATCH_TOKENS = 16
+
+
+def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32:  # one fused kernel; same math as RMSNorm.forward in float32
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    return norm(x)
+
+
+class SlotCache:
+    """Keys and values of every layer for ``slots`` independent sequences of up to ``max_len`` tokens.
+
+    NOTE: ``torch.empty``: pages of slots never written are never touched, so a large cache costs
+    memory only as sequences grow.
+    """
+
+    def __init__(self, model: Transformer, slots: int, max_len: int):
+        c, p = model.cfg, model.embed.weight
+        if c.attention == "mla":
+            heads, k_dim, v_dim = c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
+        else:
+            heads, k_dim, v_dim = c.n_kv_heads, c.head_dim, c.head_dim
+        self.slots, self.max_len = slots, max_len
+        self.k = [torch.empty(slots, heads, max_len, k_dim, dtype=p.dtype, device=p.device) for _ in model.layers]
+        self.v = [torch.empty(slots, heads, max_len, v_dim, dtype=p.dtype, device=p.device) for _ in model.layers]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def _interleave_perm(head_dim: int) -> torch.Tensor:
+    """Row order that makes rotate-half pairs (i, i + Dh/2) adjacent: 0, Dh/2, 1, Dh/2 + 1, ..."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+
+
+def _permute_heads(t: torch.Tensor | None, heads: int, head_dim: int) -> torch.Tensor | None:
+    """Apply :func:`_interleave_perm` within each head of a [heads * Dh, ...] weight (or bias, or norm)."""
+    if t is None:
+        return None
+    return t.reshape(heads, head_dim, *t.shape[1:])[:, _interleave_perm(head_dim)].reshape(t.shape)
+
+
+class _AttnPlan:
+    """One attention layer's weights arranged for inference.
+
+    Grouped-query attention: q/k/v fused into one matmul, with the attention RMSNorm's weight folded
+    into its columns (``norm(x) @ W^T == rms(x) @ (W * g)^T``). Query and key rows are permuted within
+    each head so that rotary pairs (i, i + Dh/2) sit side by side: rotation is then one complex
+    multiply for queries and keys together. Attention scores are unchanged (q and k share the
+    permutation; the cache holds permuted keys), values are untouched.
+    """
+
+    def __init__(self, attn: Attention | LatentAttention, norm: RMSNorm):
+        self.attn, self.norm = attn, norm
+        self.mla = isinstance(attn, LatentAttention)
+        if self.mla:
+            return
+        H, G, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.H, self.G, self.Dh = H, G, Dh
+        # NOTE: a copy of the attention weights (a few % of an MoE model); one matmul instead of three.
+        w = torch.cat([_permute_heads(attn.q_proj.weight, H, Dh), _permute_heads(attn.k_proj.weight, G, Dh),
+                       attn.v_proj.weight]).detach()
+        self.w_qkv = (w * norm.weight.detach().to(w.dtype)).contiguous()
+        if attn.q_proj.bias is None:
+            self.b_qkv = None
+        else:
+            self.b_qkv = torch.cat([_permute_heads(attn.q_proj.bias, H, Dh), _permute_heads(attn.k_proj.bias, G, Dh),
+                                    attn.v_proj.bias]).detach()
+        self.q_norm = self.k_norm = None
+        if attn.qk_norm == "head":
+            self.q_norm = (_permute_heads(attn.q_norm.weight, 1, Dh), attn.q_norm.eps)
+            self.k_norm = (_permute_heads(attn.k_norm.weight, 1, Dh), attn.k_norm.eps)
+        elif attn.qk_norm == "full":
+            self.q_norm = (_permute_heads(attn.q_norm.weight, H, Dh), attn.q_norm.eps)
+            self.k_norm = (_permute_heads(attn.k_norm.weight, G, Dh), attn.k_norm.eps)
+        self.w_o = attn.o_proj.weight.detach()
+
+    def project(self, x_BTD: torch.Tensor, freqs, cos, sin):
+        """q [B, H, T, Dk], k [B, G, T, Dk], v [B, G, T, Dv], rotated; ``x`` is not yet normalised."""
+        if self.mla:
+            return self.attn.project(_rms_norm(self.norm, x_BTD), cos, sin)
+        B, T, _ = x_BTD.shape
+        H, G, Dh = self.H, self.G, self.Dh
+        h = F.rms_norm(x_BTD, (x_BTD.shape[-1],), None, self.norm.eps)
+        qkv = F.linear(h, self.w_qkv, self.b_qkv)
+        v = qkv[..., (H + G) * Dh:].view(B, T, G, Dh)
+        if self.q_norm is None:
+            qk = _rotate(qkv[..., :(H + G) * Dh].view(B, T, H + G, Dh), freqs)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q, k = qkv[..., :H * Dh], qkv[..., H * Dh:(H + G) * Dh]
+            if self.attn.qk_norm == "full":
+                q, k = F.rms_norm(q, q.shape[-1:], *self.q_norm), F.rms_norm(k, k.shape[-1:], *self.k_norm)
+            q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, G, Dh)
+            if self.attn.qk_norm == "head":
+                q, k = F.rms_norm(q, (Dh,), *self.q_norm), F.rms_norm(k, (Dh,), *self.k_norm)
+            q, k = _rotate(q, freqs), _rotate(k, freqs)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def out(self, y_BTX: torch.Tensor) -> torch.Tensor:
+        return F.linear(y_BTX, self.attn.o_proj.weight)
+
+
+def _rotate(x_BTHD: torch.Tensor, freqs_T1C: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on adjacent pairs as one complex multiply (Llama's reference code does the same)."""
+    B, T, Hn, Dh = x_BTHD.shape
+    z = torch.view_as_complex(x_BTHD.float().reshape(B, T, Hn, Dh // 2, 2))
+    return torch.view_as_real(z * freqs_T1C).reshape(B, T, Hn, Dh).to(x_BTHD.dtype)
+
+
+class _MLPPlan:
+    """A dense SwiGLU MLP with gate and up fused into one [2F, D] matmul."""
+
+    def __init__(self, mlp: MLP):
+        self.w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        self.w_down = mlp.down_proj.weight.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(g).mul_(u), self.w_down)
+
+
+def _swiglu(x: torch.Tensor, w1_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
+    g, u = F.linear(x, w1_2FD).chunk(2, dim=-1)
+    return F.linear(F.silu(g).mul_(u), w2_DF)
+
+
+class _MoEPlan:
+    def __init__(self, moe: MoE):
+        self.moe = moe
+        self.router = moe.router
+        self.w1, self.w2 = moe.experts.gate_up_proj.detach(), moe.experts.down_proj.detach()
+        self.shared = None if moe.shared_expert is None else _MLPPlan(moe.shared_expert)
+        self.shared_gate = None if moe.shared_expert_gate is None else moe.shared_expert_gate.weight.detach()
+
+    def __call__(self, x_BTD: torch.Tensor, routing: list | None) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        N = B * T
+        x_ND = x_BTD.reshape(N, D)
+        ids_NK, w_NK = self.router.select(x_ND)
+        if routing is not None:
+            routing.append((ids_NK, w_NK))
+        if N <= SMALL_BATCH_TOKENS:
+            y_ND = self._few_tokens(x_ND, ids_NK, w_NK)
+        else:
+            K = ids_NK.shape[1]
+            token_ids_A = torch.arange(N, device=x_ND.device).repeat_interleave(K)
+            y_ND = self.moe.experts(x_ND, token_ids_A, ids_NK.reshape(-1), w_NK.reshape(-1))
+        if self.shared is not None:
+            shared_ND = self.shared(x_ND)
+            if self.shared_gate is not None:
+                shared_ND = torch.sigmoid(F.linear(x_ND, self.shared_gate)) * shared_ND
+            y_ND = y_ND + shared_ND
+        return y_ND.view(B, T, D)
+
+    def _few_tokens(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        """Only the chosen experts run: y_n = sum_k w_nk * expert_{e_nk}(x_n).
+
+        NOTE: host sync -- expert ids and gate weights become Python numbers (cheap on a CPU, and the
+        weight slices ``w1[e]`` are views, so nothing of an unused expert is read).
+        """
+        N, K = ids_NK.shape
+        both = torch.cat([ids_NK.to(w_NK.dtype), w_NK], dim=1).tolist()  # one sync; ids < 2^24 are exact
+        ids, weights = [[int(e) for e in row[:K]] for row in both], [row[K:] for row in both]
+        if N == 1:
+            y = None
+            for e, w in zip(ids[0], weights[0]):
+                ye = _swiglu(x_ND, self.w1[e], self.w2[e])
+                y = ye.mul_(w) if y is None else y.add_(ye, alpha=w)
+            return y
+        rows: dict[int, list[tuple[int, float]]] = {}
+        for n in range(N):
+            for e, w in zip(ids[n], weights[n]):
+                rows.setdefault(e, []).append((n, w))
+        y_ND = torch.zeros_like(x_ND)
+        for e, pairs in rows.items():
+            idx = torch.tensor([n for n, _ in pairs], device=x_ND.device)
+            gate = torch.tensor([w for _, w in pairs], dtype=x_ND.dtype, device=x_ND.device)
+            ye = _swiglu(x_ND.index_select(0, idx), self.w1[e], self.w2[e])
+            y_ND.index_add_(0, idx, ye.mul_(gate[:, None]))
+        return y_ND
+
+
+class Runner:
+    """Runs ``model`` over a :class:`SlotCache`: each row of a call is one sequence in its own slot,
+    starting at its own position. Call it under ``torch.inference_mode()``.
+
+    Two call shapes cover continuous batching: decode (B rows, T = 1, any slots and positions) and a
+    prefill chunk (B = 1, T tokens). Rows of one call must share T.
+    """
+
+    def __init__(self, model: Transformer, slots: int, max_len: int):
+        cfg = model.cfg
+        if cfg.router == "expert_choice" and cfg.num_experts:
+            raise ValueError(
+                "expert_choice routing cannot generate text: each expert picks its tokens across the whole "
+                "sequence, so a token's output depends on tokens after it, and a cached decode (one token at a "
+                "time) computes something else than the forward pass the model was trained with. Use a "
+                "token-choice router (topk, switch, noisy_topk, sigmoid_bias) for models meant to generate.")
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} is beyond the model's max_seq_len={cfg.max_seq_len}")
+        self.model, self.cfg = model, cfg
+        self.cache = SlotCache(model, slots, max_len)
+        p = model.embed.weight
+        cos, sin = rope_frequencies(cfg.head_dim, torch.arange(max_len, device=p.device), cfg.rope_theta)
+        self.cos, self.sin = cos.to(p.dtype), sin.to(p.dtype)  # [L, Dh]
+        half = cfg.head_dim // 2
+        self.freqs = torch.complex(cos[:, :half], sin[:, :half])  # [L, Dh/2] e^(i * angle), rotate-half pairs
+        self.embed = model.embed.weight.detach()
+        self.head = (model.lm_head.weight if model.lm_head is not None else model.embed.weight).detach()
+        self.blocks = []
+        for block in model.layers:
+            ffn = _MoEPlan(block.ffn) if block.is_moe else _MLPPlan(block.ffn)
+            self.blocks.append((_AttnPlan(block.attn, block.attn_norm), block.ffn_norm, ffn))
+
+    def __call__(self, tokens_BT: torch.Tensor, slots: list[int], starts: list[int], all_logits: bool = False,
+                 routing: list | None = None) -> torch.Tensor:
+        """Logits [B, V] of each row's last token (``all_logits``: [B, T, V]).
+
+        Keys/values of the new tokens are written at ``starts[b] .. starts[b] + T - 1`` of slot
+        ``slots[b]``; attention sees that slot's positions ``0 .. starts[b] + T - 1``. ``routing``,
+        when a list, receives per MoE layer (expert ids [N, K], gate weights [N, K]).
+        """
+        B, T = tokens_BT.shape
+        device = tokens_BT.device
+        if B == 1:
+            s, p = slots[0], starts[0]
+            pos = slice(p, p + T)
+            cos, sin = self.cos[pos], self.sin[pos]  # [T, Dh]
+            freqs = self.freqs[pos][:, None]  # [T, 1, Dh/2]
+            mask = None if p == 0 or T == 1 else torch.ones(T, p + T, dtype=torch.bool, device=device).tril(p)
+            L = p + T
+        else:
+            if T != 1:
+                raise ValueError("rows of a batched call decode one token each")
+            pos_t = torch.tensor(starts, device=device)
+            cos, sin = self.cos[pos_t][:, None], self.sin[pos_t][:, None]  # [B, 1, Dh]
+            freqs = self.freqs[pos_t][:, None, None]  # [B, 1, 1, Dh/2]
+            slots_t = torch.tensor(slots, device=device)
+            L = max(starts) + 1
+            contiguous = slots == list(range(slots[0], slots[0] + B))
+            mask = (torch.arange(L, device=device)[None] <= pos_t[:, None])[:, None, None]  # [B, 1, 1, L]
+        x = F.embedding(tokens_BT, self.embed)
+        for i, (attn, ffn_norm, ffn) in enumerate(self.blocks):
+            q, k, v = attn.project(x, freqs, cos, sin)
+            kc, vc = self.cache.k[i], self.cache.v[i]
+            if B == 1:
+                kc[s, :, pos] = k[0]
+                vc[s, :, pos] = v[0]
+                keys, values = kc[s:s + 1, :, :L], vc[s:s + 1, :, :L]
+            else:
+                kc[slots_t, :, pos_t] = k[:, :, 0]
+                vc[slots_t, :, pos_t] = v[:, :, 0]
+                if contiguous:
+                    keys, values = kc[slots[0]:slots[0] + B, :, :L], vc[slots[0]:slots[0] + B, :, :L]
+                else:
+                    keys, values = kc[:, :, :L].index_select(0, slots_t), vc[:, :, :L].index_select(0, slots_t)
+            y = _attention(q, keys, values, mask, attn.attn.scale if attn.mla else None)
+            x = x + attn.out(y.transpose(1, 2).reshape(B, T, -1))
+            h = _rms_norm(ffn_norm, x)
+            x = x + (ffn(h, routing) if isinstance(ffn, _MoEPlan) else ffn(h))
+        if not all_logits:
+            x = x[:, -1]
+        return F.linear(_rms_norm(self.model.norm, x), self.head)
+
+
+def _attention(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, mask: torch.Tensor | None,
+               scale: float | None) -> torch.Tensor:
+    """SDPA over cached keys; ``mask`` None means: the T queries are the last T keys, causal."""
+    T, S = q_BHTD.shape[2], k_BGSD.shape[2]
+    dtype = q_BHTD.dtype
+    if q_BHTD.device.type == "cpu" and dtype == torch.bfloat16:  # see layers.Attention.forward
+        q_BHTD, k_BGSD, v_BGSD = q_BHTD.float(), k_BGSD.float(), v_BGSD.float()
+    y = F.scaled_dot_product_attention(q_BHTD, k_BGSD, v_BGSD, attn_mask=mask, is_causal=mask is None and T > 1 and T == S,
+                                       enable_gqa=k_BGSD.shape[1] != q_BHTD.shape[1], scale=scale)
+    return y.to(dtype)
