@@ -122,7 +122,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from moekit.train.compare import ALL_ROUTERS, compare
+    from moekit.train.compare import ALL_ROUTERS, compare, sample_candidates
     from moekit.utils import tune_cpu_allocator
 
     tune_cpu_allocator()
@@ -136,7 +136,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         from moekit.checkpoint import load
         from moekit.infer import generate
 
-        best = min((r for r in summary["runs"] if r["router"]), key=lambda r: r["final_val_loss"])
+        best = sample_candidates(summary)[0]
         model, tokenizer = load(Path(args.out) / best["name"])
         print(f"\nsample from {best['name']} (prompt {args.sample!r}):\n")
         print(args.sample, end="")

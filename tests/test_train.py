@@ -317,3 +317,18 @@ def test_generate_cli_streams_text(tmp_path, capsys):
     assert out.startswith("ROMEO:") and len(out) > len("ROMEO:\n")
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_compare_never_samples_from_a_router_that_sees_later_tokens():
+    from moekit.train.compare import render_report, sample_candidates
+
+    runs = [{"name": "dense", "router": None, "final_val_loss": 4.0},
+            {"name": "moe-expert_choice", "router": "expert_choice", "final_val_loss": 3.0},
+            {"name": "moe-topk", "router": "topk", "final_val_loss": 3.5}]
+    assert [r["name"] for r in sample_candidates({"runs": runs})] == ["moe-topk"]
+    assert sample_candidates({"runs": runs[:2]})[0]["name"] == "dense"
+    for r in runs:
+        r.update(params_total=1, params_active=1, final_val_bpb=1.0, tokens_per_s=1.0, tokens_to_dense_final=None,
+                 seconds_to_dense_final=None, time_fraction=None)
+    report = render_report({"runs": runs, "dense_final_val_loss": 4.0}, TrainConfig())
+    assert "depends on later tokens" in report

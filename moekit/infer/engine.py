@@ -207,8 +207,8 @@ class Engine:
             ids = [start]
         if params.stop and self.tokenizer is None:
             raise EngineError("stop strings need a tokenizer; give stop_ids instead")
-        if self.max_queue is not None and not self.free_slots and len(self.waiting) >= self.max_queue:
-            raise EngineFull(f"the engine is full: {self.max_batch} requests running and {len(self.waiting)} waiting")
+        if self.max_queue is not None and len(self.running) + len(self.waiting) >= self.max_batch + self.max_queue:
+            raise EngineFull(f"the engine is full: {self.max_batch} requests running and {self.max_queue} waiting")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise EngineError(f"request id {request_id!r} is already in use")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, apply_rope, rope_frequencies
+from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, rope_frequencies
 from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
 

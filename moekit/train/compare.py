@@ -154,8 +154,20 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
             f"{fmt(r['seconds_to_dense_final'], '{:.1f} s')} | {fmt(r['time_fraction'], '{:.2f}')} |")
     lines += ["", "*time fraction*: seconds the model needed to reach the target divided by the dense model's total "
               "training seconds (< 1: the sparse model got there sooner; the Switch Transformer reports 1/7 at scale).",
-              "", "![validation loss](val_loss.png)", ""]
+              ""]
+    if any(r["router"] == "expert_choice" for r in summary["runs"]):
+        lines += ["NOTE: expert choice routes each batch's tokens per expert across whole sequences, so a token's "
+                  "output (and its validation loss) depends on later tokens; its loss is not comparable to a causal "
+                  "model's, and it cannot generate text. It is never picked for samples.", ""]
+    lines += ["![validation loss](val_loss.png)", ""]
     return "\n".join(lines)
+
+
+def sample_candidates(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs that can generate text, best validation loss first: MoE runs with a causal router
+    (expert choice sees later tokens; see the report's note), else the dense twin."""
+    causal = [r for r in summary["runs"] if r["router"] and r["router"] != "expert_choice"]
+    return sorted(causal or summary["runs"][:1], key=lambda r: r["final_val_loss"])
 
 
 def plot_compare(out: Path, curves: list[Curve]) -> Path:
