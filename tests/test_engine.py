@@ -40,6 +40,20 @@ def greedy_reference(model: Transformer, prompt: list[int], steps: int) -> list[
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, stop_ids=())
 
 
+def assert_same_greedy(model: Transformer, prompt: list[int], got: list[int], expected: list[int], tol: float = 1e-3):
+    """``got == expected``, except that they may part at a near tie: batched and single-row matmuls sum in
+    different orders, so two logits within float rounding of each other may swap places. At the first
+    difference both tokens must be within ``tol`` of the top logit; after it the sequences are unrelated."""
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + expected[:i]])).logits[0, -1]
+            gap = (logits.max() - logits[[a, b]].min()).item()
+            assert gap < tol, f"token {i}: {a} vs {b}, logit gap {gap:.2e} is not a rounding tie"
+            return
+    assert len(got) == len(expected)
+
+
 # --------------------------------------------------------------------------- the fast forward pass
 @pytest.mark.parametrize("kind, extra", [
     ("topk", {}), ("switch", {}), ("noisy_topk", {}), ("dense", {}),
@@ -101,7 +115,8 @@ def test_greedy_engine_equals_the_no_cache_loop(kind):
     prompt = torch.randint(0, VOCAB, (9,)).tolist()
     expected = greedy_reference(model, prompt, 10)
     [done] = Engine(model, max_batch=1).generate([prompt], GREEDY)
-    assert done.token_ids == expected and done.finish_reason == "length"
+    assert_same_greedy(model, prompt, done.token_ids, expected)
+    assert done.finish_reason == "length"
     assert len(set(expected)) > 4  # not a degenerate repeat
 
 
@@ -111,8 +126,9 @@ def test_ragged_prompts_in_one_batch_equal_each_prompt_alone():
     alone = [Engine(model, max_batch=1).generate([p], GREEDY)[0].token_ids for p in prompts]
     # 3 slots for 5 prompts (two wait), prefill chunks of 8 tokens (long prompts take several steps)
     together = Engine(model, max_batch=3, prefill_chunk=8).generate(prompts, GREEDY)
-    assert [c.token_ids for c in together] == alone
-    assert alone == [greedy_reference(model, p, 10) for p in prompts]
+    for p, c, a in zip(prompts, together, alone):
+        assert_same_greedy(model, p, c.token_ids, a)
+        assert_same_greedy(model, p, a, greedy_reference(model, p, 10))
 
 
 def test_a_request_joining_mid_way_gets_what_it_gets_alone():
@@ -129,8 +145,8 @@ def test_a_request_joining_mid_way_gets_what_it_gets_alone():
         before = len(engine.request(a).output_ids)
         engine.step()
         tokens_per_step.append(len(engine.request(a).output_ids) - before)
-    assert engine.request(a).output_ids == greedy_reference(model, first, 30)
-    assert engine.request(b).output_ids == greedy_reference(model, late, 10)
+    assert_same_greedy(model, first, engine.request(a).output_ids, greedy_reference(model, first, 30))
+    assert_same_greedy(model, late, engine.request(b).output_ids, greedy_reference(model, late, 10))
     # The late prompt (20 tokens) was prefilled in chunks of 6 while request a kept decoding every step.
     assert steps_before == 7 and all(n == 1 for n in tokens_per_step[:20 - steps_before])
 
@@ -184,7 +200,7 @@ def test_cancel_frees_the_slot_for_the_next_request():
     assert any(e.request_id == a and e.finished and e.finish_reason == "cancelled" for e in events)
     while engine.has_work():
         engine.step()
-    assert engine.request(b).output_ids == greedy_reference(model, [3, 4], 10)
+    assert_same_greedy(model, [3, 4], engine.request(b).output_ids, greedy_reference(model, [3, 4], 10))
 
 
 # --------------------------------------------------------------------------- what evaluation and the playground read
@@ -251,3 +267,15 @@ def test_bad_requests_are_named(params, prompt, message):
     with pytest.raises(EngineError, match=message):
         engine.add_request(prompt, params)
     assert not engine.has_work()
+
+
+def test_garbage_in_unwritten_cache_memory_never_leaks_into_a_batch():
+    # A batched decode reads keys past a short row's end (masked out); the masked values must be finite.
+    model = model_for("topk")
+    engine = Engine(model, max_batch=2)
+    for t in engine.runner.cache.k + engine.runner.cache.v:
+        t.fill_(float("nan"))  # what recycled heap memory may hold
+    short, long = [1, 2], torch.randint(0, VOCAB, (20,)).tolist()
+    together = engine.generate([short, long], GREEDY)
+    for p, c in zip((short, long), together):
+        assert_same_greedy(model, p, c.token_ids, greedy_reference(model, p, 10))

@@ -265,63 +265,70 @@ class Engine:
             req.slot = self.free_slots.pop(0)
             self.running.append(req)
         with torch.inference_mode():
-            events += self._decode()  # 2.
-            events += self._prefill()  # 3.
+            events += self._forward()  # 2., 3. and 4.
         self.stats.steps += 1
         self.stats.running, self.stats.waiting = len(self.running), len(self.waiting)
         return events
 
-    def _decode(self) -> list[Event]:
-        rows = [r for r in self.running if r.next_token is not None]
-        self.stats.batch_size = len(rows)
-        if not rows:
-            return []
-        tokens = torch.tensor([[r.next_token] for r in rows], device=self.device)
-        starts = [r.position for r in rows]
-        routing = [] if any(r.params.routing for r in rows) else None
-        logits_BV = self.runner(tokens, [r.slot for r in rows], starts, routing=routing)
-        for r in rows:
-            r.next_token = None
-        fed_routing = _split_routing(routing, len(rows), 1)
-        return self._sample(rows, logits_BV, fed_routing)
-
-    def _prefill(self) -> list[Event]:
-        events: list[Event] = []
+    def _forward(self) -> list[Event]:
+        """Steps 2-3 of the plan as one pass of the model: decoding rows first, then prefill chunks."""
+        decoding = [r for r in self.running if r.next_token is not None]
+        segments = [(r.slot, r.position, 1) for r in decoding]
+        tokens = [r.next_token for r in decoding]
+        chunks: list[tuple[Request, int]] = []
         budget = self.prefill_chunk
-        for req in list(self.running):
+        for req in self.running:
+            todo = len(req.prompt_ids) - req.prefilled
             if budget <= 0:
                 break
-            todo = len(req.prompt_ids) - req.prefilled
-            if todo <= 0 or req.finished:
+            if todo <= 0:
                 continue
             n = min(todo, budget)
             budget -= n
-            chunk = req.prompt_ids[req.prefilled:req.prefilled + n]
-            p = req.params
-            routing = [] if p.routing else None
-            logits = self.runner(torch.tensor([chunk], device=self.device), [req.slot], [req.prefilled],
-                                 all_logits=p.prompt_logprobs, routing=routing)
-            if p.prompt_logprobs:
-                self._score_prompt(req, logits[0], n)
-                logits = logits[:, -1]
+            chunks.append((req, n))
+            segments.append((req.slot, req.prefilled, n))
+            tokens += req.prompt_ids[req.prefilled:req.prefilled + n]
+        self.stats.batch_size = len(decoding)
+        if not segments:
+            return []
+        all_logits = [False] * len(decoding) + [req.params.prompt_logprobs for req, _ in chunks]
+        wants_routing = any(r.params.routing for r in decoding) or any(r.params.routing for r, _ in chunks)
+        routing = [] if wants_routing else None
+        logits = self.runner.forward(torch.tensor(tokens, device=self.device), segments, all_logits, routing)
+        fed = _split_routing(routing, [n for _, _, n in segments])
+        for r in decoding:
+            r.next_token = None
+        # Rows to sample: every decoding request, and every request whose prompt is now complete.
+        sample_rows, sample_idx = list(decoding), list(range(len(decoding)))
+        sample_fed = list(fed[:len(decoding)]) if fed else None
+        events: list[Event] = []
+        row = len(decoding)
+        for j, (req, n) in enumerate(chunks):
+            width = n if req.params.prompt_logprobs else 1
+            if req.params.prompt_logprobs:
+                self._score_prompt(req, logits[row:row + n], n)
+            last = row + width - 1
+            row += width
             req.prefilled += n
             self.stats.prompt_tokens += n
-            fed_routing = _split_routing(routing, 1, n)
-            if fed_routing is not None:
-                req.routing += fed_routing[0]
+            chunk_fed = fed[len(decoding) + j] if fed else None
+            if chunk_fed is not None:
+                req.routing += chunk_fed
             if req.prefilled < len(req.prompt_ids):
                 continue
-            if p.max_new_tokens == 0:
+            if req.params.max_new_tokens == 0:
                 self._finish(req, "length")
                 events.append(Event(req.id, None, "", True, "length",
-                                    prompt_logprobs=req.prompt_logprobs if p.prompt_logprobs else None,
-                                    routing=fed_routing[0] if fed_routing else None))
+                                    prompt_logprobs=req.prompt_logprobs if req.params.prompt_logprobs else None,
+                                    routing=chunk_fed))
                 continue
-            ev = self._sample([req], logits, None)
-            ev[0].prompt_logprobs = req.prompt_logprobs if p.prompt_logprobs else None
-            if fed_routing is not None:
-                ev[0].routing = fed_routing[0]
-            events += ev
+            sample_rows.append(req)
+            sample_idx.append(last)
+            if sample_fed is not None:
+                sample_fed.append(chunk_fed)
+        if sample_rows:
+            idx = torch.tensor(sample_idx, device=self.device)
+            events += self._sample(sample_rows, logits.index_select(0, idx), sample_fed, n_decoding=len(decoding))
         return events
 
     def _score_prompt(self, req: Request, logits_TV: torch.Tensor, n: int) -> None:
@@ -334,7 +341,9 @@ class Engine:
             logp = logits_TV[:len(targets)].float().log_softmax(-1)
             req.prompt_logprobs += logp.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
 
-    def _sample(self, rows: list[Request], logits_BV: torch.Tensor, fed_routing) -> list[Event]:
+    def _sample(self, rows: list[Request], logits_BV: torch.Tensor, fed_routing, n_decoding: int) -> list[Event]:
+        """Sample one token per row; the rows after the first ``n_decoding`` just finished their prompt
+        (their events carry the prompt's log-probabilities, and their routing is already recorded)."""
         simple = all(r.params.temperature == 0 and r.params.repetition_penalty == 1 for r in rows)
         if simple:  # all greedy: one argmax for the batch
             tokens = logits_BV.argmax(-1).tolist()
@@ -358,9 +367,11 @@ class Engine:
         for b, (r, t) in enumerate(zip(rows, tokens)):
             self.stats.generated_tokens += 1
             ev = Event(r.id, t, "", logprob=logps.get(b), routing=fed_routing[b] if fed_routing else None)
+            if b >= n_decoding and r.params.prompt_logprobs:
+                ev.prompt_logprobs = r.prompt_logprobs
             if r.params.logprobs:
                 r.logprobs.append(logps[b])
-            if fed_routing is not None:
+            if fed_routing is not None and b < n_decoding:
                 r.routing += fed_routing[b]
             if t in r.stop_ids:
                 ev.text = r.detok.flush() if r.detok else ""
@@ -428,9 +439,13 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_len: int) -> tuple[list[
                          + (f"; the answer stops after {max_len - keep} tokens" if max_len - keep < max_new_tokens else ""))
 
 
-def _split_routing(routing: list | None, rows: int, T: int):
-    """Per MoE layer (ids [rows*T, K], gates) -> per row, per fed token, per layer (ids, gates)."""
+def _split_routing(routing: list | None, lengths: list[int]):
+    """Per MoE layer (ids [N, K], gates) -> per segment, per fed token, per layer (ids, gates)."""
     if routing is None:
         return None
     layers = [(ids.tolist(), gates.tolist()) for ids, gates in routing]
-    return [[[(ids[b * T + t], gates[b * T + t]) for ids, gates in layers] for t in range(T)] for b in range(rows)]
+    out, start = [], 0
+    for n in lengths:
+        out.append([[(ids[t], gates[t]) for ids, gates in layers] for t in range(start, start + n)])
+        start += n
+    return out

@@ -49,8 +49,22 @@ class SlotCache:
         else:
             heads, k_dim, v_dim = c.n_kv_heads, c.head_dim, c.head_dim
         self.slots, self.max_len = slots, max_len
+        # Positions 0..clean[s]-1 of slot s hold finite values (written or zeroed). A batched decode reads
+        # keys past a short row's end (masked out), and masked-out garbage can still be NaN: 0 * NaN = NaN.
+        self.clean = [0] * slots
         self.k = [torch.empty(slots, heads, max_len, k_dim, dtype=p.dtype, device=p.device) for _ in model.layers]
         self.v = [torch.empty(slots, heads, max_len, v_dim, dtype=p.dtype, device=p.device) for _ in model.layers]
+
+    def ensure_clean(self, slot: int, length: int) -> None:
+        """Zero positions ``clean[slot] .. length - 1`` of ``slot`` in every layer (each at most once)."""
+        start = self.clean[slot]
+        if start < length:
+            for t in self.k + self.v:
+                t[slot, :, start:length].zero_()
+            self.clean[slot] = length
+
+    def written(self, slot: int, end: int) -> None:
+        self.clean[slot] = max(self.clean[slot], end)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -214,8 +228,8 @@ class Runner:
     """Runs ``model`` over a :class:`SlotCache`: each row of a call is one sequence in its own slot,
     starting at its own position. Call it under ``torch.inference_mode()``.
 
-    Two call shapes cover continuous batching: decode (B rows, T = 1, any slots and positions) and a
-    prefill chunk (B = 1, T tokens). Rows of one call must share T.
+    :meth:`forward` runs a mixed batch (decoding rows and prefill chunks together, one pass over the
+    weights); ``__call__`` is its two plain shapes.
     """
 
     def __init__(self, model: Transformer, slots: int, max_len: int):
@@ -244,53 +258,126 @@ class Runner:
 
     def __call__(self, tokens_BT: torch.Tensor, slots: list[int], starts: list[int], all_logits: bool = False,
                  routing: list | None = None) -> torch.Tensor:
-        """Logits [B, V] of each row's last token (``all_logits``: [B, T, V]).
+        """The two plain call shapes: B rows decoding one token each, or one row of T tokens.
 
-        Keys/values of the new tokens are written at ``starts[b] .. starts[b] + T - 1`` of slot
-        ``slots[b]``; attention sees that slot's positions ``0 .. starts[b] + T - 1``. ``routing``,
-        when a list, receives per MoE layer (expert ids [N, K], gate weights [N, K]).
+        Logits [B, V] of each row's last token (``all_logits``: [B, T, V]). See :meth:`forward`.
         """
         B, T = tokens_BT.shape
-        device = tokens_BT.device
         if B == 1:
-            s, p = slots[0], starts[0]
-            pos = slice(p, p + T)
-            cos, sin = self.cos[pos], self.sin[pos]  # [T, Dh]
-            freqs = self.freqs[pos][:, None]  # [T, 1, Dh/2]
-            mask = None if p == 0 or T == 1 else torch.ones(T, p + T, dtype=torch.bool, device=device).tril(p)
-            L = p + T
-        else:
-            if T != 1:
-                raise ValueError("rows of a batched call decode one token each")
-            pos_t = torch.tensor(starts, device=device)
-            cos, sin = self.cos[pos_t][:, None], self.sin[pos_t][:, None]  # [B, 1, Dh]
-            freqs = self.freqs[pos_t][:, None, None]  # [B, 1, 1, Dh/2]
-            slots_t = torch.tensor(slots, device=device)
-            L = max(starts) + 1
-            contiguous = slots == list(range(slots[0], slots[0] + B))
-            mask = (torch.arange(L, device=device)[None] <= pos_t[:, None])[:, None, None]  # [B, 1, 1, L]
-        x = F.embedding(tokens_BT, self.embed)
+            logits = self.forward(tokens_BT[0], [(slots[0], starts[0], T)], [all_logits], routing)
+            return logits[None] if all_logits else logits
+        if T != 1:
+            raise ValueError("rows of a batched call decode one token each (or give one row of T tokens)")
+        return self.forward(tokens_BT[:, 0], [(s, p, 1) for s, p in zip(slots, starts)], None, routing)
+
+    def forward(self, tokens_N: torch.Tensor, segments: list[tuple[int, int, int]], all_logits: list[bool] | None = None,
+                routing: list | None = None) -> torch.Tensor:
+        """One pass over a mixed batch: ``segments`` are (slot, start, length) in the order of ``tokens_N``.
+
+        Each segment's keys/values go to positions ``start .. start + length - 1`` of its slot and it
+        attends to that slot's positions ``0 .. start + length - 1``. The leading one-token segments
+        (decoding sequences) share one batched attention; every other segment (a prefill chunk) gets
+        its own. Everything else -- projections, routers, experts, the head -- runs once over all N
+        tokens, so a step that decodes many sequences and prefills a prompt reads the weights once.
+
+        Returns logits [R, V]: each segment's last token, or all its tokens where ``all_logits[i]``.
+        ``routing``, when a list, receives per MoE layer (expert ids [N, K], gate weights [N, K]).
+        """
+        device = tokens_N.device
+        plan = self._attention_plan(segments, device)
+        if plan.single is None and plan.n_decode:
+            for s, _, _ in segments[:plan.n_decode]:
+                self.cache.ensure_clean(s, plan.dec_len)
+        x = F.embedding(tokens_N, self.embed)[None]  # [1, N, D]
         for i, (attn, ffn_norm, ffn) in enumerate(self.blocks):
-            q, k, v = attn.project(x, freqs, cos, sin)
-            kc, vc = self.cache.k[i], self.cache.v[i]
-            if B == 1:
-                kc[s, :, pos] = k[0]
-                vc[s, :, pos] = v[0]
-                keys, values = kc[s:s + 1, :, :L], vc[s:s + 1, :, :L]
-            else:
-                kc[slots_t, :, pos_t] = k[:, :, 0]
-                vc[slots_t, :, pos_t] = v[:, :, 0]
-                if contiguous:
-                    keys, values = kc[slots[0]:slots[0] + B, :, :L], vc[slots[0]:slots[0] + B, :, :L]
-                else:
-                    keys, values = kc[:, :, :L].index_select(0, slots_t), vc[:, :, :L].index_select(0, slots_t)
-            y = _attention(q, keys, values, mask, attn.attn.scale if attn.mla else None)
-            x = x + attn.out(y.transpose(1, 2).reshape(B, T, -1))
+            q, k, v = attn.project(x, plan.freqs, plan.cos, plan.sin)  # [1, H|G, N, Dh]
+            y = plan.attend(q, k, v, self.cache.k[i], self.cache.v[i], attn.attn.scale if attn.mla else None)
+            x = x + attn.out(y)
             h = _rms_norm(ffn_norm, x)
             x = x + (ffn(h, routing) if isinstance(ffn, _MoEPlan) else ffn(h))
-        if not all_logits:
-            x = x[:, -1]
+        for s, p, n in segments:
+            self.cache.written(s, p + n)
+        rows = plan.output_rows(all_logits)
+        x = x[0] if rows is None else x[0].index_select(0, rows)
         return F.linear(_rms_norm(self.model.norm, x), self.head)
+
+    def _attention_plan(self, segments: list[tuple[int, int, int]], device: torch.device) -> _AttentionPlan:
+        if not segments:
+            raise ValueError("nothing to run: no segments")
+        for s, p, n in segments:
+            if not (0 <= s < self.cache.slots and n >= 1 and p >= 0 and p + n <= self.cache.max_len):
+                raise ValueError(f"segment (slot {s}, start {p}, length {n}) does not fit {self.cache.slots} slots "
+                                 f"of {self.cache.max_len} tokens")
+        return _AttentionPlan(self, segments, device)
+
+
+class _AttentionPlan:
+    """Positions, rotary tables, cache writes and attention groups of one :meth:`Runner.forward` call."""
+
+    def __init__(self, runner: Runner, segments: list[tuple[int, int, int]], device: torch.device):
+        self.segments = segments
+        if len(segments) == 1:  # one sequence (decode at batch 1, or a prefill chunk): views, no gathers
+            s, p, n = segments[0]
+            self.single = (s, p, n)
+            pos = slice(p, p + n)
+            self.cos, self.sin, self.freqs = runner.cos[pos], runner.sin[pos], runner.freqs[pos][:, None]
+            self.mask = None if p == 0 or n == 1 else torch.ones(n, p + n, dtype=torch.bool, device=device).tril(p)
+            return
+        self.single = None
+        positions = [p + j for _, p, n in segments for j in range(n)]
+        self.pos_t = torch.tensor(positions, device=device)
+        self.slot_t = torch.tensor([s for s, _, n in segments for _ in range(n)], device=device)
+        self.cos, self.sin = runner.cos[self.pos_t], runner.sin[self.pos_t]  # [N, Dh]
+        self.freqs = runner.freqs[self.pos_t][:, None]  # [N, 1, Dh/2]
+        self.n_decode = next((i for i, (_, _, n) in enumerate(segments) if n != 1), len(segments))
+        if self.n_decode:
+            dec = segments[:self.n_decode]
+            slots = [s for s, _, _ in dec]
+            self.dec_len = max(p for _, p, _ in dec) + 1
+            self.dec_slots = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else self.slot_t[:len(slots)]
+            self.dec_mask = (torch.arange(self.dec_len, device=device)[None] <= self.pos_t[:len(slots), None])[:, None, None]
+        self.chunks = []  # (slot, start, length, first row) of the other segments
+        row = self.n_decode
+        for s, p, n in segments[self.n_decode:]:
+            mask = None if p == 0 or n == 1 else torch.ones(n, p + n, dtype=torch.bool, device=device).tril(p)
+            self.chunks.append((s, p, n, row, mask))
+            row += n
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        """Write k/v [1, G, N, Dh] into the cache, attend, return y [1, N, H * Dv]."""
+        if self.single is not None:
+            s, p, n = self.single
+            kc[s, :, p:p + n] = k[0]
+            vc[s, :, p:p + n] = v[0]
+            y = _attention(q, kc[s:s + 1, :, :p + n], vc[s:s + 1, :, :p + n], self.mask, scale)
+            return y.transpose(1, 2).reshape(1, n, -1)
+        kc[self.slot_t, :, self.pos_t] = k[0].transpose(0, 1)  # [N, G, Dh]
+        vc[self.slot_t, :, self.pos_t] = v[0].transpose(0, 1)
+        ys = []
+        if self.n_decode:
+            nd, L, slots = self.n_decode, self.dec_len, self.dec_slots
+            if isinstance(slots, int):
+                keys, values = kc[slots:slots + nd, :, :L], vc[slots:slots + nd, :, :L]
+            else:
+                keys, values = kc[:, :, :L].index_select(0, slots), vc[:, :, :L].index_select(0, slots)
+            y = _attention(q[:, :, :nd].transpose(0, 2), keys, values, self.dec_mask, scale)  # [nd, H, 1, Dv]
+            ys.append(y.reshape(nd, -1))
+        for s, p, n, row, mask in self.chunks:
+            y = _attention(q[:, :, row:row + n], kc[s:s + 1, :, :p + n], vc[s:s + 1, :, :p + n], mask, scale)
+            ys.append(y[0].transpose(0, 1).reshape(n, -1))
+        return torch.cat(ys)[None]
+
+    def output_rows(self, all_logits: list[bool] | None) -> torch.Tensor | None:
+        """Rows whose logits are wanted (None: all of them)."""
+        rows, start = [], 0
+        for i, (_, _, n) in enumerate(self.segments):
+            rows += range(start, start + n) if all_logits is not None and all_logits[i] else [start + n - 1]
+            start += n
+        if len(rows) == start:
+            return None
+        device = self.freqs.device
+        return torch.tensor(rows, device=device)
 
 
 def _attention(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, mask: torch.Tensor | None,
