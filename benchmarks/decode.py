@@ -64,6 +64,7 @@ LLAMA_BINARIES = ("llama-bench", "llama-batched-bench")
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the version in the venv: its sources hold the llama.cpp we build
 #: Peers in the order they run, with the row label of the table.
 PEERS = {"moekit": "moekit Engine", "moekit-runner": "moekit Runner (no engine)",
+         "moekit-bf16": "moekit Engine, bfloat16 weights",
          "transformers": "transformers generate", "transformers-static": "transformers generate, static cache",
          "llama-cpp-python": "llama-cpp-python",
          "llama.cpp": "llama.cpp (llama-bench / batched-bench)"}
@@ -150,11 +151,11 @@ def _load_tokenizer(plan: dict):
     return Tokenizer.from_file(plan["tokenizer"])
 
 
-def peer_moekit(plan: dict) -> dict:
+def peer_moekit(plan: dict, dtype: torch.dtype = torch.float32) -> dict:
     """moekit's Engine as a server drives it: requests in, ``step()`` until no work is left."""
     from moekit.infer import Engine, SamplingParams
 
-    model = build_model(ModelConfig.from_dict(plan["config"]), plan["seed"])
+    model = build_model(ModelConfig.from_dict(plan["config"]), plan["seed"]).to(dtype)
     tokenizer = _load_tokenizer(plan)
     engines: dict[int, Engine] = {}
 
@@ -183,7 +184,7 @@ def peer_moekit(plan: dict) -> dict:
         return Run(first, end, got[ids[0]])
 
     out = measure(gen, True, plan)
-    if plan["continuous"] is not None:
+    if dtype == torch.float32 and plan["continuous"] is not None:
         out["continuous"] = continuous_batch(Engine, SamplingParams, model, tokenizer, plan["continuous"])
     return out
 
@@ -312,6 +313,7 @@ def peer_llama_cpp_python(plan: dict) -> dict:
 
 
 CHILD_PEERS = {"moekit": peer_moekit, "moekit-runner": peer_moekit_runner,
+               "moekit-bf16": lambda plan: peer_moekit(plan, torch.bfloat16),
                "transformers": lambda plan: peer_transformers(plan, "dynamic"),
                "transformers-static": lambda plan: peer_transformers(plan, "static"),
                "llama-cpp-python": peer_llama_cpp_python}
@@ -580,7 +582,8 @@ def report(args, cfg: ModelConfig, per_token: int, bandwidth: list[dict[str, flo
             continue
         f = {"decode_b1": _median(r["decode_b1"]), f"decode_b{BATCH}": _median(r.get(f"decode_b{BATCH}")),
              "prefill": _median(r["prefill"])}
-        f["bandwidth_fraction"] = f["decode_b1"] * per_token / bw if f["decode_b1"] else None
+        weight_bytes = per_token // 2 if peer == "moekit-bf16" else per_token  # 2-byte weights
+        f["bandwidth_fraction"] = f["decode_b1"] * weight_bytes / bw if f["decode_b1"] else None
         figures[peer] = f
         print(f"| {PEERS[peer]} | {_fmt(f['decode_b1'])} | {_fmt(f[f'decode_b{BATCH}'])} | {_fmt(f['prefill'], 0)} "
               f"| {_fmt(f['bandwidth_fraction'], 2)} |")
