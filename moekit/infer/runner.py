@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, rope_frequencies
 from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
+from moekit.quant import linear
 
-#: Up to this many tokens in one call, the MoE runs the chosen experts one by one (decode path);
-#: above it, the grouped dispatch of ``Experts.forward`` (sort tokens by expert) is cheaper.
+#: Up to this many tokens in one call, the MoE groups tokens by expert in Python; above it, by a sort.
 SMALL_BATCH_TOKENS = 16
 
 
@@ -159,22 +159,39 @@ class _MLPPlan:
         self.w_down = mlp.down_proj.weight.detach()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(g).mul_(u), self.w_down)
+        g, u = linear(x, self.w_gate_up).chunk(2, dim=-1)
+        return linear(F.silu(g).mul_(u), self.w_down)
 
 
-def _swiglu(x: torch.Tensor, w1_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
-    g, u = F.linear(x, w1_2FD).chunk(2, dim=-1)
-    return F.linear(F.silu(g).mul_(u), w2_DF)
+def _swiglu(x: torch.Tensor, w1_2FD, w2_DF) -> torch.Tensor:
+    g, u = linear(x, w1_2FD).chunk(2, dim=-1)
+    return linear(F.silu(g).mul_(u), w2_DF)
+
+
+class ResidentExperts:
+    """Expert weights held in memory: ``get(e)`` returns views of the stacked tensors (float or
+    :class:`moekit.quant.QuantizedWeight`). ``moekit.infer.offload`` provides the same interface over
+    memory-mapped weights with a cache of resident experts."""
+
+    def __init__(self, w1_E2FD, w2_EDF):
+        self.w1, self.w2 = w1_E2FD, w2_EDF
+
+    def get(self, e: int):
+        return self.w1[e], self.w2[e]
 
 
 class _MoEPlan:
+    """Router + the chosen experts, one expert at a time (the same arithmetic for every batch size and
+    wherever the weights live, so offloaded and resident experts give bit-identical outputs)."""
+
     def __init__(self, moe: MoE):
         self.moe = moe
         self.router = moe.router
-        self.w1, self.w2 = moe.experts.gate_up_proj.detach(), moe.experts.down_proj.detach()
+        self.num_experts = moe.experts.num_experts
+        w1, w2 = moe.experts.gate_up_proj, moe.experts.down_proj
+        self.experts = ResidentExperts(_detach(w1), _detach(w2))
         self.shared = None if moe.shared_expert is None else _MLPPlan(moe.shared_expert)
-        self.shared_gate = None if moe.shared_expert_gate is None else moe.shared_expert_gate.weight.detach()
+        self.shared_gate = None if moe.shared_expert_gate is None else _detach(moe.shared_expert_gate.weight)
 
     def __call__(self, x_BTD: torch.Tensor, routing: list | None) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -183,45 +200,60 @@ class _MoEPlan:
         ids_NK, w_NK = self.router.select(x_ND)
         if routing is not None:
             routing.append((ids_NK, w_NK))
-        if N <= SMALL_BATCH_TOKENS:
-            y_ND = self._few_tokens(x_ND, ids_NK, w_NK)
-        else:
-            K = ids_NK.shape[1]
-            token_ids_A = torch.arange(N, device=x_ND.device).repeat_interleave(K)
-            y_ND = self.moe.experts(x_ND, token_ids_A, ids_NK.reshape(-1), w_NK.reshape(-1))
+        y_ND = self._routed(x_ND, ids_NK, w_NK)
         if self.shared is not None:
             shared_ND = self.shared(x_ND)
             if self.shared_gate is not None:
-                shared_ND = torch.sigmoid(F.linear(x_ND, self.shared_gate)) * shared_ND
+                shared_ND = torch.sigmoid(linear(x_ND, self.shared_gate)) * shared_ND
             y_ND = y_ND + shared_ND
         return y_ND.view(B, T, D)
 
-    def _few_tokens(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    def _routed(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Only the chosen experts run: y_n = sum_k w_nk * expert_{e_nk}(x_n).
 
-        NOTE: host sync -- expert ids and gate weights become Python numbers (cheap on a CPU, and the
-        weight slices ``w1[e]`` are views, so nothing of an unused expert is read).
+        Plan: 1. group the (token, expert) pairs by expert, experts in increasing order, tokens in
+        increasing order within an expert (Python lists for a handful of tokens, sort + bincount
+        above); 2. per expert: gather its rows, SwiGLU with that expert's weights, scale by the gates,
+        add into the output. NOTE: host sync -- the grouping becomes Python numbers.
         """
         N, K = ids_NK.shape
-        both = torch.cat([ids_NK.to(w_NK.dtype), w_NK], dim=1).tolist()  # one sync; ids < 2^24 are exact
-        ids, weights = [[int(e) for e in row[:K]] for row in both], [row[K:] for row in both]
-        if N == 1:
+        if N == 1:  # decode at batch 1: no gather or scatter
+            both = torch.cat([ids_NK.to(w_NK.dtype), w_NK], dim=1)[0].tolist()  # one sync; ids < 2^24 exact
             y = None
-            for e, w in zip(ids[0], weights[0]):
-                ye = _swiglu(x_ND, self.w1[e], self.w2[e])
+            for e, w in sorted(zip(map(int, both[:K]), both[K:])):
+                w1, w2 = self.experts.get(e)
+                ye = _swiglu(x_ND, w1, w2)
                 y = ye.mul_(w) if y is None else y.add_(ye, alpha=w)
             return y
-        rows: dict[int, list[tuple[int, float]]] = {}
-        for n in range(N):
-            for e, w in zip(ids[n], weights[n]):
-                rows.setdefault(e, []).append((n, w))
         y_ND = torch.zeros_like(x_ND)
-        for e, pairs in rows.items():
-            idx = torch.tensor([n for n, _ in pairs], device=x_ND.device)
-            gate = torch.tensor([w for _, w in pairs], dtype=x_ND.dtype, device=x_ND.device)
-            ye = _swiglu(x_ND.index_select(0, idx), self.w1[e], self.w2[e])
+        if N <= SMALL_BATCH_TOKENS:
+            both = torch.cat([ids_NK.to(w_NK.dtype), w_NK], dim=1).tolist()
+            groups: dict[int, tuple[list[int], list[float]]] = {}
+            for n, row in enumerate(both):
+                for e, w in zip(row[:K], row[K:]):
+                    rows, gates = groups.setdefault(int(e), ([], []))
+                    rows.append(n)
+                    gates.append(w)
+            plan = [(e, torch.tensor(groups[e][0], device=x_ND.device),
+                     torch.tensor(groups[e][1], dtype=x_ND.dtype, device=x_ND.device)) for e in sorted(groups)]
+        else:
+            order_A = torch.argsort(ids_NK.reshape(-1), stable=True)
+            counts = torch.bincount(ids_NK.reshape(-1), minlength=self.num_experts).tolist()
+            tok_A, gate_A = order_A // K, w_NK.reshape(-1)[order_A].to(x_ND.dtype)
+            plan, start = [], 0
+            for e, n in enumerate(counts):
+                if n:
+                    plan.append((e, tok_A[start:start + n], gate_A[start:start + n]))
+                start += n
+        for e, idx, gate in plan:
+            w1, w2 = self.experts.get(e)
+            ye = _swiglu(x_ND.index_select(0, idx), w1, w2)
             y_ND.index_add_(0, idx, ye.mul_(gate[:, None]))
         return y_ND
+
+
+def _detach(w):
+    return w.detach() if isinstance(w, torch.Tensor) else w
 
 
 class Runner:
