@@ -12,10 +12,12 @@ removes, and the last good checkpoint intact.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +28,37 @@ from safetensors.torch import load_file, save_file
 from moekit.config import ConfigError, ModelConfig
 from moekit.data.special import read_hf_special_tokens, special_tokens_of, write_hf_special_tokens
 from moekit.errors import CheckpointError  # also imported from here by older code
-from moekit.utils import atomic_write, atomic_write_text, fsync_dir, read_json
+from moekit.model.dtypes import FLOAT_DTYPES, dtype_name, float_dtype, state_dict_as
+from moekit.utils import atomic_write, atomic_write_text, disk_size, fsync_dir, read_json
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
+QUANTIZATION_FILE = "quantization.json"  # {"bits": 8 | 4, "group_size": ...} for a quantized checkpoint
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # --------------------------------------------------------------------------- model weights
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers, contiguous and untied (safetensors refuses shared memory)."""
-    state = {}
-    for k, v in model.state_dict().items():
-        state[k] = v.detach().contiguous()
-    return state
+def model_state(model: torch.nn.Module, dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers, contiguous and untied (safetensors refuses shared memory), in
+    ``dtype`` when given ("bf16", "f16", "f32"; :func:`moekit.model.dtypes.state_dict_as`)."""
+    return {k: v.contiguous() for k, v in state_dict_as(model, dtype).items()}
 
 
-def _write_model_files(model, tokenizer, directory: Path, card: str | None) -> None:
+def _write_model_files(model, tokenizer, directory: Path, card: str | None,
+                       dtype: torch.dtype | str | None = None) -> None:
     cfg: ModelConfig = model.cfg
     atomic_write_text(directory / "config.json", cfg.to_json())
+    settings = getattr(model, "quantization", None)
+    if settings:  # weight-only int8/int4 (moekit.quant): the scales travel beside each quantized weight
+        from moekit.quant import quantized_state
+
+        state = quantized_state(model)
+        atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(settings, indent=2) + "\n")
+    else:
+        state = model_state(model, dtype)
+        if (directory / QUANTIZATION_FILE).exists():
+            (directory / QUANTIZATION_FILE).unlink()
     atomic_write(directory / "model.safetensors",
-                 lambda tmp: save_file(model_state(model), tmp, metadata={"format": "pt", "moekit": "1"}))
+                 lambda tmp: save_file(state, tmp, metadata={"format": "pt", "moekit": "1"}))
     if tokenizer is not None:
         atomic_write(directory / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
     write_hf_special_tokens(directory, special_tokens_of(model, tokenizer), tokenizer, cfg.max_seq_len)
@@ -55,15 +68,35 @@ def _write_model_files(model, tokenizer, directory: Path, card: str | None) -> N
 SAVE_FORMATS = ("moekit", "hf", "gguf")
 
 
-def save(model, tokenizer, path: str | os.PathLike, format: str = "moekit", card: str | None = None,
+def output_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """The format written at ``path``: ``format``, or "gguf" for a name ending in ``.gguf`` and "moekit"
+    otherwise. :func:`load`, ``moekit info`` and llama.cpp know a GGUF file by that extension, so a GGUF
+    file without it, or a directory with it, is a ConfigError that says what to write instead."""
+    is_gguf = Path(path).suffix.lower() == ".gguf"
+    if format is None:
+        return "gguf" if is_gguf else "moekit"
+    if format not in SAVE_FORMATS:
+        raise ConfigError(f"format {format!r} is not supported; choose one of {', '.join(SAVE_FORMATS)}")
+    if format == "gguf" and not is_gguf:
+        raise ConfigError(f"a GGUF file's name must end in .gguf (that is how moekit and llama.cpp recognise it): "
+                          f"write {Path(path)}.gguf instead of {path}")
+    if format != "gguf" and is_gguf:
+        raise ConfigError(f"format {format!r} writes a directory, but {path} ends in .gguf, the extension of GGUF "
+                          "files: name the directory without it, or write GGUF")
+    return format
+
+
+def save(model, tokenizer, path: str | os.PathLike, format: str | None = None, card: str | None = None,
          **options: Any) -> Path:
     """Write ``model`` (and ``tokenizer``, may be None) at ``path``.
 
     ``format``: "moekit" (checkpoint directory), "hf" (a directory ``transformers`` loads; options go to
-    :func:`moekit.convert.hf.save_hf`) or "gguf" (a file llama.cpp runs; ``dtype="f32"|"f16"|"q8_0"``).
+    :func:`moekit.convert.hf.save_hf`) or "gguf" (a file llama.cpp runs; options go to
+    :func:`moekit.convert.gguf.save_gguf`); None: from the extension (:func:`output_format`).
+    ``dtype``: the storage dtype of moekit and hf outputs, "bf16" | "f16" | "f32" (default: the model's
+    own); the tensor type of gguf ones, "f32" | "f16" | "q8_0" | "q4_0" (default f32).
     """
-    if format not in SAVE_FORMATS:
-        raise ValueError(f"format={format!r} is not one of {list(SAVE_FORMATS)}")
+    format = output_format(path, format)
     if format == "hf":
         from moekit.convert.hf import save_hf
 
@@ -72,10 +105,83 @@ def save(model, tokenizer, path: str | os.PathLike, format: str = "moekit", card
         from moekit.convert.gguf import save_gguf
 
         return save_gguf(model, tokenizer, path, **options)
+    dtype = options.pop("dtype", None)
+    if options:
+        raise TypeError(f"save(format='moekit') takes no options {sorted(options)}; it takes card and dtype")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_model_files(model, tokenizer, directory, card)
+    _write_model_files(model, tokenizer, directory, card, dtype)
     return directory
+
+
+# --------------------------------------------------------------------------- conversion
+@dataclass
+class Conversion:
+    """What :func:`convert_checkpoint` wrote."""
+
+    path: Path
+    format: str  # "moekit" | "hf" | "gguf"
+    dtype: str  # storage dtype ("bf16") or GGUF tensor type ("q4_0")
+    size_bytes: int  # on disk: the file, or every file in the directory
+    cfg: ModelConfig
+
+
+def source_dtype(path: str | os.PathLike) -> str:
+    """The storage dtype a conversion of ``path`` keeps by default, read from headers only.
+
+    A moekit or Hugging Face checkpoint: the dtype most of its parameters are stored in. A GGUF file:
+    f32, f16 or bf16 when its matrices are stored so; "bf16" when they are quantized (Q4_1, Q8_0, ...),
+    as dequantized values are not exact in any of the three anyway: bf16 is the dtype such models are
+    trained and published in, half the size of float32, and its rounding (logits within 0.5% for
+    SmolLM2-135M Q4_1) is far below the quantization's. f16 rounds 5x less but can overflow when run.
+    """
+    from moekit.convert.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    if info["format"] == "gguf":
+        types = set(info.get("tensor_types") or {})
+        if types - {"F32", "F16", "BF16", "F64"}:
+            return "bf16"
+        return next((name for t, name in (("BF16", "bf16"), ("F16", "f16")) if t in types), "f32")
+    try:
+        return dtype_name(float_dtype(info.get("dtype") or "f32"))
+    except ConfigError:  # integer weights (a quantized moekit checkpoint): as for quantized GGUF
+        return "bf16"
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: str | None = None, *,
+                       dtype: str | None = None, gguf_type: str | None = None, overwrite: bool = False) -> Conversion:
+    """``moekit convert``: read ``src`` (anything :func:`load` reads) and write it at ``dst``.
+
+    The format is ``format``, or follows ``dst``'s extension (:func:`output_format`). ``dtype`` ("bf16",
+    "f16", "f32") is the storage dtype of moekit and hf outputs, default the source's (:func:`source_dtype`);
+    ``gguf_type`` ("f32", "f16", "q8_0", "q4_0"; default f16) that of a GGUF file. Giving one for the
+    other kind of output, or a ``dst`` that exists without ``overwrite``, is a ConfigError (in the CLI's
+    flag names) before anything is read.
+    """
+    from moekit.convert.gguf import EXPORT_DTYPES, check_export_dtype
+
+    fmt = output_format(dst, format)
+    if fmt == "gguf" and dtype is not None:
+        raise ConfigError(f"--dtype sets the dtype of moekit and hf outputs; a GGUF file's tensor type is "
+                          f"--gguf-type ({', '.join(EXPORT_DTYPES)})")
+    if fmt != "gguf" and gguf_type is not None:
+        raise ConfigError(f"--gguf-type applies to GGUF output (DST ending in .gguf); {fmt} output takes "
+                          f"--dtype ({', '.join(FLOAT_DTYPES)})")
+    if Path(dst).exists() and not overwrite:
+        raise ConfigError(f"{dst} already exists; pass --overwrite to replace it")
+    if fmt == "gguf":
+        stored = gguf_type or "f16"
+        check_export_dtype(stored)
+        model, tokenizer = load(src)
+        if tokenizer is None:
+            raise ConfigError(f"{src} has no tokenizer; GGUF files must carry one")
+    else:
+        target = float_dtype(dtype if dtype is not None else source_dtype(src))
+        stored = dtype_name(target)
+        model, tokenizer = load(src, dtype=target)  # read straight into it: no float32 copy of a bf16 model
+    out = save(model, tokenizer, dst, format=fmt, dtype=stored)
+    return Conversion(out, fmt, stored, disk_size(out), model.cfg)
 
 
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
@@ -116,8 +222,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     from moekit.model import Transformer
 
     cfg = read_model_config(directory)
-    model = Transformer(cfg)
-    load_weights(model, directory / "model.safetensors")
+    if (directory / QUANTIZATION_FILE).exists():
+        model = _load_quantized(directory, cfg)
+    else:
+        model = Transformer(cfg)
+        load_weights(model, directory / "model.safetensors")
     tokenizer = None
     if (directory / "tokenizer.json").exists():
         from moekit.data.tokenizer import load_tokenizer
@@ -128,6 +237,28 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval(), tokenizer
+
+
+def _load_quantized(directory: Path, cfg: ModelConfig):
+    """A quantized checkpoint: the model is built on the meta device, then filled from the file
+    (never materialised in float)."""
+    from moekit.model import Transformer
+    from moekit.quant import QuantizationError, load_quantized_model
+
+    settings = read_json(directory / QUANTIZATION_FILE)
+    path = directory / "model.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e}); use an earlier checkpoint") from None
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        return load_quantized_model(model, state, settings, str(path))
+    except QuantizationError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_model_config(directory: Path) -> ModelConfig:

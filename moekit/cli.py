@@ -174,10 +174,19 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _load_for_generation(path: str):
+def _load_for_generation(path: str, args: argparse.Namespace):
+    """(model, tokenizer); with --max-resident-experts / --expert-memory the experts stay in the file."""
     from moekit.checkpoint import load
 
-    model, tokenizer = load(path)
+    if args.max_resident_experts is not None and args.expert_memory is not None:
+        raise ConfigError("give --max-resident-experts N or --expert-memory GB, not both")
+    if args.max_resident_experts is not None or args.expert_memory is not None:
+        from moekit.infer.offload import load_offloaded
+
+        model, tokenizer, _ = load_offloaded(path, max_resident_experts=args.max_resident_experts,
+                                             expert_memory_gb=args.expert_memory)
+    else:
+        model, tokenizer = load(path)
     if tokenizer is None:
         raise ConfigError(f"{path} has no tokenizer; cannot turn text into tokens")
     return model, tokenizer
@@ -200,7 +209,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     else:
         prompts = [args.prompt if args.prompt is not None else ""]
     tune_cpu_allocator()
-    model, tokenizer = _load_for_generation(args.checkpoint)
+    model, tokenizer = _load_for_generation(args.checkpoint, args)
     engine = Engine(model, tokenizer, max_batch=min(len(prompts), 64))
     stops = ()
     if args.chat:
@@ -236,6 +245,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     print(f"[{generated} tokens in {elapsed:.2f} s: {generated / max(elapsed, 1e-9):.1f} tok/s; "
           f"{engine.stats.prompt_tokens} prompt tokens; {len(ids)} sequence{'s' if len(ids) > 1 else ''}]",
           file=sys.stderr)
+    if engine.stats.offload is not None:
+        print(f"[{engine.stats.offload.summary(engine.stats.prompt_tokens + generated)}]", file=sys.stderr)
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -259,7 +270,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
     _check_sampling_flags(args)
     tune_cpu_allocator()
-    model, tokenizer = _load_for_generation(args.checkpoint)
+    model, tokenizer = _load_for_generation(args.checkpoint, args)
     engine = Engine(model, tokenizer, max_batch=1)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -268,6 +279,9 @@ def _cmd_chat(args: argparse.Namespace) -> None:
               file=sys.stderr)
     chat_loop(engine, _sampling_params(args), sys.stdin, lambda s: print(s, end="", flush=True),
               status=sys.stderr, system=args.system, prompt_marker="> " if interactive else "")
+    if engine.stats.offload is not None:
+        tokens = engine.stats.prompt_tokens + engine.stats.generated_tokens
+        print(f"[{engine.stats.offload.summary(tokens)}]", file=sys.stderr)
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -277,18 +291,37 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from moekit.checkpoint import load, save
+    from moekit.checkpoint import convert_checkpoint
+    from moekit.summary import human_bytes
 
-    fmt = args.format or ("gguf" if str(args.dst).lower().endswith(".gguf") else "moekit")
+    out = convert_checkpoint(args.src, args.dst, args.format, dtype=args.dtype, gguf_type=args.gguf_type,
+                             overwrite=args.overwrite)
+    total, active = out.cfg.param_counts()
+    print(f"wrote {out.path} ({out.format}, {out.dtype}, {human_bytes(out.size_bytes)}): {total:,} parameters, "
+          f"{active:,} active per token")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from moekit.checkpoint import load, save
+    from moekit.quant import check_settings, quantize_model, quantized_weights
+
+    group_size = args.group_size if args.bits == 4 else None
+    check_settings(args.bits, group_size)  # before anything is loaded
     if Path(args.dst).exists() and not args.overwrite:
         raise ConfigError(f"{args.dst} already exists; pass --overwrite to replace it")
+    if str(args.dst).lower().endswith(".gguf"):
+        raise ConfigError(f"{args.dst}: moekit quantize writes a moekit checkpoint directory; for a quantized GGUF "
+                          "use moekit convert SRC model.gguf --gguf-type q8_0|q4_0")
     model, tokenizer = load(args.src)
-    options = {"dtype": args.gguf_type} if fmt == "gguf" else {}
-    if fmt == "gguf" and tokenizer is None:
-        raise ConfigError(f"{args.src} has no tokenizer; GGUF files must carry one")
-    out = save(model.float(), tokenizer, args.dst, format=fmt, **options)
-    total, active = model.cfg.param_counts()
-    print(f"wrote {out} ({fmt}): {total:,} parameters, {active:,} active per token")
+    if getattr(model, "quantization", None):
+        raise ConfigError(f"{args.src} is already quantized ({model.quantization}); quantize the float checkpoint")
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantize_model(model.float(), args.bits, group_size)
+    after = sum(p.numel() * p.element_size() for p in model.parameters())
+    after += sum(w.nbytes() for w in quantized_weights(model).values())
+    out = save(model, tokenizer, args.dst)
+    kind = f"int{args.bits}" + (f", groups of {group_size}" if group_size else ", per output channel")
+    print(f"wrote {out} ({kind}): weights {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB in memory")
 
 
 def _cmd_upcycle(args: argparse.Namespace) -> None:
@@ -358,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stop", action="append", default=None, metavar="STRING",
                        help="end the answer at this text (not printed); repeatable")
 
+    def offload_flags(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("expert offloading", "keep the expert weights in the checkpoint file and only "
+                                 "some of them in memory (moekit checkpoints; outputs are unchanged)")
+        g.add_argument("--max-resident-experts", type=int, default=None, metavar="N",
+                       help="experts per MoE layer held in memory (at least the model's top_k)")
+        g.add_argument("--expert-memory", type=float, default=None, metavar="GB",
+                       help="memory for resident experts, all layers together (GB = 10^9 bytes)")
+
     p = sub.add_parser("generate", help="generate text from a checkpoint or run directory, streaming",
                        description="Continue a prompt (or a file of prompts, as one batch). The answer ends at the "
                                    "model's end token, a --stop string or --max-new-tokens; speed goes to stderr.")
@@ -368,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="treat the prompt as a user message in the model's chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message (with --chat)")
     sampling_flags(p, 100)
+    offload_flags(p)
     p.add_argument("--quiet-prompt", action="store_true", help="print only the continuation")
     p.set_defaults(func=_cmd_generate)
 
@@ -377,23 +419,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="PATH", help="moekit/run directory, Hugging Face directory or .gguf file")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message at the start of the conversation")
     sampling_flags(p, 256)
+    offload_flags(p)
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("info", help="what is inside a checkpoint (moekit, Hugging Face or GGUF), without loading it")
     p.add_argument("path", metavar="PATH", help="checkpoint directory, run directory, Hugging Face directory or .gguf")
     p.set_defaults(func=_cmd_info)
 
+    from moekit.convert.gguf import EXPORT_DTYPES, check_export_dtype
+    from moekit.model.dtypes import FLOAT_DTYPES
+
+    def gguf_type(text: str) -> str:
+        try:
+            check_export_dtype(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
     p = sub.add_parser("convert", help="convert between checkpoint formats (moekit, Hugging Face, GGUF)",
-                       description="Read SRC in any supported format and write DST. Example: "
-                                   "moekit convert runs/a/checkpoints/step-60 model.gguf --gguf-type q8_0")
+                       description="Read SRC in any supported format and write DST. Examples: "
+                                   "moekit convert runs/a/checkpoints/step-60 model.gguf --gguf-type q8_0; "
+                                   "moekit convert SmolLM2.Q4_1.gguf smol-hf --format hf --dtype bf16")
     p.add_argument("src", metavar="SRC", help="moekit/run directory, Hugging Face directory or .gguf file")
     p.add_argument("dst", metavar="DST", help="output directory (moekit, hf) or .gguf file")
     p.add_argument("--format", choices=["moekit", "hf", "gguf"], default=None,
-                   help="output format (default: gguf if DST ends in .gguf, else moekit)")
-    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16",
-                   help="tensor type of GGUF matrices (default f16)")
+                   help="output format (default: gguf if DST ends in .gguf, else moekit); gguf needs a DST "
+                        "ending in .gguf, moekit and hf one that does not")
+    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), default=None,
+                   help="moekit and hf outputs: storage dtype (default: the source's; bf16 for a quantized GGUF)")
+    p.add_argument("--gguf-type", type=gguf_type, default=None, metavar="|".join(EXPORT_DTYPES),
+                   help="GGUF output: tensor type of the matrices (default f16; q4_0 keeps the output "
+                        "projection at q8_0)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a checkpoint",
+                       description="Quantize the linear and expert weights (int8 per output channel, or int4 in groups "
+                                   "along the input); embeddings, norms and routers stay float. moekit.load, generate, "
+                                   "chat and the engine run the result without dequantizing it.")
+    p.add_argument("src", metavar="SRC", help="moekit/run directory, Hugging Face directory or .gguf file")
+    p.add_argument("dst", metavar="DST", help="output moekit checkpoint directory")
+    p.add_argument("--bits", type=int, required=True, metavar="8|4", help="8 (per-channel int8) or 4 (group-wise int4)")
+    p.add_argument("--group-size", type=int, default=32, metavar="32|64|128",
+                   help="int4: input features sharing one scale and zero point (default 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("upcycle", help="turn a dense model into an MoE by copying its MLPs into experts",
                        description="Sparse upcycling (Komatsuzaki et al. 2022). At initialisation the MoE computes "
@@ -420,12 +490,14 @@ def main(argv: list[str] | None = None) -> int:
     from moekit.data import DataError
     from moekit.infer import EngineError
     from moekit.infer.chat import ChatTemplateError
+    from moekit.quant import QuantizationError
     from moekit.train.loop import RunError
 
     try:
         args.func(args)
         sys.stdout.flush()
-    except (ConfigError, DataError, CheckpointError, RunError, EngineError, ChatTemplateError) as e:
+    except (ConfigError, DataError, CheckpointError, RunError, EngineError, ChatTemplateError,
+            QuantizationError) as e:
         print(f"moekit {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:

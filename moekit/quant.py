@@ -106,7 +106,12 @@ class QuantizedWeight:
     # ---- construction
     @classmethod
     def from_int8(cls, q: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
-        return cls(8, tuple(q.shape), q.contiguous(), scale=scale.to(torch.bfloat16).contiguous())
+        # NOTE: the int8 kernel segfaults on rows that are not 64-byte aligned (seen with tensors read
+        # from a safetensors file, which packs them back to back): copy those into a fresh allocation.
+        q = q.contiguous()
+        if q.data_ptr() % 64:
+            q = _aligned_copy(q)
+        return cls(8, tuple(q.shape), q, scale=scale.to(torch.bfloat16).contiguous())
 
     @classmethod
     def from_int4(cls, q_NK: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, keep_nibbles: bool = False
@@ -173,6 +178,16 @@ class QuantizedWeight:
                                                           self.scale_f, self.zero_f) if t is not None)
 
 
+def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose storage starts on a 64-byte boundary."""
+    nbytes = t.numel() * t.element_size()
+    raw = torch.empty(nbytes + 64, dtype=torch.uint8, device=t.device)
+    start = (-raw.data_ptr()) % 64
+    out = raw[start:start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a float or a quantized weight."""
     if isinstance(w, QuantizedWeight):
@@ -207,3 +222,174 @@ def _unpack_kernel_layout(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     out = torch.empty_like(slots)
     out[:, source] = slots
     return out.reshape(*lead, N, K)
+
+
+# --------------------------------------------------------------------------- rows (fusing, permuting)
+def select_rows(w: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
+    """Rows ``index`` of a 2-D quantized weight (exact: rows are quantized independently)."""
+    if w.bits == 8:
+        return QuantizedWeight.from_int8(w.q[index], w.scale[index])
+    return QuantizedWeight.from_int4(w.int4_values()[index], w.scale_f[index], w.zero_f[index],
+                                     keep_nibbles=w.nibbles is not None)
+
+
+def cat_rows(ws: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack 2-D quantized weights along their rows (exact), e.g. q/k/v into one projection."""
+    if len({(w.bits, w.group_size, w.shape[-1]) for w in ws}) != 1:
+        raise QuantizationError("weights to concatenate must share bits, group size and input width")
+    if ws[0].bits == 8:
+        return QuantizedWeight.from_int8(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]))
+    return QuantizedWeight.from_int4(torch.cat([w.int4_values() for w in ws]), torch.cat([w.scale_f for w in ws]),
+                                     torch.cat([w.zero_f for w in ws]))
+
+
+# --------------------------------------------------------------------------- modules
+class QuantizedLinear(torch.nn.Module):
+    """``nn.Linear`` with a :class:`QuantizedWeight` (no gradient: inference only)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qweight = weight
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        return self.qweight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        g = f", group {self.qweight.group_size}" if self.qweight.bits == 4 else ""
+        return f"in={self.in_features}, out={self.out_features}, int{self.qweight.bits}{g}"
+
+
+class QuantizedExperts(torch.nn.Module):
+    """Stacked experts with quantized ``gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F]; the same
+    call signature as :class:`moekit.model.experts.Experts` (one expert at a time)."""
+
+    def __init__(self, gate_up: QuantizedWeight, down: QuantizedWeight):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up, down
+        self.num_experts, self.ffn_dim = gate_up.shape[0], down.shape[-1]
+
+    def forward(self, x_TD: torch.Tensor, token_ids_A: torch.Tensor, expert_ids_A: torch.Tensor,
+                weights_A: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x_TD)
+        # NOTE: host sync -- which experts have tokens.
+        for e in torch.unique(expert_ids_A).tolist():
+            sel = expert_ids_A == e
+            tok = token_ids_A[sel]
+            g, u = self.gate_up_proj[e].linear(x_TD[tok]).chunk(2, dim=-1)
+            y = self.down_proj[e].linear(F.silu(g) * u)
+            out.index_add_(0, tok, (y * weights_A[sel, None]).to(out.dtype))
+        return out
+
+    reference = forward
+
+
+#: Which weights ``quantize_model`` converts: every linear layer of attention, dense MLPs, shared experts
+#: and the routed experts. Routers (float32 selection), embeddings and norms stay float; an untied output
+#: head becomes int8 whatever ``bits`` is (as llama.cpp keeps its output tensor at higher precision).
+def quantize_model(model: torch.nn.Module, bits: int, group_size: int | None = None) -> torch.nn.Module:
+    """Replace the model's linear and expert weights by quantized ones, in place; returns the model."""
+    from moekit.model.experts import Experts
+    from moekit.model.router import Router
+
+    check_settings(bits, group_size)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, Experts):
+                _check_width(full, child.gate_up_proj.shape[-1], child.down_proj.shape[-1], bits, group_size)
+                new = QuantizedExperts(QuantizedWeight.quantize(child.gate_up_proj.detach(), bits, group_size),
+                                       QuantizedWeight.quantize(child.down_proj.detach(), bits, group_size))
+                setattr(module, child_name, new)
+            elif isinstance(child, torch.nn.Linear) and not isinstance(module, Router) and "shared_expert_gate" not in full:
+                head = full == "lm_head"
+                b, g = (8, None) if head else (bits, group_size)
+                _check_width(full, child.in_features, child.in_features, b, g)
+                setattr(module, child_name, QuantizedLinear(QuantizedWeight.quantize(child.weight.detach(), b, g),
+                                                            child.bias))
+    model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None}
+    return model
+
+
+def _check_width(name: str, k1: int, k2: int, bits: int, group_size: int | None) -> None:
+    if bits == 4:
+        for k in (k1, k2):
+            if k % group_size:
+                raise QuantizationError(f"group_size={group_size} does not divide the input width {k} of {name}; "
+                                        f"choose a group size that divides it (one of {list(GROUP_SIZES)})")
+
+
+# --------------------------------------------------------------------------- state dicts (safetensors)
+def quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor to save: float parameters/buffers as usual, each quantized weight ``name`` as
+    ``name.qweight`` / ``name.scales`` (/ ``name.zeros``) in the portable layout (see the module doc)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for name, w in quantized_weights(model).items():
+        if w.bits == 8:
+            state[f"{name}.qweight"], state[f"{name}.scales"] = w.q.contiguous(), w.scale.float().contiguous()
+        else:
+            state[f"{name}.qweight"] = (w.nibbles if w.nibbles is not None else pack_nibbles(w.int4_values())).contiguous()
+            state[f"{name}.scales"], state[f"{name}.zeros"] = w.scale_f.contiguous(), w.zero_f.contiguous()
+    return state
+
+
+def quantized_weights(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
+    """Parameter-style names (``layers.0.attn.q_proj.weight``) of every quantized weight."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            out[f"{name}.weight"] = module.qweight
+        elif isinstance(module, QuantizedExperts):
+            out[f"{name}.gate_up_proj"], out[f"{name}.down_proj"] = module.gate_up_proj, module.down_proj
+    return out
+
+
+def read_quantized(state: dict[str, torch.Tensor], name: str, bits: int, where: str) -> QuantizedWeight:
+    """The quantized weight ``name`` from saved tensors; a QuantizationError naming the file and tensor
+    when a piece is missing."""
+    needed = ("qweight", "scales") if bits == 8 else ("qweight", "scales", "zeros")
+    missing = [f"{name}.{p}" for p in needed if f"{name}.{p}" not in state]
+    if missing:
+        raise QuantizationError(f"{where}: quantized tensor {name} is missing {', '.join(missing)}")
+    if bits == 8:
+        return QuantizedWeight.from_int8(state[f"{name}.qweight"], state[f"{name}.scales"])
+    return QuantizedWeight.from_int4(unpack_nibbles(state[f"{name}.qweight"]), state[f"{name}.scales"],
+                                     state[f"{name}.zeros"])
+
+
+def load_quantized_model(model: torch.nn.Module, state: dict[str, torch.Tensor], settings: dict, where: str
+                         ) -> torch.nn.Module:
+    """Fill ``model`` (built on the meta device) from a quantized checkpoint's tensors, in place:
+    quantized weights become :class:`QuantizedLinear` / :class:`QuantizedExperts`, the rest is assigned."""
+    from moekit.model.experts import Experts
+    from moekit.model.router import Router
+
+    bits, group_size = settings.get("bits"), settings.get("group_size")
+    check_settings(bits, group_size)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, Experts):
+                new = QuantizedExperts(read_quantized(state, f"{full}.gate_up_proj", bits, where),
+                                       read_quantized(state, f"{full}.down_proj", bits, where))
+                setattr(module, child_name, new)
+            elif isinstance(child, torch.nn.Linear) and f"{full}.weight.qweight" in state:
+                b = 8 if full == "lm_head" else bits
+                bias = state.get(f"{full}.bias")
+                setattr(module, child_name, QuantizedLinear(read_quantized(state, f"{full}.weight", b, where), bias))
+            elif isinstance(child, torch.nn.Linear) and not isinstance(module, Router) and "shared_expert_gate" not in full:
+                raise QuantizationError(f"{where}: quantized tensor {full}.weight is missing "
+                                        f"{full}.weight.qweight (and its scales)")
+    float_state = {k: v for k, v in state.items() if not k.endswith((".qweight", ".scales", ".zeros"))}
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(float_state))
+    if missing:
+        raise QuantizationError(f"{where}: missing tensors {missing[:5]}")
+    model.load_state_dict({k: float_state[k] for k in expected}, strict=True, assign=True)
+    model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None}
+    return model

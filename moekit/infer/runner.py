@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, rope_frequencies
 from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
-from moekit.quant import linear
+from moekit.quant import QuantizedWeight, cat_rows, linear, select_rows
 
 #: Up to this many tokens in one call, the MoE groups tokens by expert in Python; above it, by a sort.
 SMALL_BATCH_TOKENS = 16
@@ -101,9 +101,15 @@ class _AttnPlan:
         H, G, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
         self.H, self.G, self.Dh = H, G, Dh
         # NOTE: a copy of the attention weights (a few % of an MoE model); one matmul instead of three.
-        w = torch.cat([_permute_heads(attn.q_proj.weight, H, Dh), _permute_heads(attn.k_proj.weight, G, Dh),
-                       attn.v_proj.weight]).detach()
-        self.w_qkv = (w * norm.weight.detach().to(w.dtype)).contiguous()
+        qw, kw, vw = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+        if isinstance(qw, QuantizedWeight):  # rows move exactly; the norm weight cannot be folded in
+            rows = lambda heads: _permute_heads(torch.arange(heads * Dh), heads, Dh)  # noqa: E731
+            self.w_qkv = cat_rows([select_rows(qw, rows(H)), select_rows(kw, rows(G)), vw])
+            self.norm_weight = norm.weight.detach()
+        else:
+            w = torch.cat([_permute_heads(qw, H, Dh), _permute_heads(kw, G, Dh), vw]).detach()
+            self.w_qkv = (w * norm.weight.detach().to(w.dtype)).contiguous()
+            self.norm_weight = None
         if attn.q_proj.bias is None:
             self.b_qkv = None
         else:
@@ -116,7 +122,7 @@ class _AttnPlan:
         elif attn.qk_norm == "full":
             self.q_norm = (_permute_heads(attn.q_norm.weight, H, Dh), attn.q_norm.eps)
             self.k_norm = (_permute_heads(attn.k_norm.weight, G, Dh), attn.k_norm.eps)
-        self.w_o = attn.o_proj.weight.detach()
+        self.w_o = _detach(attn.o_proj.weight)
 
     def project(self, x_BTD: torch.Tensor, freqs, cos, sin):
         """q [B, H, T, Dk], k [B, G, T, Dk], v [B, G, T, Dv], rotated; ``x`` is not yet normalised."""
@@ -124,8 +130,8 @@ class _AttnPlan:
             return self.attn.project(_rms_norm(self.norm, x_BTD), cos, sin)
         B, T, _ = x_BTD.shape
         H, G, Dh = self.H, self.G, self.Dh
-        h = F.rms_norm(x_BTD, (x_BTD.shape[-1],), None, self.norm.eps)
-        qkv = F.linear(h, self.w_qkv, self.b_qkv)
+        h = F.rms_norm(x_BTD, (x_BTD.shape[-1],), self.norm_weight, self.norm.eps)
+        qkv = linear(h, self.w_qkv, self.b_qkv)
         v = qkv[..., (H + G) * Dh:].view(B, T, G, Dh)
         if self.q_norm is None:
             qk = _rotate(qkv[..., :(H + G) * Dh].view(B, T, H + G, Dh), freqs)
@@ -141,7 +147,7 @@ class _AttnPlan:
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def out(self, y_BTX: torch.Tensor) -> torch.Tensor:
-        return F.linear(y_BTX, self.attn.o_proj.weight)
+        return self.attn.o_proj(y_BTX)
 
 
 def _rotate(x_BTHD: torch.Tensor, freqs_T1C: torch.Tensor) -> torch.Tensor:
@@ -155,8 +161,9 @@ class _MLPPlan:
     """A dense SwiGLU MLP with gate and up fused into one [2F, D] matmul."""
 
     def __init__(self, mlp: MLP):
-        self.w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
-        self.w_down = mlp.down_proj.weight.detach()
+        gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
+        self.w_gate_up = cat_rows([gate, up]) if isinstance(gate, QuantizedWeight) else torch.cat([gate, up]).detach()
+        self.w_down = _detach(mlp.down_proj.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         g, u = linear(x, self.w_gate_up).chunk(2, dim=-1)
@@ -282,7 +289,7 @@ class Runner:
         half = cfg.head_dim // 2
         self.freqs = torch.complex(cos[:, :half], sin[:, :half])  # [L, Dh/2] e^(i * angle), rotate-half pairs
         self.embed = model.embed.weight.detach()
-        self.head = (model.lm_head.weight if model.lm_head is not None else model.embed.weight).detach()
+        self.head = _detach(model.lm_head.weight if model.lm_head is not None else model.embed.weight)
         self.blocks = []
         for block in model.layers:
             ffn = _MoEPlan(block.ffn) if block.is_moe else _MLPPlan(block.ffn)
@@ -331,7 +338,7 @@ class Runner:
             self.cache.written(s, p + n)
         rows = plan.output_rows(all_logits)
         x = x[0] if rows is None else x[0].index_select(0, rows)
-        return F.linear(_rms_norm(self.model.norm, x), self.head)
+        return linear(_rms_norm(self.model.norm, x), self.head)
 
     def _attention_plan(self, segments: list[tuple[int, int, int]], device: torch.device) -> _AttentionPlan:
         if not segments:

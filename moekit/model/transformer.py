@@ -118,6 +118,12 @@ class Transformer(nn.Module):
                 stats.append(layer_stats)
         x = self.norm(x)
         head_weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        if not isinstance(head_weight, torch.Tensor):  # a quantized head (moekit.quant): its own matmul
+            logits = self.lm_head(x)
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(logits.float().reshape(B * T, -1), labels.reshape(B * T), ignore_index=-100)
+            return ModelOutput(logits=None if labels is not None else logits, aux_loss=aux, router_stats=stats, loss=loss)
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "

@@ -1,0 +1,166 @@
+"""Weight-only quantization: the math against hand bounds, PyTorch's kernels against the dequantized
+weights, the kernel layout inverted exactly, quantized models through save/load, the engine and the CLI."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+import moekit
+from moekit import ModelConfig, Transformer
+from moekit.checkpoint import CheckpointError
+from moekit.cli import main
+from moekit.data import load_tokenizer
+from moekit.infer import Engine, SamplingParams
+from moekit.infer.runner import Runner
+from moekit.quant import (
+    QuantizationError,
+    QuantizedWeight,
+    cat_rows,
+    dequantize_int4,
+    dequantize_int8,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    select_rows,
+    unpack_nibbles,
+)
+
+
+def test_int8_per_channel_error_is_at_most_half_a_step():
+    w = torch.randn(48, 80) * torch.linspace(0.1, 3, 48)[:, None]  # rows of very different scales
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (48,)
+    assert (dequantize_int8(q, scale) - w).abs().le(scale[:, None] / 2 + 1e-6).all()
+    assert q.abs().max() == 127  # every row uses its full range
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_groups_error_is_at_most_half_a_step(group):
+    w = torch.randn(24, 256)
+    q, scale, zero = quantize_int4(w, group)
+    assert q.max() <= 15 and scale.shape == (24, 256 // group)
+    err = (dequantize_int4(q, scale, zero) - w).abs().reshape(24, -1, group)
+    assert err.le(scale[..., None] / 2 + 1e-5).all()
+    with pytest.raises(QuantizationError, match="group_size=128 does not divide the input width 96"):
+        quantize_int4(torch.randn(4, 96), 128)
+
+
+def test_nibbles_round_trip():
+    q = torch.randint(0, 16, (5, 7, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+
+
+# Every weight shape the tests' models and the decode benchmark use: [N, K] with K the input width.
+SHAPES = [(64, 64), (192, 64), (64, 96), (4096, 64), (1024, 512), (2048, 512), (512, 1024), (96, 64)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("N, K", SHAPES)
+def test_kernels_match_the_dequantized_weights(bits, N, K):
+    torch.manual_seed(N + K)
+    w = torch.randn(N, K) * 0.05
+    qw = QuantizedWeight.quantize(w, bits, 32)
+    for M in (1, 5, 40):
+        x = torch.randn(M, K)
+        ref = F.linear(x, qw.dequantize())
+        # The kernels read activations, scales (and zero points) in bfloat16 and write bfloat16: each
+        # rounding is at most 2^-8 relative, summed over K, plus the output's own rounding.
+        wabs = qw.dequantize().abs()
+        if bits == 4:  # w = (q - 8) * scale + zero: the rounding of scale and zero scales with 8|s| + |z|
+            G = K // qw.scale_f.shape[-1]
+            wabs = wabs + (8 * qw.scale_f + qw.zero_f.abs()).repeat_interleave(G, dim=-1)
+        bound = (x.abs() @ wabs.t()) * 2**-7 + ref.abs() * 2**-8 + 1e-4
+        assert ((qw.linear(x) - ref).abs() <= bound).all()
+    if bits == 4:  # the kernel's private layout is inverted exactly
+        q, _, _ = quantize_int4(w, 32)
+        assert torch.equal(qw.int4_values(), q)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_move_exactly_for_fused_projections(bits):
+    a, b = torch.randn(32, 64), torch.randn(16, 64)
+    qa, qb = QuantizedWeight.quantize(a, bits, 32), QuantizedWeight.quantize(b, bits, 32)
+    perm = torch.randperm(32)
+    fused = cat_rows([select_rows(qa, perm), qb])
+    assert torch.equal(fused.dequantize(), torch.cat([qa.dequantize()[perm], qb.dequantize()]))
+
+
+def test_stacked_experts_index_to_views():
+    w = torch.randn(4, 64, 96)
+    for bits in (8, 4):
+        qw = QuantizedWeight.quantize(w, bits, 32)
+        assert torch.equal(qw[2].dequantize(), qw.dequantize()[2])
+        assert qw[2].q.data_ptr() != qw[1].q.data_ptr()
+        assert qw[2].q.untyped_storage().data_ptr() == qw.q.untyped_storage().data_ptr()  # a view
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(QuantizationError, match=r"bits=3 is not supported; choose one of \[8, 4\]"):
+        QuantizedWeight.quantize(torch.randn(4, 64), 3)
+    with pytest.raises(QuantizationError, match=r"group_size=48 is not supported for int4"):
+        QuantizedWeight.quantize(torch.randn(4, 96), 4, 48)
+
+
+# --------------------------------------------------------------------------- whole models
+def tiny(**kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-moe", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, expert_ffn_dim=96,
+                                  tie_embeddings=False, max_seq_len=64, **kw)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("extra", [{}, {"qk_norm": "head", "attention_bias": True, "num_shared_experts": 1,
+                                        "first_dense_layers": 1}])
+def test_a_quantized_model_saves_loads_and_runs_in_the_engine(tmp_path, bits, extra):
+    model = tiny(**extra)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    quantized = quantize_model(copy.deepcopy(model), bits, 32)
+    with torch.no_grad():
+        logits = quantized(ids).logits
+        ref = model(ids).logits
+    assert (logits - ref).abs().mean() < (0.02 if bits == 8 else 0.1) * ref.abs().mean()
+    moekit.save(quantized, load_tokenizer(), tmp_path / "q")
+    loaded, tok = moekit.load(tmp_path / "q")
+    assert loaded.quantization == {"bits": bits, "group_size": 32 if bits == 4 else None}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)  # exactly what was saved
+    runner = Runner(loaded, 2, 64)  # fused q/k/v from permuted quantized rows
+    with torch.inference_mode():
+        assert_close(runner(ids[:1], [0], [0], all_logits=True), logits[:1], atol=2e-3, rtol=2e-3)
+    text = Engine(loaded, tok).generate(["ROMEO:"], SamplingParams(max_new_tokens=5, temperature=0))[0].text
+    assert isinstance(text, str)
+    size = (tmp_path / "q" / "model.safetensors").stat().st_size
+    moekit.save(model, tok, tmp_path / "f")
+    assert size < (tmp_path / "f" / "model.safetensors").stat().st_size * (0.55 if bits == 8 else 0.5)  # float embeddings stay
+
+
+def test_a_checkpoint_missing_its_scales_names_the_file_and_tensor(tmp_path):
+    moekit.save(quantize_model(tiny(), 8), load_tokenizer(), tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    state = load_file(path)
+    del state["layers.0.ffn.experts.down_proj.scales"]
+    save_file(state, path)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: quantized tensor layers.0.ffn.experts.down_proj "
+                                              r"is missing layers.0.ffn.experts.down_proj.scales"):
+        moekit.load(tmp_path / "q")
+
+
+def test_quantize_cli(tmp_path, capsys):
+    moekit.save(tiny(), load_tokenizer(), tmp_path / "f")
+    assert main(["quantize", str(tmp_path / "f"), str(tmp_path / "q4"), "--bits", "4", "--group-size", "32"]) == 0
+    assert "int4, groups of 32" in capsys.readouterr().out
+    assert moekit.load(tmp_path / "q4")[0].quantization["bits"] == 4
+    for flags, message in ((["--bits", "3"], "bits=3 is not supported"),
+                           (["--bits", "4", "--group-size", "128"],
+                            "group_size=128 does not divide the input width 64 of layers.0.attn.q_proj"),
+                           (["--bits", "8"], "already exists")):
+        dst = tmp_path / ("q4" if "already" in message else "x")
+        assert main(["quantize", str(tmp_path / "f"), str(dst), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
