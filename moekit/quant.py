@@ -100,8 +100,6 @@ class QuantizedWeight:
     scale_zero: torch.Tensor | None = None  # int4: [.., K/G, N, 2] bfloat16
     group_size: int | None = None
     nibbles: torch.Tensor | None = None  # int4 portable form [.., N, K/2] (low nibble first), if kept
-    scale_f: torch.Tensor | None = None  # int4 scale [.., N, K/G] float32 (for dequantize / export)
-    zero_f: torch.Tensor | None = None
 
     # ---- construction
     @classmethod
@@ -124,8 +122,7 @@ class QuantizedWeight:
         sz = torch.stack([scale.float(), zero.float()], dim=-1).reshape(-1, N, K // G, 2).transpose(1, 2)
         return cls(4, (*lead, N, K), packed.reshape(*lead, *packed.shape[1:]),
                    scale_zero=sz.reshape(*lead, K // G, N, 2).to(torch.bfloat16).contiguous(), group_size=G,
-                   nibbles=pack_nibbles(q_NK.to(torch.uint8)) if keep_nibbles else None,
-                   scale_f=scale.float().contiguous(), zero_f=zero.float().contiguous())
+                   nibbles=pack_nibbles(q_NK.to(torch.uint8)) if keep_nibbles else None)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, bits: int, group_size: int | None = None, keep_nibbles: bool = False
@@ -142,7 +139,7 @@ class QuantizedWeight:
             raise IndexError("only a stacked [E, N, K] weight can be indexed")
         pick = lambda t: None if t is None else t[e]  # noqa: E731
         return QuantizedWeight(self.bits, self.shape[1:], self.q[e], pick(self.scale), pick(self.scale_zero),
-                               self.group_size, pick(self.nibbles), pick(self.scale_f), pick(self.zero_f))
+                               self.group_size, pick(self.nibbles))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ w.T`` for x [..., K]; activations in bfloat16 (see the module note), result in x's dtype."""
@@ -157,7 +154,12 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.bits == 8:
             return dequantize_int8(self.q, self.scale).to(dtype)
-        return dequantize_int4(self.int4_values(), self.scale_f, self.zero_f).to(dtype)
+        return dequantize_int4(self.int4_values(), *self.scales_zeros()).to(dtype)
+
+    def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int4: scale and zero [.., N, K/G] in float32, exactly the (bfloat16) values the kernel uses."""
+        sz = self.scale_zero.float().transpose(-3, -2)  # [.., N, K/G, 2]
+        return sz[..., 0], sz[..., 1]
 
     def int4_values(self) -> torch.Tensor:
         """The int4 values q [.., N, K] in [0, 15] (from the kept nibbles, or unpacked from the kernel layout)."""
@@ -171,11 +173,12 @@ class QuantizedWeight:
             return (self.q[ids].float() * self.scale[ids].float()[..., None]).to(dtype)
         if self.nibbles is None:
             raise QuantizationError("an int4 embedding needs its nibbles kept (QuantizedWeight.from_int4(keep_nibbles=True))")
-        return dequantize_int4(unpack_nibbles(self.nibbles[ids]), self.scale_f[ids], self.zero_f[ids]).to(dtype)
+        scale, zero = self.scales_zeros()
+        return dequantize_int4(unpack_nibbles(self.nibbles[ids]), scale[ids], zero[ids]).to(dtype)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.scale_zero, self.nibbles,
-                                                          self.scale_f, self.zero_f) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.scale_zero, self.nibbles)
+                   if t is not None)
 
 
 def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
@@ -229,7 +232,8 @@ def select_rows(w: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
     """Rows ``index`` of a 2-D quantized weight (exact: rows are quantized independently)."""
     if w.bits == 8:
         return QuantizedWeight.from_int8(w.q[index], w.scale[index])
-    return QuantizedWeight.from_int4(w.int4_values()[index], w.scale_f[index], w.zero_f[index],
+    scale, zero = w.scales_zeros()
+    return QuantizedWeight.from_int4(w.int4_values()[index], scale[index], zero[index],
                                      keep_nibbles=w.nibbles is not None)
 
 
@@ -239,8 +243,8 @@ def cat_rows(ws: list[QuantizedWeight]) -> QuantizedWeight:
         raise QuantizationError("weights to concatenate must share bits, group size and input width")
     if ws[0].bits == 8:
         return QuantizedWeight.from_int8(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]))
-    return QuantizedWeight.from_int4(torch.cat([w.int4_values() for w in ws]), torch.cat([w.scale_f for w in ws]),
-                                     torch.cat([w.zero_f for w in ws]))
+    scales, zeros = zip(*(w.scales_zeros() for w in ws))
+    return QuantizedWeight.from_int4(torch.cat([w.int4_values() for w in ws]), torch.cat(scales), torch.cat(zeros))
 
 
 # --------------------------------------------------------------------------- modules
@@ -334,7 +338,8 @@ def quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             state[f"{name}.qweight"], state[f"{name}.scales"] = w.q.contiguous(), w.scale.float().contiguous()
         else:
             state[f"{name}.qweight"] = (w.nibbles if w.nibbles is not None else pack_nibbles(w.int4_values())).contiguous()
-            state[f"{name}.scales"], state[f"{name}.zeros"] = w.scale_f.contiguous(), w.zero_f.contiguous()
+            scale, zero = w.scales_zeros()
+            state[f"{name}.scales"], state[f"{name}.zeros"] = scale.contiguous(), zero.contiguous()
     return state
 
 

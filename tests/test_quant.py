@@ -72,8 +72,8 @@ def test_kernels_match_the_dequantized_weights(bits, N, K):
         # rounding is at most 2^-8 relative, summed over K, plus the output's own rounding.
         wabs = qw.dequantize().abs()
         if bits == 4:  # w = (q - 8) * scale + zero: the rounding of scale and zero scales with 8|s| + |z|
-            G = K // qw.scale_f.shape[-1]
-            wabs = wabs + (8 * qw.scale_f + qw.zero_f.abs()).repeat_interleave(G, dim=-1)
+            scale, zero = qw.scales_zeros()
+            wabs = wabs + (8 * scale + zero.abs()).repeat_interleave(K // scale.shape[-1], dim=-1)
         bound = (x.abs() @ wabs.t()) * 2**-7 + ref.abs() * 2**-8 + 1e-4
         assert ((qw.linear(x) - ref).abs() <= bound).all()
     if bits == 4:  # the kernel's private layout is inverted exactly
