@@ -10,7 +10,8 @@ used). The contract:
 - :meth:`Engine.step` advances every live request by one token and prefills waiting prompts in chunks
   of at most ``prefill_chunk`` tokens, so a long prompt never stalls the others; it returns
   :class:`Event` s (request id, token id, text piece, log-probability, routing, finished + why).
-- :attr:`Engine.stats` counts running batch size, queue, tokens in and out.
+- :attr:`Engine.stats` counts running batch size, queue, tokens in and out, and (expert offloading,
+  :mod:`moekit.infer.offload`) the expert cache's hits, misses and bytes read.
 
 Plan of one step:
   1. admit waiting requests into free slots (first come, first served);
@@ -28,6 +29,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
@@ -36,6 +38,9 @@ from moekit.data.special import prepend_bos, special_tokens_of
 from moekit.infer.runner import Runner
 from moekit.infer.sampling import check_sampling_args, sample_next
 from moekit.infer.text import Detokenizer
+
+if TYPE_CHECKING:
+    from moekit.infer.offload import ExpertOffload, OffloadStats
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -139,6 +144,7 @@ class EngineStats:
     prompt_tokens: int = 0  # prefilled, in all
     generated_tokens: int = 0  # sampled, in all
     finished: int = 0  # requests finished (any reason)
+    offload: OffloadStats | None = None  # expert cache (hit rate, bytes read), when experts are offloaded
 
 
 @dataclass
@@ -162,10 +168,13 @@ class Engine:
     ``max_len`` (default: the model's ``max_seq_len``) is each slot's context: prompt + answer.
     A prompt too long for it, with its ``max_new_tokens``, is cut from the left, keeping at least half
     of the context for it (the answer then ends early with reason "length"); ``Request.notice`` says so.
+
+    ``offload`` (default: ``model.expert_offload``, set by :func:`moekit.infer.offload.load_offloaded`)
+    keeps only some experts resident; ``stats.offload`` then counts the expert cache.
     """
 
     def __init__(self, model, tokenizer: Tokenizer | None = None, *, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 512, max_queue: int | None = None):
+                 prefill_chunk: int = 512, max_queue: int | None = None, offload: ExpertOffload | None = None):
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EngineError(f"{name}={value!r} must be an integer >= 1")
@@ -183,6 +192,9 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.free_slots = list(range(max_batch))
         self.stats = EngineStats()
+        offload = offload if offload is not None else getattr(model, "expert_offload", None)
+        if offload is not None:
+            self.stats.offload = offload.attach(self.runner)
         self._ids = itertools.count()
         self._pending: list[Event] = []  # finish events of cancelled requests, returned by the next step
 
