@@ -17,6 +17,7 @@ from moekit.infer import Engine, SamplingParams
 from moekit.infer.offload import (
     ExpertOffload,
     LayerStats,
+    MappedQuantizedWeight,
     OffloadedExperts,
     OffloadError,
     SafetensorsFile,
@@ -155,8 +156,7 @@ def test_experts_stay_in_the_file_and_the_resident_buffers_fit_the_budget(checkp
     assert all_experts == 4 * s.resident_bytes  # expert weights 4x the budget
     for i in moe_blocks:
         store = engine.runner.blocks[i][2].experts
-        assert isinstance(store, OffloadedExperts) and store.resident_bytes == 2 * per_expert
-        assert all(b.shape[0] == 2 for b in store.buffers)
+        assert isinstance(store, OffloadedExperts) and store.resident_bytes == 2 * per_expert and store.slots == 2
 
 
 def test_a_memory_budget_becomes_a_resident_count(checkpoints):
@@ -210,6 +210,28 @@ def test_quantized_experts_are_offloaded_bit_identically(bits, group):
     assert stats.misses == 5 and stats.bytes_read == 5 * store.read_bytes
 
 
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
+def test_quantized_checkpoints_are_offloaded_bit_identically(tmp_path, bits, group):
+    torch.manual_seed(0)
+    path = moekit.save(quantize_model(Transformer(_config("topk", first_dense_layers=1)), bits, group), None,
+                       tmp_path / f"int{bits}")
+    model, _ = moekit.load(path)
+    off_model, _, offload = load_offloaded(path, max_resident_experts=2)
+    assert isinstance(offload.sources[1][0], MappedQuantizedWeight)
+    ref, off = Engine(model, max_batch=2), Engine(off_model, max_batch=2)
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.inference_mode():
+        for tokens, segments in ((ids[0, :30], [(0, 0, 30)]), (ids[1, :8], [(1, 0, 8)]),
+                                 (torch.stack([ids[0, 30], ids[1, 8]]), [(0, 30, 1), (1, 8, 1)])):
+            assert torch.equal(off.runner.forward(tokens, segments), ref.runner.forward(tokens, segments))
+        assert torch.equal(off_model(ids).logits, model(ids).logits)
+    s = off.stats.offload
+    assert s.misses > 4 and s.bytes_read == s.misses * off.runner.blocks[1][2].experts.read_bytes
+    assert s.resident_bytes == 2 * 2 * s.bytes_per_expert  # 2 MoE layers x 2 slots, kernel layout
+    greedy = SamplingParams(max_new_tokens=8, temperature=0, stop_ids=())
+    assert [c.token_ids for c in off.generate([[1, 2, 3]], greedy)] == [c.token_ids for c in ref.generate([[1, 2, 3]], greedy)]
+
+
 # --------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("kw, message", [
     (dict(max_resident_experts=1), "resident experts per layer = 1 is below the minimum of top_k=2"),
@@ -236,9 +258,6 @@ def test_checkpoints_it_cannot_offload_are_refused(tmp_path):
     (hf / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     with pytest.raises(CheckpointError, match="expert offloading reads moekit checkpoints; .* is a hf checkpoint"):
         load_offloaded(hf, max_resident_experts=2)
-    quantized = moekit.save(quantize_model(Transformer(_config("topk")), 8), None, tmp_path / "int8")
-    with pytest.raises(CheckpointError, match="is a quantized checkpoint"):
-        load_offloaded(quantized, max_resident_experts=2)
     broken = moekit.save(Transformer(_config("topk")), None, tmp_path / "broken")
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[:-100])

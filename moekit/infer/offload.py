@@ -4,8 +4,9 @@ Legend: E experts per layer, N resident experts per layer (cache slots), D model
 
 The expert weights stay memory-mapped in the checkpoint's ``model.safetensors``: each expert is a view
 on the file, read only when the router picks it. Each MoE layer keeps at most N experts in
-preallocated buffers ``w1 [N, 2F, D]``, ``w2 [N, D, F]``; a miss copies the expert's slices from the
-file into the least recently used slot (bytes copied = bytes read).
+preallocated slots (one ``w1 [2F, D]``, ``w2 [D, F]`` pair each); a miss copies the expert's slices
+from the file into the least recently used slot (bytes copied = bytes read). Quantized checkpoints (int8/int4)
+work the same way, one expert converted to the kernels' layout on each miss.
 
 Why the outputs are bit-identical to the resident model: the runner's MoE plan reads expert weights
 only through ``experts.get(e) -> (w1 [2F, D], w2 [D, F])`` (:class:`moekit.infer.runner.ResidentExperts`),
@@ -160,23 +161,51 @@ def _fields(w) -> dict[str, torch.Tensor]:
     return {"": w}
 
 
-def _nbytes(tensors, dtype: torch.dtype | None = None) -> int:
-    """Bytes of one expert (index 0 of each stacked tensor), in ``dtype`` when given."""
-    return sum(t[0].numel() * (dtype or t.dtype).itemsize for t in tensors)
-
-
-def _empty_like_stack(w, n: int, device, dtype: torch.dtype | None):
-    """n slots shaped like one expert of ``w``; float weights in ``dtype``, quantized ones as they are."""
+def _nbytes(w, dtype: torch.dtype | None = None) -> int:
+    """Bytes of one expert's weight (a float one counted in ``dtype`` when given)."""
     if isinstance(w, QuantizedWeight):
-        bufs = {f: torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=device) for f, t in _fields(w).items()}
-        return dataclasses.replace(w, shape=(n, *w.shape[1:]), **bufs)
-    return torch.empty((n, *w.shape[1:]), dtype=dtype or w.dtype, device=device)
+        return sum(t.numel() * t.element_size() for t in _fields(w).values())
+    return w.numel() * (dtype or w.dtype).itemsize
+
+
+def _empty_like(w, device, dtype: torch.dtype | None):
+    """Fresh storage for one expert's weight: float in ``dtype``, quantized as it is. One allocation per
+    slot, so each starts aligned (the int8 kernel needs 64-byte aligned rows, see moekit.quant)."""
+    if isinstance(w, QuantizedWeight):
+        return dataclasses.replace(w, **{f: torch.empty(t.shape, dtype=t.dtype, device=device)
+                                         for f, t in _fields(w).items()})
+    return torch.empty(w.shape, dtype=dtype or w.dtype, device=device)
+
+
+def _copy_into(dst, w) -> None:
+    if isinstance(w, QuantizedWeight):
+        for f, t in _fields(w).items():
+            getattr(dst, f).copy_(t)
+    else:
+        dst.copy_(w)
+
+
+class MappedQuantizedWeight:
+    """A stacked quantized weight [E, N, K] as a quantized checkpoint stores it (``name.qweight``,
+    ``.scales``, ``.zeros``: views on the file). ``[e]`` converts one expert to the kernels' layout
+    with :func:`moekit.quant.read_quantized`, the function loading applies to the whole stack, so
+    the result is the same bits; a miss pays that conversion (int4: repacking) besides the read."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], bits: int, shape: tuple[int, ...]):
+        self.parts, self.bits, self.shape = parts, bits, shape
+        self.read_bytes = sum(t[0].numel() * t.element_size() for t in parts.values())
+
+    def __getitem__(self, e: int) -> QuantizedWeight:
+        from moekit.quant import read_quantized
+
+        return read_quantized({f"w.{k}": t[e] for k, t in self.parts.items()}, "w", self.bits, "an offloaded expert")
 
 
 class OffloadedExperts:
     """``get(e) -> (w1 [2F, D], w2 [D, F])`` like :class:`moekit.infer.runner.ResidentExperts`, with at
     most ``slots`` experts resident: a least-recently-used cache over stacked sources ``w1 [E, 2F, D]``,
-    ``w2 [E, D, F]`` (float tensors or :class:`moekit.quant.QuantizedWeight`, typically file views).
+    ``w2 [E, D, F]`` (float tensors, :class:`moekit.quant.QuantizedWeight` or
+    :class:`MappedQuantizedWeight`; anything whose ``[e]`` gives one expert's weight).
 
     NOTE: a returned expert stays valid only until the next ``get`` (which may reuse its slot); the
     runner finishes each expert's matmuls before fetching the next (on a GPU the copy is queued after
@@ -188,12 +217,11 @@ class OffloadedExperts:
         self.src = (w1_src, w2_src)
         self.num_experts = w1_src.shape[0]
         self.slots, self.stats = slots, stats
-        self.buffers = (_empty_like_stack(w1_src, slots, device, dtype), _empty_like_stack(w2_src, slots, device, dtype))
-        self._pairs = [(self.buffers[0][s], self.buffers[1][s]) for s in range(slots)]  # views, built once
+        first = (w1_src[0], w2_src[0])  # a template (a mapped quantized source converts expert 0 once)
+        self._pairs = [tuple(_empty_like(w, device, dtype) for w in first) for _ in range(slots)]
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident expert -> slot, least recent first
-        src_tensors = [t for w in self.src for t in _fields(w).values()]
-        self.read_bytes = _nbytes(src_tensors)  # per miss, from the file
-        self.resident_bytes = sum(t.numel() * t.element_size() for w in self.buffers for t in _fields(w).values())
+        self.read_bytes = sum(getattr(src, "read_bytes", None) or _nbytes(w) for src, w in zip(self.src, first))
+        self.resident_bytes = sum(_nbytes(w) for pair in self._pairs for w in pair)
 
     def get(self, e: int):
         slot = self._slot_of.get(e)
@@ -207,9 +235,8 @@ class OffloadedExperts:
             slot = len(self._slot_of)
         else:
             _, slot = self._slot_of.popitem(last=False)
-        for src, buf in zip(self.src, self.buffers):
-            for name, t in _fields(src).items():
-                _fields(buf)[name][slot].copy_(t[e])
+        for src, dst in zip(self.src, self._pairs[slot]):
+            _copy_into(dst, src[e])
         self._slot_of[e] = slot
         self.stats.misses += 1
         self.stats.bytes_read += self.read_bytes
@@ -252,7 +279,8 @@ def resident_experts_per_layer(cfg: ModelConfig, bytes_per_expert: int, max_resi
 # --------------------------------------------------------------------------- the whole model
 class ExpertOffload:
     """Where each MoE layer's experts live (``sources[block] = (w1 [E, 2F, D], w2 [E, D, F])``, float
-    tensors or QuantizedWeights, typically views on the checkpoint file) and how many stay resident.
+    tensors or (mapped) quantized weights, typically views on the checkpoint file) and how many stay
+    resident.
 
     :meth:`attach` gives a :class:`moekit.infer.runner.Runner` an :class:`OffloadedExperts` per MoE layer;
     :class:`moekit.infer.Engine` calls it for a model loaded by :func:`load_offloaded`.
@@ -270,14 +298,13 @@ class ExpertOffload:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise OffloadError(f"max_resident_experts={n!r} must be an integer from 1 to {self.num_experts}")
         self.sources, self.max_resident_experts, self.dtype, self.file = sources, min(n, self.num_experts), dtype, file
-        self.bytes_per_expert = sum(_nbytes(_fields(w).values(), None if isinstance(w, QuantizedWeight) else dtype)
-                                    for w in (w1, w2))
+        self.bytes_per_expert = _nbytes(w1[0], dtype) + _nbytes(w2[0], dtype)  # resident
 
     def attach(self, runner) -> OffloadStats:
         """Replace the expert store of every MoE layer of ``runner``; returns the live statistics."""
         from moekit.infer.runner import _MoEPlan
 
-        device = runner.model.embed.weight.device
+        device = runner.model.norm.weight.device
         stats = OffloadStats(self.max_resident_experts, self.num_experts, self.bytes_per_expert)
         moe_blocks = [i for i, (_, _, ffn) in enumerate(runner.blocks) if isinstance(ffn, _MoEPlan)]
         if sorted(moe_blocks) != sorted(self.sources):
@@ -300,15 +327,17 @@ def load_offloaded(path: str | os.PathLike, *, max_resident_experts: int | None 
     """Load ``(model, tokenizer, offload)`` from a moekit checkpoint without reading the expert weights.
 
     Give ``max_resident_experts`` (per layer) or ``expert_memory_gb`` (all layers). Everything but the
-    experts is loaded as :func:`moekit.checkpoint.load` does (``dtype``, ``device``); the experts'
-    parameters are views on the memory-mapped file (file dtype, CPU), so ``Transformer.forward``
-    still works, reading them through the page cache. ``model.expert_offload`` is the returned
-    :class:`ExpertOffload`, which :class:`moekit.infer.Engine` attaches (resident copies in ``dtype``).
-    NOTE: ``model.to(...)`` would copy the full expert weights into memory.
+    experts is loaded as :func:`moekit.checkpoint.load` does (``dtype``, ``device``). The experts stay
+    views on the memory-mapped file: float ones as the ``Experts`` parameters (file dtype, CPU),
+    quantized ones (int8/int4 checkpoints) as :class:`MappedQuantizedWeight` in a ``QuantizedExperts``;
+    ``Transformer.forward`` still works, reading them through the page cache. ``model.expert_offload``
+    is the returned :class:`ExpertOffload`, which :class:`moekit.infer.Engine` attaches (resident
+    copies in ``dtype``). NOTE: ``model.to(...)`` would copy the full float expert weights into memory.
     """
     from moekit.checkpoint import QUANTIZATION_FILE, detect_format, read_model_config
     from moekit.data.special import read_hf_special_tokens
     from moekit.model import Transformer
+    from moekit.utils import read_json
 
     fmt, directory = detect_format(path)
     if fmt != "moekit":
@@ -317,34 +346,36 @@ def load_offloaded(path: str | os.PathLike, *, max_resident_experts: int | None 
     cfg = read_model_config(directory)
     if not cfg.num_experts:
         raise OffloadError(f"{directory} is a dense model (num_experts=0): there are no experts to offload")
-    if (directory / QUANTIZATION_FILE).exists():
-        raise CheckpointError(f"{directory} is a quantized checkpoint ({QUANTIZATION_FILE}): offloading reads float "
-                              "checkpoints for now; offload the float checkpoint, or load this one without offloading")
     file = SafetensorsFile(directory / "model.safetensors")
     with torch.device("meta"):  # no memory: every tensor is replaced below
         model = Transformer(cfg)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(file.entries)), sorted(set(file.entries) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{file.path} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, ref in expected.items():
-        if file.entries[name][1] != tuple(ref.shape):
-            raise CheckpointError(f"{file.path}: tensor {name!r} has shape {file.entries[name][1]}, "
-                                  f"the config expects {tuple(ref.shape)}")
-    first = next(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i))
-    per_expert = sum(math.prod(shape[1:]) * (dtype or file_dtype).itemsize
-                     for file_dtype, shape, _, _ in (file.entries[f"layers.{first}{s}"] for s in EXPERT_SUFFIXES))
-    n = resident_experts_per_layer(cfg, per_expert, max_resident_experts, expert_memory_gb)  # before any reading
+    moe_blocks = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+    settings = read_json(directory / QUANTIZATION_FILE) if (directory / QUANTIZATION_FILE).exists() else None
+    if settings is None:
+        sources = _float_experts(file, model)
+        per_expert = sum(_nbytes(w[0], dtype) for w in sources[moe_blocks[0]])
+    else:
+        sources = _quantized_experts(file, model, moe_blocks, settings.get("bits"))
+        per_expert = sum(_nbytes(w[0]) for w in sources[moe_blocks[0]])  # converts one expert
+    n = resident_experts_per_layer(cfg, per_expert, max_resident_experts, expert_memory_gb)  # before reading more
     state = {}
-    for name in expected:
-        t = file.tensor(name)
+    for name in file.entries:
         if name.endswith(EXPERT_SUFFIXES):
-            state[name] = t  # a view on the file
-        else:
-            state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
-    sources = {i: tuple(state[f"layers.{i}{s}"] for s in EXPERT_SUFFIXES)
-               for i in range(cfg.n_layers) if cfg.is_moe_layer(i)}
-    model.load_state_dict(state, strict=True, assign=True)
+            state[name] = file.tensor(name)  # a view on the file
+        elif not name.startswith(tuple(f"layers.{i}{s}." for i in moe_blocks for s in EXPERT_SUFFIXES)):
+            t = file.tensor(name)
+            quant_part = name.endswith((".qweight", ".scales", ".zeros"))
+            state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() and not quant_part else None,
+                               copy=True)
+    if settings is None:
+        model.load_state_dict(state, strict=True, assign=True)
+    else:
+        from moekit.quant import QuantizationError, load_quantized_model
+
+        try:
+            load_quantized_model(model, state, settings, str(file.path))
+        except QuantizationError as e:
+            raise CheckpointError(str(e)) from None
     tokenizer = None
     if (directory / "tokenizer.json").exists():
         from moekit.data.tokenizer import load_tokenizer
@@ -355,3 +386,41 @@ def load_offloaded(path: str | os.PathLike, *, max_resident_experts: int | None 
     offload = ExpertOffload(sources, n, dtype, file)
     model.expert_offload = offload
     return model.eval(), tokenizer, offload
+
+
+def _float_experts(file: SafetensorsFile, model) -> dict[int, tuple]:
+    """Check the file against the (meta) model; the experts' tensors as views on the file."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(file.entries)), sorted(set(file.entries) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{file.path} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, ref in expected.items():
+        if file.entries[name][1] != tuple(ref.shape):
+            raise CheckpointError(f"{file.path}: tensor {name!r} has shape {file.entries[name][1]}, "
+                                  f"the config expects {tuple(ref.shape)}")
+    return {i: tuple(file.tensor(f"layers.{i}{s}") for s in EXPERT_SUFFIXES)
+            for i, block in enumerate(model.layers) if block.is_moe}
+
+
+def _quantized_experts(file: SafetensorsFile, model, moe_blocks: list[int], bits) -> dict[int, tuple]:
+    """Each MoE layer's quantized experts as :class:`MappedQuantizedWeight` s (views on the file), put
+    into the (meta) model as a ``QuantizedExperts``, so that loading the rest skips them."""
+    from moekit.quant import BITS, QuantizedExperts
+
+    if bits not in BITS:
+        raise CheckpointError(f"{file.path.parent}: quantization bits={bits!r} is not one of {list(BITS)}")
+    parts = ("qweight", "scales") if bits == 8 else ("qweight", "scales", "zeros")
+    sources = {}
+    for i in moe_blocks:
+        experts = model.layers[i].ffn.experts
+        pair = []
+        for s in EXPERT_SUFFIXES:
+            name = f"layers.{i}{s}"
+            missing = [f"{name}.{p}" for p in parts if f"{name}.{p}" not in file.entries]
+            if missing:
+                raise CheckpointError(f"{file.path}: quantized tensor {name} is missing {', '.join(missing)}")
+            shape = tuple(getattr(experts, s.rsplit(".", 1)[1]).shape)
+            pair.append(MappedQuantizedWeight({p: file.tensor(f"{name}.{p}") for p in parts}, bits, shape))
+        model.layers[i].ffn.experts = QuantizedExperts(*pair)
+        sources[i] = tuple(pair)
+    return sources
