@@ -18,6 +18,14 @@ def human(n: float) -> str:
     return str(int(n))
 
 
+def human_bytes(n: int) -> str:
+    """541_065_216 -> '516.00 MiB'."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
 def describe_config(cfg: ModelConfig) -> str:
     total, active = cfg.param_counts()
     lines = [

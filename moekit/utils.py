@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes (write to a temporary name, fsync, rename), JSON objects."""
+"""Small shared helpers: atomic file writes (write to a temporary name, fsync, rename), JSON objects, sizes."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return data
+
+
+def disk_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a file, or of every file under a directory."""
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def tune_cpu_allocator() -> bool:

@@ -64,3 +64,15 @@ def test_deepseek_v3_refuses_yarn(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="rope_type='yarn' is not supported"):
         load_hf(tmp_path)
+
+
+def test_deepseek_v3_bf16_checkpoint_keeps_the_selection_bias_float32(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(tiny(None), dtype=torch.float32)
+    for layer in hf.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, 8) + 1e-3)  # not bf16-exact
+    hf.save_pretrained(tmp_path)  # float32 bias, as DeepSeek-V3 ships it; then the weights in bf16
+    model, _ = load_hf(tmp_path, dtype="bfloat16")
+    bias = model.layers[1].ffn.router.bias
+    assert model.embed.weight.dtype == torch.bfloat16 and bias.dtype == torch.float32
+    assert torch.equal(bias, hf.model.layers[1].mlp.gate.e_score_correction_bias)

@@ -120,8 +120,12 @@ def test_update_router_biases_from_stats():
 
 
 def test_bias_stays_float32_when_model_is_cast():
-    model = Transformer(tiny("sigmoid_bias")).to(torch.bfloat16)
+    model = Transformer(tiny("sigmoid_bias"))
+    bias = torch.linspace(-0.3, 0.3, model.cfg.num_experts) + 1e-3  # not representable in bf16
+    model.moe_layers()[0].router.bias.copy_(bias)
+    model = model.to(torch.bfloat16)
     assert model.moe_layers()[0].router.bias.dtype == torch.float32
+    assert torch.equal(model.moe_layers()[0].router.bias, bias)  # not rounded through bf16 on the way
     out = model(torch.randint(0, 256, (1, 6)))
     assert torch.isfinite(out.logits.float()).all()
 

@@ -1,7 +1,7 @@
 """GGUF in and out: llama.cpp's single-file format, for the Llama family (dense and Mixtral-style MoE).
 
     model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # dequantised to float32
-    save_gguf(model, tokenizer, "tiny-moe.gguf", dtype="q8_0")          # llama.cpp runs it
+    save_gguf(model, tokenizer, "tiny-moe.gguf", dtype="q8_0")          # llama.cpp runs it (or q4_0, f16, f32)
     inspect_gguf("model.gguf")                                          # metadata only, no weights read
 
 Legend: E experts, F FFN dim, D model dim, V vocabulary, H query heads, G kv heads, Dh head dim.
@@ -56,14 +56,21 @@ from moekit.errors import CheckpointError
 from moekit.model.transformer import Transformer
 from moekit.utils import atomic_write
 
-__all__ = ["EXPORT_DTYPES", "PRE_TOKENIZERS", "SUPPORTED_ARCHITECTURES", "check_exportable", "gguf_pre_tokenizer_name",
+__all__ = ["EXPORT_DTYPES", "PRE_TOKENIZERS", "SUPPORTED_ARCHITECTURES", "check_export_dtype", "check_exportable",
+           "gguf_pre_tokenizer_name",
            "inspect_gguf", "load_gguf", "permute_qk", "save_gguf", "unpermute_qk"]
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-EXPORT_DTYPES = ("f32", "f16", "q8_0")
+EXPORT_DTYPES = ("f32", "f16", "q8_0", "q4_0")
 
-_QTYPE = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
-_FILE_TYPE = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+_QTYPE = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0,
+          "q4_0": GGMLQuantizationType.Q4_0}
+_FILE_TYPE = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
+              "q4_0": LlamaFileType.MOSTLY_Q4_0}
+# The output projection (``output``, or ``token_embd`` when tied) is the tensor most sensitive to rounding:
+# llama-quantize keeps it at Q6_K in Q4_0 files (``llama_tensor_get_type``); gguf-py cannot write K-quants,
+# so a q4_0 export keeps it at Q8_0.
+_HEAD_QTYPE = {"q4_0": GGMLQuantizationType.Q8_0}
 # Derived data that some old files carry and llama.cpp ignores (precomputed rotary tables).
 _IGNORED_TENSOR = re.compile(r"^blk\.\d+\.attn_rot_embd(\.weight)?$")
 
@@ -497,12 +504,13 @@ def _export_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], dtype: str) -> GGMLQuantizationType:
+def _tensor_type(name: str, shape: tuple[int, ...], dtype: str, head: str) -> GGMLQuantizationType:
     """Storage type per tensor, as llama.cpp's converter picks it: norms (1-D) and the router stay F32;
-    a row length that is not a whole number of quantisation blocks (32 for Q8_0) falls back to F16."""
+    the output projection ``head`` is Q8_0 in a q4_0 file (``_HEAD_QTYPE``); a row length that is not a
+    whole number of quantisation blocks (32 for Q8_0 and Q4_0) falls back to F16."""
     if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
         return GGMLQuantizationType.F32
-    qtype = _QTYPE[dtype]
+    qtype = _HEAD_QTYPE.get(dtype, _QTYPE[dtype]) if name == head else _QTYPE[dtype]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return qtype if shape[-1] % block == 0 else GGMLQuantizationType.F16
 
@@ -516,7 +524,7 @@ def _write_model_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig, dtype: str)
     """Hyperparameters under llama.cpp's ``llama.*`` keys (gguf-py ``Keys``)."""
     writer.add_name("moekit")
     writer.add_file_type(_FILE_TYPE[dtype])
-    if dtype == "q8_0":
+    if dtype.startswith("q"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_context_length(cfg.max_seq_len)
@@ -612,23 +620,32 @@ def _write_tokenizer_metadata(writer: gguf.GGUFWriter, tok: dict[str, Any]) -> N
         writer.add_chat_template(tok["chat_template"])
 
 
+def check_export_dtype(dtype: str) -> None:
+    """Refuse a GGUF tensor type moekit cannot write, naming the ones it can (a ConfigError, a ValueError)."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"GGUF type {dtype!r} is not supported; supported: {', '.join(EXPORT_DTYPES)} (for "
+                          "llama.cpp's other types, e.g. Q4_K_M, run llama-quantize on an f16 export)")
+
+
 def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike, dtype: str = "f32") -> Path:
     """Write ``model`` and ``tokenizer`` as a llama.cpp ``llama`` GGUF file (atomically).
 
-    ``dtype``: "f32", "f16" or "q8_0" for the matrices (norms and routers stay float32). Dense models
+    ``dtype``: "f32", "f16", "q8_0" or "q4_0" for the matrices (norms and routers stay float32; in q4_0 the
+    output projection is Q8_0; rows not a multiple of 32 long are F16). Dense models
     and Mixtral-style MoE models export; anything llama.cpp would compute differently raises
     :class:`ConfigError` first (see :func:`check_exportable`). Tensors are converted and written one
     at a time, so the file never needs a second copy of the model in memory. Special tokens and the
     chat template are the model's own (:func:`moekit.data.special.special_tokens_of`).
     """
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {list(EXPORT_DTYPES)}")
+    check_export_dtype(dtype)
     if tokenizer is None:
         raise ValueError("save_gguf needs the tokenizer: llama.cpp cannot run a GGUF file without its vocabulary")
     cfg: ModelConfig = model.cfg
     check_exportable(cfg)
     tok_meta = _tokenizer_metadata(tokenizer, cfg.vocab_size, special_tokens_of(model, tokenizer))  # refuse first
-    plan = [(name, w, _tensor_type(name, tuple(w.shape), dtype)) for name, w in _export_tensors(model)]
+    tensors = _export_tensors(model)
+    head = "output.weight" if any(name == "output.weight" for name, _ in tensors) else "token_embd.weight"
+    plan = [(name, w, _tensor_type(name, tuple(w.shape), dtype, head)) for name, w in tensors]
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, SUPPORTED_ARCHITECTURES[0])

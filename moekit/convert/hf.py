@@ -46,6 +46,7 @@ from moekit.data.special import (
 )
 from moekit.errors import CheckpointError
 from moekit.model import Transformer
+from moekit.model.dtypes import float32_buffers, state_dict_as
 from moekit.utils import atomic_write, atomic_write_text, read_json
 
 SINGLE_FILE = "model.safetensors"
@@ -218,7 +219,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
             plan.plain.pop("lm_head.weight", None)  # transformers ignores it too when embeddings are tied
         check_names(directory, model_type, spec, plan, expected, cfg)
         check_shapes(plan, shards, expected)
-        state = read_state(plan, shards, expected, target_dtype, torch.device(device))
+        state = read_state(plan, shards, expected, target_dtype, torch.device(device), float32_buffers(model))
     model.load_state_dict(state, strict=True, assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a tensor the model has outside its state_dict (none today); never hand out meta tensors
@@ -297,8 +298,9 @@ def check_shapes(plan: KeyPlan, shards: Shards, expected: dict[str, torch.Tensor
 
 
 def read_state(plan: KeyPlan, shards: Shards, expected: dict[str, torch.Tensor], dtype: torch.dtype | None,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """Read each tensor once, in the checkpoint's dtype (that of the embedding) unless ``dtype`` is given.
+               device: torch.device, keep_float32: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Read each tensor once, in the checkpoint's dtype (that of the embedding) unless ``dtype`` is given;
+    ``keep_float32`` (the DeepSeek-V3 selection bias) stays float32 whatever the dtype.
 
     Per-expert tensors are copied straight into a preallocated stack per layer, so at most one layer's
     experts exist twice at any moment.
@@ -306,10 +308,11 @@ def read_state(plan: KeyPlan, shards: Shards, expected: dict[str, torch.Tensor],
     if dtype is None:
         dtype = shards.dtype(plan.plain["embed.weight"])
 
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    def convert(mk: str, t: torch.Tensor) -> torch.Tensor:
+        to = (torch.float32 if mk in keep_float32 else dtype) if t.is_floating_point() else t.dtype
+        return t.to(device=device, dtype=to)
 
-    state = {mk: convert(shards.read(name)) for mk, name in plan.plain.items()}
+    state = {mk: convert(mk, shards.read(name)) for mk, name in plan.plain.items()}
     for layer in sorted({layer for layer, _ in plan.experts}):
         if (layer, 0) in plan.experts:  # gate rows then up rows: [E, 2F, D]
             name = f"layers.{layer}.ffn.experts.gate_up_proj"
@@ -341,7 +344,7 @@ def read_tokenizer(directory: Path) -> Tokenizer | None:
 # =========================================================================== save
 def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str | os.PathLike, *,
             model_type: str | None = None, expert_layout: str = "per_expert",
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | str | None = None) -> Path:
     """Write ``model`` as a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads
     with the same logits.
 
@@ -349,7 +352,8 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str | os.Path
     dense models, mixtral, qwen2_moe, qwen3_moe or olmoe for MoE); settings it cannot hold exactly raise a
     ConfigError. ``expert_layout="per_expert"`` writes one tensor per expert, the format transformers'
     own ``save_pretrained`` writes and every version reads; ``"fused"`` writes the 3-D stacks that only
-    transformers >= 5 reads. Tensors are written as they are (no copy of the weights is made). Special
+    transformers >= 5 reads. ``dtype`` ("bf16", "f16", "f32"; :mod:`moekit.model.dtypes`) is the storage
+    dtype, None the model's own; tensors already in it are written as they are (no copy). Special
     tokens and the chat template are the model's own (:func:`moekit.data.special.special_tokens_of`):
     ids in ``config.json`` and ``generation_config.json``, names and template in ``tokenizer_config.json``.
     """
@@ -362,7 +366,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str | os.Path
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout={expert_layout!r} is not one of {list(EXPERT_LAYOUTS)}")
     hf = spec.from_config(cfg)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = state_dict_as(model, dtype)
     if spec.adapt_state is not None:
         state = spec.adapt_state(cfg, state)
     tensors = hf_tensors(state, spec, expert_layout)

@@ -21,7 +21,7 @@ from typing import Any
 
 from moekit.config import ModelConfig
 from moekit.errors import CheckpointError
-from moekit.summary import human
+from moekit.summary import human, human_bytes
 from moekit.utils import read_json
 
 # safetensors dtype codes -> torch names (the ones users see elsewhere in moekit).
@@ -287,8 +287,8 @@ def format_info(info: dict[str, Any]) -> str:
     if info.get("tensors") is not None:
         rows.append(("tensors", f"{info['tensors']:,}"))
     if info.get("size_bytes") is not None:
-        weights = f" (weights {_bytes(info['weights_bytes'])})" if info.get("weights_bytes") is not None else ""
-        rows.append(("size on disk", _bytes(info["size_bytes"]) + weights))
+        weights = f" (weights {human_bytes(info['weights_bytes'])})" if info.get("weights_bytes") is not None else ""
+        rows.append(("size on disk", human_bytes(info["size_bytes"]) + weights))
     if info.get("tokenizer") is not None:
         tok = info["tokenizer"]
         rows.append(("tokenizer", ("yes" if tok else "no") if isinstance(tok, bool) else str(tok)))
@@ -332,13 +332,6 @@ def _expert_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if info.get("num_shared_experts"):
         text += f", {info['num_shared_experts']} shared"
     return [("experts", text)]
-
-
-def _bytes(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 def _short(value: Any, limit: int = 100) -> str:

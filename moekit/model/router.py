@@ -277,15 +277,20 @@ class SigmoidBiasRouter(Router):
     trainer applies through :meth:`update_bias` after each optimizer step. No balance loss.
     """
 
+    # Kept in float32 even when the model is cast (DeepSeek-V3 e_score_correction_bias), and when it is
+    # saved in another dtype (moekit.model.dtypes.state_dict_as).
+    FLOAT32_BUFFERS = ("bias",)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        # Kept in float32 even when the model is cast (DeepSeek-V3 e_score_correction_bias).
         self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):  # keep the bias float32 through .to(dtype) / .half()
+        bias = self.bias
         super()._apply(fn, recurse)
         if self.bias.dtype != torch.float32:
-            self.bias = self.bias.float()
+            # NOTE: the float32 original moved, not the cast copy upcast (that would keep bf16 rounding).
+            self.bias = bias.to(self.bias.device)
         return self
 
     def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
