@@ -130,10 +130,10 @@ def source_dtype(path: str | os.PathLike) -> str:
     """The storage dtype a conversion of ``path`` keeps by default, read from headers only.
 
     A moekit or Hugging Face checkpoint: the dtype most of its parameters are stored in. A GGUF file:
-    f32, f16 or bf16 when its matrices are stored so; "bf16" when they are quantized (Q4_1, Q8_0, ...),
-    as dequantized values are not exact in any of the three anyway: bf16 is the dtype such models are
-    trained and published in, half the size of float32, and its rounding (logits within 0.5% for
-    SmolLM2-135M Q4_1) is far below the quantization's. f16 rounds 5x less but can overflow when run.
+    f32, f16 or bf16 when its matrices are stored so; "bf16" when they are quantized (Q4_1, Q8_0, ...):
+    only f32 holds the dequantized values exactly, at twice the size; bf16 is the dtype such models are
+    trained and published in, and its rounding (logits within 0.5% for SmolLM2-135M Q4_1) is far below
+    the quantization's. f16 rounds 5x less but can overflow when the model runs in it.
     """
     from moekit.convert.inspect import inspect_checkpoint
 
