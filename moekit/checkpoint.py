@@ -173,13 +173,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
     if fmt == "gguf":
         stored = gguf_type or "f16"
         check_export_dtype(stored)
-        model, tokenizer = load(src)
+        model, tokenizer = load(src, quantized=False)
         if tokenizer is None:
             raise ConfigError(f"{src} has no tokenizer; GGUF files must carry one")
     else:
         target = float_dtype(dtype if dtype is not None else source_dtype(src))
         stored = dtype_name(target)
-        model, tokenizer = load(src, dtype=target)  # read straight into it: no float32 copy of a bf16 model
+        model, tokenizer = load(src, dtype=target, quantized=False)  # read straight into it: no float32 copy
     out = save(model, tokenizer, dst, format=fmt, dtype=stored)
     return Conversion(out, fmt, stored, disk_size(out), model.cfg)
 
@@ -204,9 +204,12 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
     return ("hf" if "model_type" in read_json(config) else "moekit"), p
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         quantized: bool = True):
     """Load ``(model, tokenizer)`` from a moekit checkpoint or run directory, a Hugging Face directory
-    or a ``.gguf`` file (tokenizer None if the checkpoint has none). The model is in eval mode and carries
+    or a ``.gguf`` file (tokenizer None if the checkpoint has none). Quantized weights (a ``moekit quantize``
+    checkpoint; Q4_0/Q4_1/Q8_0 GGUF tensors) stay quantized unless ``quantized=False`` (float, e.g. to
+    train or convert). The model is in eval mode and carries
     ``model.special_tokens`` (:class:`moekit.data.special.SpecialTokens`, from the checkpoint's metadata)
     and ``model.chat_template`` (the same template, or None)."""
     fmt, directory = detect_format(path)
@@ -215,9 +218,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
 
         return load_hf(directory, dtype=dtype, device=device)
     if fmt == "gguf":
-        from moekit.convert.gguf import load_gguf
+        from moekit.convert.gguf import load_gguf_compact
 
-        model, tokenizer = load_gguf(directory, dtype=dtype or torch.float32)
+        model, tokenizer = load_gguf_compact(directory, dtype=dtype or torch.float32, keep_quantized=quantized)
         return model.to(device), tokenizer
     from moekit.model import Transformer
 
@@ -234,6 +237,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         tokenizer = load_tokenizer(directory / "tokenizer.json")
     model.special_tokens = read_hf_special_tokens(directory, tokenizer)
     model.chat_template = model.special_tokens.chat_template
+    if getattr(model, "quantization", None) and not quantized:
+        from moekit.quant import dequantize_model
+
+        dequantize_model(model)
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval(), tokenizer

@@ -312,9 +312,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     if str(args.dst).lower().endswith(".gguf"):
         raise ConfigError(f"{args.dst}: moekit quantize writes a moekit checkpoint directory; for a quantized GGUF "
                           "use moekit convert SRC model.gguf --gguf-type q8_0|q4_0")
-    model, tokenizer = load(args.src)
-    if getattr(model, "quantization", None):
-        raise ConfigError(f"{args.src} is already quantized ({model.quantization}); quantize the float checkpoint")
+    model, tokenizer = load(args.src, quantized=False)  # a quantized GGUF source is dequantized first
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     quantize_model(model.float(), args.bits, group_size)
     after = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -351,50 +351,117 @@ def quantized_weights(model: torch.nn.Module) -> dict[str, QuantizedWeight]:
             out[f"{name}.weight"] = module.qweight
         elif isinstance(module, QuantizedExperts):
             out[f"{name}.gate_up_proj"], out[f"{name}.down_proj"] = module.gate_up_proj, module.down_proj
+        elif isinstance(module, QuantizedEmbedding):
+            out[f"{name}.weight"] = module.qweight
     return out
 
 
-def read_quantized(state: dict[str, torch.Tensor], name: str, bits: int, where: str) -> QuantizedWeight:
-    """The quantized weight ``name`` from saved tensors; a QuantizationError naming the file and tensor
-    when a piece is missing."""
+def read_quantized(state: dict[str, torch.Tensor], name: str, where: str, keep_nibbles: bool = False
+                   ) -> QuantizedWeight:
+    """The quantized weight ``name`` from saved tensors (int8 if ``qweight`` is int8, int4 if uint8); a
+    QuantizationError naming the file and tensor when a piece is missing."""
+    q = state.get(f"{name}.qweight")
+    bits = 8 if q is not None and q.dtype == torch.int8 else 4
     needed = ("qweight", "scales") if bits == 8 else ("qweight", "scales", "zeros")
     missing = [f"{name}.{p}" for p in needed if f"{name}.{p}" not in state]
     if missing:
         raise QuantizationError(f"{where}: quantized tensor {name} is missing {', '.join(missing)}")
     if bits == 8:
-        return QuantizedWeight.from_int8(state[f"{name}.qweight"], state[f"{name}.scales"])
-    return QuantizedWeight.from_int4(unpack_nibbles(state[f"{name}.qweight"]), state[f"{name}.scales"],
-                                     state[f"{name}.zeros"])
+        return QuantizedWeight.from_int8(q, state[f"{name}.scales"])
+    return QuantizedWeight.from_int4(unpack_nibbles(q), state[f"{name}.scales"], state[f"{name}.zeros"],
+                                     keep_nibbles=keep_nibbles)
 
 
 def load_quantized_model(model: torch.nn.Module, state: dict[str, torch.Tensor], settings: dict, where: str
                          ) -> torch.nn.Module:
-    """Fill ``model`` (built on the meta device) from a quantized checkpoint's tensors, in place:
-    quantized weights become :class:`QuantizedLinear` / :class:`QuantizedExperts`, the rest is assigned."""
+    """Fill ``model`` (built on the meta device) from a quantized checkpoint's tensors, in place: a weight
+    saved as ``.qweight`` + scales becomes quantized (its kind read from the tensors), the rest is float."""
     from moekit.model.experts import Experts
-    from moekit.model.router import Router
 
-    bits, group_size = settings.get("bits"), settings.get("group_size")
-    check_settings(bits, group_size)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, Experts):
-                new = QuantizedExperts(read_quantized(state, f"{full}.gate_up_proj", bits, where),
-                                       read_quantized(state, f"{full}.down_proj", bits, where))
+            if isinstance(child, Experts) and f"{full}.gate_up_proj.qweight" in state:
+                new = QuantizedExperts(read_quantized(state, f"{full}.gate_up_proj", where),
+                                       read_quantized(state, f"{full}.down_proj", where))
                 setattr(module, child_name, new)
             elif isinstance(child, torch.nn.Linear) and f"{full}.weight.qweight" in state:
-                b = 8 if full == "lm_head" else bits
-                bias = state.get(f"{full}.bias")
-                setattr(module, child_name, QuantizedLinear(read_quantized(state, f"{full}.weight", b, where), bias))
-            elif isinstance(child, torch.nn.Linear) and not isinstance(module, Router) and "shared_expert_gate" not in full:
-                raise QuantizationError(f"{where}: quantized tensor {full}.weight is missing "
-                                        f"{full}.weight.qweight (and its scales)")
+                setattr(module, child_name, QuantizedLinear(read_quantized(state, f"{full}.weight", where),
+                                                            state.get(f"{full}.bias")))
+            elif isinstance(child, torch.nn.Embedding) and f"{full}.weight.qweight" in state:
+                setattr(module, child_name, QuantizedEmbedding(read_quantized(state, f"{full}.weight", where, True)))
     float_state = {k: v for k, v in state.items() if not k.endswith((".qweight", ".scales", ".zeros"))}
     expected = set(model.state_dict())
     missing = sorted(expected - set(float_state))
     if missing:
         raise QuantizationError(f"{where}: missing tensors {missing[:5]}")
     model.load_state_dict({k: float_state[k] for k in expected}, strict=True, assign=True)
-    model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None}
+    model.quantization = dict(settings)
     return model
+
+
+def dequantize_model(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Replace every quantized module by its float counterpart, in place (for training, conversion)."""
+    from moekit.model.experts import Experts
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, QuantizedLinear):
+                new = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                new.weight = torch.nn.Parameter(child.qweight.dequantize(dtype))
+                if child.bias is not None:
+                    new.bias = torch.nn.Parameter(child.bias.detach().to(dtype))
+            elif isinstance(child, QuantizedExperts):
+                new = Experts.__new__(Experts)
+                torch.nn.Module.__init__(new)
+                new.num_experts, new.ffn_dim = child.num_experts, child.ffn_dim
+                new.gate_up_proj = torch.nn.Parameter(child.gate_up_proj.dequantize(dtype))
+                new.down_proj = torch.nn.Parameter(child.down_proj.dequantize(dtype))
+            elif isinstance(child, QuantizedEmbedding):
+                new = torch.nn.Embedding(*child.qweight.shape, device="meta")
+                new.weight = torch.nn.Parameter(child.qweight.dequantize(dtype))
+            else:
+                continue
+            setattr(module, child_name, new)
+    if hasattr(model, "quantization"):
+        del model.quantization
+    return model
+
+
+class QuantizedEmbedding(torch.nn.Module):
+    """An embedding table kept quantized (a GGUF file's Q8_0 / Q4 ``token_embd``); rows are
+    dequantized as they are looked up. ``weight`` is the table, usable as a tied output head."""
+
+    def __init__(self, weight: QuantizedWeight):
+        super().__init__()
+        self.qweight = weight
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        return self.qweight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight.embedding(ids)
+
+
+def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor | QuantizedWeight]) -> torch.nn.Module:
+    """Fill ``model`` (built on the meta device) from ``state`` whose values are float tensors or
+    :class:`QuantizedWeight` s: a quantized weight turns its module into the quantized counterpart."""
+    from moekit.model.experts import Experts
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, Experts) and isinstance(state.get(f"{full}.gate_up_proj"), QuantizedWeight):
+                setattr(module, child_name, QuantizedExperts(state.pop(f"{full}.gate_up_proj"),
+                                                             state.pop(f"{full}.down_proj")))
+            elif isinstance(child, torch.nn.Linear) and isinstance(state.get(f"{full}.weight"), QuantizedWeight):
+                setattr(module, child_name, QuantizedLinear(state.pop(f"{full}.weight"), state.pop(f"{full}.bias", None)))
+            elif isinstance(child, torch.nn.Embedding) and isinstance(state.get(f"{full}.weight"), QuantizedWeight):
+                setattr(module, child_name, QuantizedEmbedding(state.pop(f"{full}.weight")))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def permute_rows(w: QuantizedWeight | torch.Tensor, index: torch.Tensor):
+    return select_rows(w, index) if isinstance(w, QuantizedWeight) else w[index]

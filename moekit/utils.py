@@ -98,3 +98,18 @@ def tune_cpu_allocator() -> bool:
     ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1  # int argument: 1 GiB
     ok &= mallopt(M_TOP_PAD, 64 << 20) == 1
     return bool(ok)
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim(0)``), e.g. after a load that
+    built large temporaries: the process then holds what it uses, not its peak. False off glibc."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -255,7 +255,12 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    return load_gguf(smollm2_gguf)
+    return load_gguf(smollm2_gguf, keep_quantized=False)  # dequantised: the parity reference
+
+
+@pytest.fixture(scope="module")
+def smollm2_quantized(smollm2_gguf):
+    return load_gguf(smollm2_gguf)  # the default: Q4_1 stays int4, Q8_0 becomes per-channel int8
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +338,7 @@ def test_smollm2_inspect_and_reexport(tmp_path, smollm2_gguf, smollm2):
     assert info["params_total"] == info["params_active"] == info["params_in_file"]
     assert 130e6 < info["params_total"] < 140e6 and info["tokenizer"] == "gpt2/smollm"
     model, tok = smollm2  # re-quantising Q4_1 values to Q8_0: lossy, but the next token stays
-    loaded, tok2 = load_gguf(save_gguf(model, tok, tmp_path / "smol.gguf", dtype="q8_0"))
+    loaded, tok2 = load_gguf(save_gguf(model, tok, tmp_path / "smol.gguf", dtype="q8_0"), keep_quantized=False)
     ids = encode(tok, PROMPT)
     ours, ref = logits(loaded, ids), logits(model, ids)
     assert rel_diff(ours, ref) < 5e-2 and ours[-1].argmax() == ref[-1].argmax()
@@ -367,3 +372,39 @@ def test_llama_cpp_runs_exported_moe_like_moekit(tmp_path, tok, dtype):
         if len(theirs) == len(ours):
             break
     assert theirs == ours and len(set(ours)) > 4  # a varied continuation, not one token repeated
+
+
+# --------------------------------------------------------------------------- kept quantized
+def test_smollm2_kept_quantized_matches_the_dequantized_path(smollm2, smollm2_quantized, smollm2_gguf):
+    from moekit.quant import QuantizedWeight, quantized_weights
+
+    (ref_model, tok), (model, _) = smollm2, smollm2_quantized
+    weights = quantized_weights(model)
+    assert {w.bits for w in weights.values()} == {4, 8}  # Q4_1 blocks, and the Q8_0 embedding / tied head
+    assert isinstance(model.embed.weight, QuantizedWeight) and model.lm_head is None
+    held = sum(w.nbytes() for w in weights.values()) + sum(p.numel() * p.element_size() for p in model.parameters())
+    assert held <= 1.3 * smollm2_gguf.stat().st_size  # the model holds about the file's size (0.96x measured)
+    # Q4_1 maps exactly onto int4 (scale d, zero m + 8d): every int4 weight dequantises to the reference's
+    # float weight up to the bfloat16 rounding of its scale and zero point.
+    q = model.layers[3].ffn.down_proj.weight.dequantize()
+    assert rel_diff(q, ref_model.layers[3].ffn.down_proj.weight) < 1e-2
+    ids = encode(tok, PROMPT + " Paris, and the capital of Germany is Berlin.")
+    ours, ref = logits(model, ids), logits(ref_model, ids)
+    # Stated bound: bfloat16 activations in the int8/int4 kernels plus the per-channel requantisation of
+    # the Q8_0 embedding give <= 5% of the logit scale; the next-token choices agree.
+    assert rel_diff(ours, ref) < 0.05
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_q8_0_requantized_per_channel_stays_within_half_a_step(tmp_path, tok):
+    from moekit.convert import gguf_quant
+
+    model = tiny_model("dense")
+    path = save_gguf(model, tok, tmp_path / "m.gguf", dtype="q8_0")
+    reader = gguf.GGUFReader(path)
+    t = next(t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q8_0)
+    shape = tuple(int(x) for x in reversed(t.shape))
+    block = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(shape)
+    kind, q, scale = gguf_quant.quantized_parts(t.data, t.tensor_type, shape)
+    assert kind == "int8"
+    assert ((q.float() * scale[:, None] - block).abs() <= scale[:, None] / 2 + 1e-6).all()

@@ -221,7 +221,7 @@ def test_upcycle_smollm2_matches_dense(smollm2_gguf):
     """SmolLM2-135M (a real Llama) from GGUF, upcycled to 4 experts top-2, predicts what it did."""
     from moekit.convert.gguf import load_gguf
 
-    dense, _ = load_gguf(smollm2_gguf)
+    dense, _ = load_gguf(smollm2_gguf, keep_quantized=False)
     dense = dense.float().eval()
     moe = upcycle(dense, num_experts=4, top_k=2).eval()
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2102, 30, 378, 3190, 314]]) % dense.cfg.vocab_size

@@ -51,10 +51,12 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType,
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from moekit.config import ConfigError, ModelConfig
+from moekit.convert import gguf_quant
 from moekit.data.special import SpecialTokens, fill_missing, special_tokens_of
 from moekit.errors import CheckpointError
 from moekit.model.transformer import Transformer
-from moekit.utils import atomic_write
+from moekit.quant import assign_weights, quantized_weights
+from moekit.utils import atomic_write, release_free_memory
 
 __all__ = ["EXPORT_DTYPES", "PRE_TOKENIZERS", "SUPPORTED_ARCHITECTURES", "check_export_dtype", "check_exportable",
            "gguf_pre_tokenizer_name",
@@ -268,13 +270,23 @@ def _expected_gguf_names(cfg: ModelConfig) -> dict[str, str]:
 class _TensorSource:
     """Dequantises named GGUF tensors to torch (one at a time) and records which were used."""
 
-    def __init__(self, reader: GGUFReader, path: Path, dtype: torch.dtype):
+    def __init__(self, reader: GGUFReader, path: Path, dtype: torch.dtype, keep_quantized: bool = False):
         self.tensors = {t.name: t for t in reader.tensors}
-        self.path, self.dtype = path, dtype
+        self.path, self.dtype, self.keep_quantized = path, dtype, keep_quantized
         self.used: set[str] = set()
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """Tensor ``name`` dequantised to torch, after checking it has the ``shape`` the config implies."""
+    def get_parts(self, name: str, shape: tuple[int, ...]):
+        """Tensor ``name`` as quantized parts (``moekit.convert.gguf_quant``) when kept quantized and its
+        type allows, else dequantised to torch."""
+        t = self._checked(name, shape)
+        if self.keep_quantized:
+            parts = gguf_quant.quantized_parts(t.data, t.tensor_type, tuple(shape))
+            if parts is not None:
+                self.used.add(name)
+                return parts
+        return self.get(name, shape)
+
+    def _checked(self, name: str, shape: tuple[int, ...]) -> ReaderTensor:
         t = self.tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
@@ -282,6 +294,11 @@ class _TensorSource:
         if found != tuple(shape):
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {found}, the file's hyperparameters "
                                   f"imply {tuple(shape)}")
+        return t
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Tensor ``name`` dequantised to torch, after checking it has the ``shape`` the config implies."""
+        t = self._checked(name, shape)
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -291,12 +308,19 @@ class _TensorSource:
         # F32 comes back as a read-only view of the memory-mapped file: copy it out.
         return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(self.dtype)
 
-    def experts(self, block: str, kind: str, shape_EXY: tuple[int, ...]) -> torch.Tensor:
-        """Stacked expert weight ``ffn_{kind}_exps`` [E, ...], or stack legacy ``ffn_{kind}.{e}`` tensors."""
+    def experts(self, block: str, kind: str, shape_EXY: tuple[int, ...]):
+        """Stacked expert weight ``ffn_{kind}_exps`` [E, ...], or stack legacy ``ffn_{kind}.{e}`` tensors
+        (float; quantized parts only for the stacked form)."""
         stacked = f"{block}ffn_{kind}_exps.weight"
         if stacked in self.tensors or f"{block}ffn_{kind}.0.weight" not in self.tensors:
-            return self.get(stacked, shape_EXY)
+            return self.get_parts(stacked, shape_EXY)
         return torch.stack([self.get(f"{block}ffn_{kind}.{e}.weight", shape_EXY[1:]) for e in range(shape_EXY[0])])
+
+    def as_float(self, value):
+        """Quantized parts dequantised (for weights whose partner is not quantized alike)."""
+        if isinstance(value, torch.Tensor):
+            return value
+        return gguf_quant.build(value).dequantize(self.dtype)
 
 
 def _state_from_gguf(source: _TensorSource, cfg: ModelConfig, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
@@ -304,19 +328,32 @@ def _state_from_gguf(source: _TensorSource, cfg: ModelConfig, shapes: dict[str, 
     q/k un-permuted, gate and up experts fused."""
     state = {}
     for name, gguf_name in _expected_gguf_names(cfg).items():
-        w = source.get(gguf_name, shapes[name])
-        if name.endswith("q_proj.weight"):
-            w = unpermute_qk(w, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_qk(w, cfg.n_kv_heads)
+        quantizable = name.endswith("weight") and len(shapes[name]) == 2 and "norm" not in name
+        w = source.get_parts(gguf_name, shapes[name]) if quantizable else source.get(gguf_name, shapes[name])
+        for suffix, heads in (("q_proj.weight", cfg.n_heads), ("k_proj.weight", cfg.n_kv_heads)):
+            if name.endswith(suffix):
+                if isinstance(w, torch.Tensor):
+                    w = unpermute_qk(w, heads)
+                else:  # the same row order, applied to every piece
+                    w = gguf_quant.rows(w, unpermute_qk(torch.arange(shapes[name][0])[:, None], heads)[:, 0])
+        if not isinstance(w, torch.Tensor):
+            w = gguf_quant.build(w, keep_nibbles=name == "embed.weight")
         state[name] = w
     for i in range(cfg.n_layers):
         if cfg.is_moe_layer(i):
             b, p = f"blk.{i}.", f"layers.{i}.ffn.experts."
             E, F, D = cfg.num_experts, cfg.expert_ffn_dim, cfg.dim
             gate_EFD, up_EFD = source.experts(b, "gate", (E, F, D)), source.experts(b, "up", (E, F, D))
-            state[p + "gate_up_proj"] = torch.cat([gate_EFD, up_EFD], dim=1)  # [E, 2F, D]: gate rows, then up
-            state[p + "down_proj"] = source.experts(b, "down", (E, D, F))
+            down_EDF = source.experts(b, "down", (E, D, F))
+            fused = None
+            if not isinstance(gate_EFD, torch.Tensor) and not isinstance(down_EDF, torch.Tensor):
+                fused = gguf_quant.cat_rows(gate_EFD, up_EFD)
+            if fused is not None and fused[0] == down_EDF[0]:  # experts stay quantized, one kind for both
+                state[p + "gate_up_proj"], state[p + "down_proj"] = gguf_quant.build(fused), gguf_quant.build(down_EDF)
+            else:
+                gate_EFD, up_EFD, down_EDF = map(source.as_float, (gate_EFD, up_EFD, down_EDF))
+                state[p + "gate_up_proj"] = torch.cat([gate_EFD, up_EFD], dim=1)  # [E, 2F, D]: gate rows, then up
+                state[p + "down_proj"] = down_EDF
     unused = sorted(n for n in set(source.tensors) - source.used if not _IGNORED_TENSOR.match(n))
     if unused:
         raise CheckpointError(f"{source.path}: tensors moekit does not know how to use: {unused[:6]}"
@@ -324,8 +361,13 @@ def _state_from_gguf(source: _TensorSource, cfg: ModelConfig, shapes: dict[str, 
     return state
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer | None]:
-    """Load a Llama-family GGUF file as ``(model, tokenizer)``, every tensor dequantised to ``dtype``.
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              keep_quantized: bool = True) -> tuple[Transformer, Tokenizer | None]:
+    """Load a Llama-family GGUF file as ``(model, tokenizer)``.
+
+    With ``keep_quantized`` (the default), Q4_0 / Q4_1 weights stay 4-bit and Q8_0 weights become
+    per-channel int8 (``moekit.convert.gguf_quant``; ``moekit.quant`` kernels, no float copy), so
+    the model needs about the file's size in memory; other tensor types are dequantised to ``dtype``.
 
     Dense Llama files and Mixtral-style MoE files (``ffn_*_exps``) load; other architectures raise
     :class:`CheckpointError` naming the supported ones. The tokenizer is rebuilt from the file's
@@ -339,13 +381,26 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     with torch.device("meta"):  # shapes only: no memory, no random init for weights about to be replaced
         model = Transformer(cfg)
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    state = _state_from_gguf(_TensorSource(reader, path, dtype), cfg, expected)
-    model.load_state_dict(state, strict=True, assign=True)
+    state = _state_from_gguf(_TensorSource(reader, path, dtype, keep_quantized), cfg, expected)
+    if any(not isinstance(v, torch.Tensor) for v in state.values()):
+        assign_weights(model, state)
+        bits = sorted({w.bits for w in quantized_weights(model).values()})
+        model.quantization = {"bits": min(bits), "group_size": 32 if 4 in bits else None, "source": "gguf"}
+    else:
+        model.load_state_dict(state, strict=True, assign=True)
     stated = _special_tokens_from_gguf(meta)
     tokenizer = _tokenizer_from_gguf(meta, path, stated)
     model.special_tokens = fill_missing(stated, tokenizer)
     model.chat_template = model.special_tokens.chat_template
     return model.eval(), tokenizer
+
+
+def load_gguf_compact(path: str | os.PathLike, **kwargs) -> tuple[Transformer, Tokenizer | None]:
+    """:func:`load_gguf`, then the heap's free pages (the file's parsed metadata, unpacking temporaries:
+    about twice the file) go back to the OS, so the process holds what the model uses."""
+    model, tokenizer = load_gguf(path, **kwargs)
+    release_free_memory()
+    return model, tokenizer
 
 
 def _special_tokens_from_gguf(meta: _Metadata) -> SpecialTokens:

@@ -105,6 +105,8 @@ def upcycle(model: Transformer, num_experts: int, top_k: int, router: str = "top
     their dense MLP. Dtypes, device and special tokens are kept, and ``model`` is left untouched.
     """
     check_arguments(num_experts, top_k, router, noise)
+    if getattr(model, "quantization", None):
+        raise ConfigError("upcycle needs float weights; load the model with moekit.load(path, quantized=False)")
     cfg = upcycled_config(model.cfg, num_experts, top_k, router, moe_every, first_dense_layers)
     if router in UNNORMALISED_ROUTERS:
         warnings.warn(f"router={router!r}: the upcycled model's outputs differ from the dense model's at "
@@ -180,7 +182,7 @@ def upcycle_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_exper
         raise CheckpointError(f"{dst} already exists and is not an empty directory; choose another destination")
     source = inspect_checkpoint(src)  # headers only: refuse an MoE source before loading all its weights
     _refuse_moe(source.get("num_experts") or 0, source.get("router"))
-    dense, tokenizer = load(src)
+    dense, tokenizer = load(src, quantized=False)
     moe = upcycle(dense, num_experts, top_k, router, noise, seed, moe_every=moe_every,
                   first_dense_layers=first_dense_layers)
     card = model_card(moe.cfg) + _provenance(src, dense.cfg, moe.cfg, noise, seed)

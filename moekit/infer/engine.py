@@ -183,7 +183,7 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len = max_len or model.cfg.max_seq_len
         self.runner = Runner(model, max_batch, self.max_len)
-        self.device = model.embed.weight.device
+        self.device = model.norm.weight.device
         self.special = special_tokens_of(model, tokenizer)
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
         self.vocab_size = model.cfg.vocab_size

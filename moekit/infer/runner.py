@@ -43,7 +43,7 @@ class SlotCache:
     """
 
     def __init__(self, model: Transformer, slots: int, max_len: int):
-        c, p = model.cfg, model.embed.weight
+        c, p = model.cfg, model.norm.weight  # (the embedding may be quantized: no dtype of its own)
         if c.attention == "mla":
             heads, k_dim, v_dim = c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
         else:
@@ -283,12 +283,12 @@ class Runner:
             raise ValueError(f"max_len={max_len} is beyond the model's max_seq_len={cfg.max_seq_len}")
         self.model, self.cfg = model, cfg
         self.cache = SlotCache(model, slots, max_len)
-        p = model.embed.weight
+        p = model.norm.weight
         cos, sin = rope_frequencies(cfg.head_dim, torch.arange(max_len, device=p.device), cfg.rope_theta)
         self.cos, self.sin = cos.to(p.dtype), sin.to(p.dtype)  # [L, Dh]
         half = cfg.head_dim // 2
         self.freqs = torch.complex(cos[:, :half], sin[:, :half])  # [L, Dh/2] e^(i * angle), rotate-half pairs
-        self.embed = model.embed.weight.detach()
+        self.embed = _detach(model.embed.weight)
         self.head = _detach(model.lm_head.weight if model.lm_head is not None else model.embed.weight)
         self.blocks = []
         for block in model.layers:
@@ -327,7 +327,10 @@ class Runner:
         if plan.single is None and plan.n_decode:
             for s, _, _ in segments[:plan.n_decode]:
                 self.cache.ensure_clean(s, plan.dec_len)
-        x = F.embedding(tokens_N, self.embed)[None]  # [1, N, D]
+        if isinstance(self.embed, QuantizedWeight):
+            x = self.embed.embedding(tokens_N, self.cos.dtype)[None]
+        else:
+            x = F.embedding(tokens_N, self.embed)[None]  # [1, N, D]
         for i, (attn, ffn_norm, ffn) in enumerate(self.blocks):
             q, k, v = attn.project(x, plan.freqs, plan.cos, plan.sin)  # [1, H|G, N, Dh]
             y = plan.attend(q, k, v, self.cache.k[i], self.cache.v[i], attn.attn.scale if attn.mla else None)

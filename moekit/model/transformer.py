@@ -119,7 +119,7 @@ class Transformer(nn.Module):
         x = self.norm(x)
         head_weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         if not isinstance(head_weight, torch.Tensor):  # a quantized head (moekit.quant): its own matmul
-            logits = self.lm_head(x)
+            logits = head_weight.linear(x)
             loss = None
             if labels is not None:
                 loss = F.cross_entropy(logits.float().reshape(B * T, -1), labels.reshape(B * T), ignore_index=-100)
@@ -155,7 +155,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         """One empty KV cache per layer for incremental decoding."""
-        p, c = self.embed.weight, self.cfg
+        p, c = self.norm.weight, self.cfg
         if c.attention == "mla":
             heads, k_dim, v_dim = c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
         else:
