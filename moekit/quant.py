@@ -181,6 +181,24 @@ class QuantizedWeight:
                    if t is not None)
 
 
+#: Logits recomputed exactly (float32 activations) after a quantized output head: its kernels write
+#: bfloat16, whose spacing at logit 25 is 0.125 -- coarser than many real gaps between the top choices.
+REFINED_LOGITS = 64
+
+
+def head_logits(h: torch.Tensor, w: QuantizedWeight, k: int = REFINED_LOGITS) -> torch.Tensor:
+    """``h @ w.T`` for an output head: the kernel for every token, then the ``k`` largest logits per row
+    recomputed in float32 from the dequantized rows, so greedy choices and top-k/top-p sampling see
+    float resolution where it matters. Needs row access (int8, or int4 with nibbles kept)."""
+    logits = w.linear(h)
+    if w.bits == 4 and w.nibbles is None:
+        return logits
+    top = logits.float().topk(min(k, logits.shape[-1]), dim=-1).indices  # [..., k]
+    rows = w.embedding(top, torch.float32)  # [..., k, D]
+    exact = (rows @ h.float()[..., None])[..., 0]
+    return logits.float().scatter_(-1, top, exact).to(h.dtype)
+
+
 def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` whose storage starts on a 64-byte boundary."""
     nbytes = t.numel() * t.element_size()

@@ -116,8 +116,8 @@ QUESTION = "What is the capital of France?"
 
 
 def _answer(capsys, path, *extra) -> tuple[str, str]:
-    code, out, err = run_cli(capsys, path, "--chat", "--prompt", QUESTION, "--temperature", "0",
-                             "--max-new-tokens", "48", *extra)
+    code, out, err = run_cli(capsys, path, "--chat", "--system", "Answer in one short sentence.", "--prompt", QUESTION,
+                             "--temperature", "0", "--max-new-tokens", "48", *extra)
     assert code == 0, err
     return out, err
 
@@ -131,5 +131,7 @@ def test_a_chat_model_stops_at_its_end_of_turn_in_every_format(smollm2_gguf, cap
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.gguf")]) == 0
     capsys.readouterr()
     for path in (tmp_path / "hf", tmp_path / "back.gguf"):
+        # The weights differ by format (int4 kept from the file; bf16 in the HF export; f16 re-exported),
+        # so the words may too: what must hold is that each stops at its end-of-turn token by itself.
         again, err_again = _answer(capsys, path)
-        assert again == out and int(err_again.split("[")[1].split()[0]) == generated
+        assert "Paris" in again and "<|im_end|>" not in again and int(err_again.split("[")[1].split()[0]) < 48

@@ -164,3 +164,15 @@ def test_quantize_cli(tmp_path, capsys):
         assert main(["quantize", str(tmp_path / "f"), str(dst), *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+def test_a_quantized_head_gives_float_resolution_for_the_top_logits():
+    from moekit.quant import REFINED_LOGITS, head_logits
+
+    w = QuantizedWeight.quantize(torch.randn(1000, 64), 8)
+    h = torch.randn(3, 64) * 4
+    exact = h @ w.dequantize().t()  # float activations on the quantized weights
+    got = head_logits(h, w)
+    top = exact.topk(10, dim=-1).indices
+    assert torch.allclose(got.gather(-1, top), exact.gather(-1, top), atol=1e-4)  # not bfloat16's 2^-8 steps
+    assert (got.argmax(-1) == exact.argmax(-1)).all() and REFINED_LOGITS >= 10

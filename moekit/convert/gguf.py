@@ -337,7 +337,7 @@ def _state_from_gguf(source: _TensorSource, cfg: ModelConfig, shapes: dict[str, 
                 else:  # the same row order, applied to every piece
                     w = gguf_quant.rows(w, unpermute_qk(torch.arange(shapes[name][0])[:, None], heads)[:, 0])
         if not isinstance(w, torch.Tensor):
-            w = gguf_quant.build(w, keep_nibbles=name == "embed.weight")
+            w = gguf_quant.build(w, keep_nibbles=name in ("embed.weight", "lm_head.weight"))  # row access
         state[name] = w
     for i in range(cfg.n_layers):
         if cfg.is_moe_layer(i):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, rope_frequencies
 from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
-from moekit.quant import QuantizedWeight, cat_rows, linear, select_rows
+from moekit.quant import QuantizedWeight, cat_rows, head_logits, linear, select_rows
 
 #: Up to this many tokens in one call, the MoE groups tokens by expert in Python; above it, by a sort.
 SMALL_BATCH_TOKENS = 16
@@ -341,7 +341,8 @@ class Runner:
             self.cache.written(s, p + n)
         rows = plan.output_rows(all_logits)
         x = x[0] if rows is None else x[0].index_select(0, rows)
-        return linear(_rms_norm(self.model.norm, x), self.head)
+        h = _rms_norm(self.model.norm, x)
+        return head_logits(h, self.head) if isinstance(self.head, QuantizedWeight) else F.linear(h, self.head)
 
     def _attention_plan(self, segments: list[tuple[int, int, int]], device: torch.device) -> _AttentionPlan:
         if not segments:
