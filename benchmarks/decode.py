@@ -1,28 +1,42 @@
 """Decode speed: moekit's inference engine against ``transformers``, llama.cpp through llama-cpp-python
-and llama.cpp's own ``llama-bench`` / ``llama-batched-bench``, on one Mixtral-shaped model, in one run.
+and llama.cpp's own ``llama-bench`` / ``llama-batched-bench``, on one Mixtral-shaped model, in one run,
+in float32 and with quantized weights (moekit int8 / int4 against llama.cpp Q8_0 / Q4_0).
 
 The model is built from a seed (random weights: speed does not depend on them): 8 layers, width 512,
 8 heads / 4 KV heads, 8 experts of width 1024, top-2, vocabulary 8192, untied head, float32. moekit
-exports it once per run (``moekit.save`` as a Hugging Face directory and as an f32 GGUF), so every
-peer runs the same weights on the same prompts (random token ids), greedily, with 2 threads. Each
-peer runs in its own process, one after the other, after a warm-up (no peer inherits another's heap
-or thread pools; see ``train_throughput.py`` for why that matters on this machine).
+exports it once per run (``moekit.save`` as a Hugging Face directory and as f32, q8_0 and q4_0 GGUF
+files), so every peer runs the same weights on the same prompts (random token ids), greedily, with 2
+threads. moekit's quantized rows build the same seeded model in their process and quantize it there
+(``moekit.quant.quantize_model``: int8 per output channel, or int4 in groups of 32; the untied
+lm_head is int8 in both, as llama.cpp keeps its output tensor at Q8_0 in a q4_0 file). Each peer
+runs in its own process, one after the other, after a warm-up (no peer inherits another's heap or
+thread pools; see ``train_throughput.py`` for why that matters on this machine).
 
 Measured for each peer (medians over ``--repeats``):
 - decode at batch 1 and at batch 8 (aggregate: tokens of all rows per second) after a 16-token
   prompt: tokens after the first / time after the first token (the first token pays the prefill);
 - prefill of a 512-token prompt: prompt tokens / time to the first token;
 - fraction of the memory-bandwidth limit at batch 1: the bytes of weights one decoded token reads
-  (attention, router, the top-k experts, norms, lm_head; float32) x tok/s / the read bandwidth
-  measured in the same run;
+  (attention, router, the top-k experts, norms, lm_head; not the embedding table, of which a token
+  reads one row) x tok/s / the read bandwidth measured in the same run. The bytes are each peer's
+  own: summed over the moekit model's tensors as they are after loading (float parameters and
+  quantized weights with their scales: int8 1 byte + a bfloat16 scale per row, int4 0.5 byte + a
+  bfloat16 scale and zero per 32), over the GGUF file's tensors for llama.cpp (Q8_0 34 bytes per 32
+  weights, Q4_0 18 per 32 with the output tensor at Q8_0), float32 for transformers;
+- memory after loading, per moekit precision: the bytes the model holds (float parameters plus
+  quantized weights) and the growth of the child process's ``RssAnon`` (``/proc/self/status``) from
+  before building the model to after building / casting / quantizing it (freed temporaries handed
+  back with ``malloc_trim`` first); and the size of each GGUF file;
 - moekit only: a continuous batch (requests of random lengths join and leave, ``max_batch=32``),
   as aggregate tok/s and relative to its batch-1 decode.
 
 Rows: moekit's ``Engine`` (what counts) and, for reference, the ``Runner`` it calls in a bare greedy
 loop; ``transformers``' ``MixtralForCausalLM.generate`` with its default dynamic cache and with a
 static one; llama-cpp-python's ``Llama.generate`` (one sequence: no batch-8 figure); llama.cpp's C++
-benchmarks. Then the ratios moekit Engine / each peer, the continuous batch, and a check that the
-greedy tokens agree (same weights in every peer).
+benchmarks; moekit's Engine with int8 / int4 weights against llama.cpp's C++ benchmarks on the q8_0 /
+q4_0 exports. Then the ratios moekit Engine / each peer, at equal precision (moekit int8 / llama.cpp
+q8_0, int4 / q4_0), the memory table, the continuous batch, and a check that the greedy tokens agree
+(same weights in every float peer).
 
 NOTE: every peer runs OpenMP-style thread pools; on a machine with other load, a pool thread that
 loses its core stalls the others and single figures drop by up to 10x. Run it on a quiet machine.
@@ -32,8 +46,9 @@ llama-cpp-python source package (the same llama.cpp as the Python peer, compiled
 the script looks for them in ``~/.cache/moekit-bench/build/bin`` and builds them there with
 ``--build-llama`` (~5 minutes on 2 cores). A peer that is not available is skipped with a note.
 
-    python benchmarks/decode.py                          # everything: ~3 minutes on 2 cores (quiet)
+    python benchmarks/decode.py                          # everything: ~5 minutes on 2 cores (quiet)
     python benchmarks/decode.py --quick                  # smoke test: small token counts
+    python benchmarks/decode.py --skip moekit-int4 --skip llama.cpp-q4_0   # leave out a precision
     python benchmarks/decode.py --skip transformers --json decode.json
     python benchmarks/decode.py --build-llama            # build the llama.cpp binaries if missing
 """
@@ -65,9 +80,33 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the version in the venv: its sources hold
 #: Peers in the order they run, with the row label of the table.
 PEERS = {"moekit": "moekit Engine", "moekit-runner": "moekit Runner (no engine)",
          "moekit-bf16": "moekit Engine, bfloat16 weights",
+         "moekit-int8": "moekit Engine, int8 weights", "moekit-int4": "moekit Engine, int4 weights (group 32)",
          "transformers": "transformers generate", "transformers-static": "transformers generate, static cache",
          "llama-cpp-python": "llama-cpp-python",
-         "llama.cpp": "llama.cpp (llama-bench / batched-bench)"}
+         "llama.cpp": "llama.cpp (llama-bench / batched-bench)",
+         "llama.cpp-q8_0": "llama.cpp q8_0", "llama.cpp-q4_0": "llama.cpp q4_0"}
+GGUF_TYPES = ("f32", "q8_0", "q4_0")  # the GGUF files written per run
+#: llama.cpp's C++ benchmark peers and the GGUF tensor type of the file each runs.
+LLAMA_PEERS = {"llama.cpp": "f32", "llama.cpp-q8_0": "q8_0", "llama.cpp-q4_0": "q4_0"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a moekit Engine peer holds its weights: ``dtype`` of the float tensors, ``quant`` the bits and
+    group size given to ``quantize_model`` (None: not quantized); ``gguf`` the GGUF type of the same precision."""
+
+    label: str
+    dtype: torch.dtype
+    quant: tuple[int, int | None] | None
+    gguf: str | None
+
+
+MOEKIT_PRECISIONS = {"moekit": Precision("float32", torch.float32, None, "f32"),
+                     "moekit-bf16": Precision("bfloat16", torch.bfloat16, None, None),
+                     "moekit-int8": Precision("int8", torch.float32, (8, None), "q8_0"),
+                     "moekit-int4": Precision("int4, group 32", torch.float32, (4, 32), "q4_0")}
+#: Equal-precision comparisons: moekit peer -> llama.cpp peer.
+SAME_PRECISION = {"moekit": "llama.cpp", "moekit-int8": "llama.cpp-q8_0", "moekit-int4": "llama.cpp-q4_0"}
 BATCH = 8  # rows of the batched decode
 
 
@@ -89,6 +128,54 @@ def bytes_per_decoded_token(cfg: ModelConfig) -> int:
     if not cfg.tie_embeddings:
         active -= cfg.vocab_size * cfg.dim
     return active * 4  # float32
+
+
+def _read_share(name: str, cfg: ModelConfig) -> float:
+    """Fraction of a moekit tensor that one batch-1 decode step reads: top-k of E of the routed experts'
+    stacks, none of an untied embedding table (one row), all of anything else."""
+    if name == "embed.weight" and not cfg.tie_embeddings:
+        return 0.0
+    return cfg.top_k / cfg.num_experts if ".experts." in name else 1.0
+
+
+def model_bytes(model: Transformer) -> tuple[int, float]:
+    """(bytes the model holds, weight bytes one batch-1 decoded token reads), from the tensors as they are:
+    float parameters plus quantized weights (values, scales, zeros)."""
+    from moekit.quant import quantized_weights
+
+    cfg = model.cfg
+    held, per_token = 0, 0.0
+    tensors = [(n, p.numel() * p.element_size()) for n, p in model.named_parameters()]
+    tensors += [(n, w.nbytes()) for n, w in quantized_weights(model).items()]
+    for name, nbytes in tensors:
+        held += nbytes
+        per_token += nbytes * _read_share(name, cfg)
+    return held, per_token
+
+
+def gguf_bytes(path: Path, cfg: ModelConfig) -> dict:
+    """Size of a GGUF file and the weight bytes one batch-1 decoded token reads from its tensors (their
+    stored sizes: Q8_0 34 bytes per 32 weights, Q4_0 18; top-k of the ``*_exps`` stacks, no embedding)."""
+    import gguf
+
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
+    per_token = 0.0
+    for name, nbytes in tensors.items():
+        if name == "token_embd.weight" and "output.weight" in tensors:
+            continue
+        per_token += nbytes * (cfg.top_k / cfg.num_experts if "_exps." in name else 1)
+    return {"path": str(path), "file_bytes": path.stat().st_size, "bytes_per_token": per_token}
+
+
+def rss_anon() -> int | None:
+    """This process's anonymous resident memory (``RssAnon`` of /proc/self/status), bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def read_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> dict[str, float]:
@@ -151,12 +238,26 @@ def _load_tokenizer(plan: dict):
     return Tokenizer.from_file(plan["tokenizer"])
 
 
-def peer_moekit(plan: dict, dtype: torch.dtype = torch.float32) -> dict:
-    """moekit's Engine as a server drives it: requests in, ``step()`` until no work is left."""
+def peer_moekit(plan: dict, peer: str = "moekit") -> dict:
+    """moekit's Engine as a server drives it: requests in, ``step()`` until no work is left; the weights in
+    the precision of ``peer`` (cast or quantized in place after building the seeded model)."""
     from moekit.infer import Engine, SamplingParams
+    from moekit.quant import quantize_model
+    from moekit.utils import release_free_memory
 
-    model = build_model(ModelConfig.from_dict(plan["config"]), plan["seed"]).to(dtype)
+    precision = MOEKIT_PRECISIONS[peer]
     tokenizer = _load_tokenizer(plan)
+    release_free_memory()
+    rss0 = rss_anon()
+    model = build_model(ModelConfig.from_dict(plan["config"]), plan["seed"]).to(precision.dtype)
+    if precision.quant is not None:
+        quantize_model(model, *precision.quant)
+    rss_untrimmed = rss_anon()
+    release_free_memory()  # the float32 originals of cast or quantized weights are free now
+    rss1 = rss_anon()
+    held, per_token = model_bytes(model)
+    memory = {"model_bytes": held, "rss_anon_growth": None if rss0 is None else rss1 - rss0,
+              "rss_anon_growth_untrimmed": None if rss0 is None else rss_untrimmed - rss0}
     engines: dict[int, Engine] = {}
 
     def gen(prompts: list[list[int]], n_new: int) -> Run:
@@ -184,7 +285,8 @@ def peer_moekit(plan: dict, dtype: torch.dtype = torch.float32) -> dict:
         return Run(first, end, got[ids[0]])
 
     out = measure(gen, True, plan)
-    if dtype == torch.float32 and plan["continuous"] is not None:
+    out.update(memory=memory, bytes_per_token=per_token)
+    if peer == "moekit" and plan["continuous"] is not None:
         out["continuous"] = continuous_batch(Engine, SamplingParams, model, tokenizer, plan["continuous"])
     return out
 
@@ -313,7 +415,9 @@ def peer_llama_cpp_python(plan: dict) -> dict:
 
 
 CHILD_PEERS = {"moekit": peer_moekit, "moekit-runner": peer_moekit_runner,
-               "moekit-bf16": lambda plan: peer_moekit(plan, torch.bfloat16),
+               "moekit-bf16": lambda plan: peer_moekit(plan, "moekit-bf16"),
+               "moekit-int8": lambda plan: peer_moekit(plan, "moekit-int8"),
+               "moekit-int4": lambda plan: peer_moekit(plan, "moekit-int4"),
                "transformers": lambda plan: peer_transformers(plan, "dynamic"),
                "transformers-static": lambda plan: peer_transformers(plan, "static"),
                "llama-cpp-python": peer_llama_cpp_python}
@@ -356,11 +460,12 @@ def build_llama(cache_dir: Path, threads: int) -> None:
     subprocess.run(["cmake", "--build", str(build), f"-j{threads}", "--target", *LLAMA_BINARIES], check=True)
 
 
-def peer_llama_cpp(bins: dict[str, Path], plan: dict) -> dict:
+def peer_llama_cpp(bins: dict[str, Path], plan: dict, gguf_path: str) -> dict:
     """llama-bench (prefill ppP, decode tgN at batch 1; its own repeats and warm-up) and
-    llama-batched-bench (decode of ``BATCH`` parallel sequences after a prompt each, aggregate)."""
+    llama-batched-bench (decode of ``BATCH`` parallel sequences after a prompt each, aggregate), on the
+    GGUF file ``gguf_path``."""
     T, n, P, reps = str(plan["threads"]), plan["new_tokens"], len(plan["prefill_prompt"]), plan["repeats"]
-    cmd = [str(bins["llama-bench"]), "-m", plan["gguf"], "-t", T, "-p", str(P), "-n", str(n), "-r", str(reps),
+    cmd = [str(bins["llama-bench"]), "-m", gguf_path, "-t", T, "-p", str(P), "-n", str(n), "-r", str(reps),
            "-o", "json"]
     rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     out: dict = {"prefill": [], "decode_b1": [], f"decode_b{BATCH}": [], "decode_b1_batched_bench": []}
@@ -370,7 +475,7 @@ def peer_llama_cpp(bins: dict[str, Path], plan: dict) -> dict:
         elif r["n_gen"] == n and r["n_prompt"] == 0:
             out["decode_b1"] = r["samples_ts"]
     ctx = max(4096, BATCH * (plan["prompt_len"] + n))
-    cmd = [str(bins["llama-batched-bench"]), "-m", plan["gguf"], "-t", T, "-c", str(ctx), "-npp",
+    cmd = [str(bins["llama-batched-bench"]), "-m", gguf_path, "-t", T, "-c", str(ctx), "-npp",
            str(plan["prompt_len"]), "-ntg", str(n), "-npl", f"1,{BATCH}", "--output-format", "jsonl"]
     for _ in range(reps):
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -406,12 +511,18 @@ def make_plan(args, workdir: Path, cfg: ModelConfig) -> dict:
             "prompt_len": args.prompt_len, "decode_prompts": decode_prompts, "prefill_prompt": prefill_prompt,
             "config": cfg.to_dict(), "max_len": cfg.max_seq_len, "continuous": spec,
             "tokenizer": str(workdir / "tokenizer.json"), "hf_dir": str(workdir / "hf"),
-            "gguf": str(workdir / "m.gguf"), "pad_id": 1, "hf_experts": args.hf_experts}
+            "gguf": str(workdir / "m.gguf"), "gguf_files": {t: str(gguf_path(workdir, t)) for t in GGUF_TYPES},
+            "pad_id": 1, "hf_experts": args.hf_experts}
+
+
+def gguf_path(workdir: Path, dtype: str) -> Path:
+    return workdir / ("m.gguf" if dtype == "f32" else f"m-{dtype}.gguf")
 
 
 def export_model(cfg: ModelConfig, seed: int, workdir: Path) -> None:
     """Build the model, train a tokenizer with exactly ``vocab_size`` tokens (its content does not matter
-    for speed: prompts are random ids) and write the HF directory and the f32 GGUF the peers load."""
+    for speed: prompts are random ids) and write the HF directory and the f32, q8_0 and q4_0 GGUF files
+    the peers load (the quantized ones are also measured for their size: a few seconds each)."""
     import moekit
     from moekit.data.corpus import load_shakespeare
     from moekit.data.tokenizer import train_tokenizer
@@ -423,7 +534,8 @@ def export_model(cfg: ModelConfig, seed: int, workdir: Path) -> None:
     tokenizer.save(str(workdir / "tokenizer.json"))
     model = build_model(cfg, seed)
     moekit.save(model, tokenizer, workdir / "hf", format="hf")
-    moekit.save(model, tokenizer, workdir / "m.gguf", format="gguf", dtype="f32")
+    for dtype in GGUF_TYPES:
+        moekit.save(model, tokenizer, gguf_path(workdir, dtype), format="gguf", dtype=dtype)
 
 
 def run_peer(peer: str, workdir: Path) -> dict:
@@ -442,6 +554,10 @@ def _median(xs) -> float | None:
 
 def _fmt(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def _mb(x: float | None) -> float | None:
+    return None if x is None else x / 1e6
 
 
 def agreement(a: list[int], b: list[int]) -> int:
@@ -506,7 +622,7 @@ def main() -> None:
 
     peers = [p for p in PEERS if p not in args.skip]
     bins = None
-    if "llama.cpp" in peers:
+    if set(LLAMA_PEERS) & set(peers):
         bin_dir = Path(args.llama_bin_dir).expanduser()
         bins = find_llama_binaries(bin_dir)
         if bins is None and args.build_llama:
@@ -519,7 +635,7 @@ def main() -> None:
         if bins is None:
             print(f"NOTE: skipping llama.cpp's llama-bench/llama-batched-bench: not found in {bin_dir} "
                   "(run with --build-llama to build them, ~5 minutes)")
-            peers.remove("llama.cpp")
+            peers = [p for p in peers if p not in LLAMA_PEERS]
     if "llama-cpp-python" in peers:
         try:
             import llama_cpp  # noqa: F401
@@ -545,7 +661,9 @@ def main() -> None:
         export_model(cfg, args.seed, workdir)
         plan = make_plan(args, workdir, cfg)
         (workdir / "plan.json").write_text(json.dumps(plan))
-        print(f"exported the model (HF directory, f32 GGUF) to {workdir} in {time.perf_counter() - t0:.0f} s", flush=True)
+        ggufs = {t: gguf_bytes(gguf_path(workdir, t), cfg) for t in GGUF_TYPES}
+        print(f"exported the model (HF directory, {', '.join(GGUF_TYPES)} GGUF) to {workdir} in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
 
         bandwidth = [read_bandwidth(args.threads)]
         results: dict[str, dict] = {}
@@ -553,7 +671,10 @@ def main() -> None:
             t0 = time.perf_counter()
             print(f"running {peer} ...", end=" ", flush=True)
             try:
-                results[peer] = peer_llama_cpp(bins, plan) if peer == "llama.cpp" else run_peer(peer, workdir)
+                if peer in LLAMA_PEERS:
+                    results[peer] = peer_llama_cpp(bins, plan, plan["gguf_files"][LLAMA_PEERS[peer]])
+                else:
+                    results[peer] = run_peer(peer, workdir)
                 print(f"{time.perf_counter() - t0:.0f} s", flush=True)
             except (RuntimeError, subprocess.CalledProcessError, json.JSONDecodeError, OSError) as e:
                 detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
@@ -564,29 +685,42 @@ def main() -> None:
         if tmp is not None:
             tmp.cleanup()
 
-    report(args, cfg, per_token, bandwidth, results)
+    report(args, cfg, per_token, bandwidth, results, ggufs)
 
 
-def report(args, cfg: ModelConfig, per_token: int, bandwidth: list[dict[str, float]], results: dict[str, dict]) -> None:
+def peer_bytes_per_token(peer: str, result: dict, per_token: int, ggufs: dict[str, dict]) -> float:
+    """Weight bytes one batch-1 decoded token reads in ``peer``: moekit's peers measure their own model,
+    llama.cpp's are read from the GGUF file they run, transformers runs the float32 weights."""
+    if "bytes_per_token" in result:
+        return result["bytes_per_token"]
+    if peer in LLAMA_PEERS:
+        return ggufs[LLAMA_PEERS[peer]]["bytes_per_token"]
+    if peer == "llama-cpp-python":
+        return ggufs["f32"]["bytes_per_token"]
+    return per_token
+
+
+def report(args, cfg: ModelConfig, per_token: int, bandwidth: list[dict[str, float]], results: dict[str, dict],
+           ggufs: dict[str, dict]) -> None:
     bw = max(max(b.values()) for b in bandwidth)
     print(f"\nread bandwidth, {args.threads} threads, 512 MiB float32 buffer, best of 5 (before / after the peers): "
           + " / ".join(f"sum {b['sum'] / 1e9:.1f}, matrix-vector {b['gemv'] / 1e9:.1f} GB/s" for b in bandwidth)
           + f"; limit used: {bw / 1e9:.1f} GB/s = {bw / per_token:.1f} tok/s at {per_token / 1e6:.1f} MB per token")
     print(f"\n| engine | decode b1 (tok/s) | decode b{BATCH} aggregate (tok/s) | prefill {args.prefill} (tok/s) "
-          "| b1 fraction of bandwidth |")
-    print("|---|---|---|---|---|")
+          "| weights read per b1 token (MB) | b1 fraction of bandwidth |")
+    print("|---|---|---|---|---|---|")
     figures: dict[str, dict] = {}
     for peer, r in results.items():
         if "error" in r:
-            print(f"| {PEERS[peer]} | failed | failed | failed | |")
+            print(f"| {PEERS[peer]} | failed | failed | failed | | |")
             continue
         f = {"decode_b1": _median(r["decode_b1"]), f"decode_b{BATCH}": _median(r.get(f"decode_b{BATCH}")),
              "prefill": _median(r["prefill"])}
-        weight_bytes = per_token // 2 if peer == "moekit-bf16" else per_token  # 2-byte weights
-        f["bandwidth_fraction"] = f["decode_b1"] * weight_bytes / bw if f["decode_b1"] else None
+        f["bytes_per_token"] = peer_bytes_per_token(peer, r, per_token, ggufs)
+        f["bandwidth_fraction"] = f["decode_b1"] * f["bytes_per_token"] / bw if f["decode_b1"] else None
         figures[peer] = f
         print(f"| {PEERS[peer]} | {_fmt(f['decode_b1'])} | {_fmt(f[f'decode_b{BATCH}'])} | {_fmt(f['prefill'], 0)} "
-              f"| {_fmt(f['bandwidth_fraction'], 2)} |")
+              f"| {_fmt(f['bytes_per_token'] / 1e6)} | {_fmt(f['bandwidth_fraction'], 2)} |")
 
     me = figures.get("moekit")
     if me is not None and len(figures) > 1:
@@ -597,17 +731,58 @@ def report(args, cfg: ModelConfig, per_token: int, bandwidth: list[dict[str, flo
                 ratio = {k: (me[k] / f[k] if me[k] and f[k] else None) for k in ("decode_b1", f"decode_b{BATCH}", "prefill")}
                 print(f"| {PEERS[peer]} | " + " | ".join(("n/a" if v is None else f"{v:.2f}x") for v in ratio.values()) + " |")
 
-    notes = [f"{PEERS[p]}: {r['note']}" for p, r in results.items() if r.get("note")]
+    keys = ("decode_b1", f"decode_b{BATCH}", "prefill")
+    pairs = [(m, ll) for m, ll in SAME_PRECISION.items() if m in figures and ll in figures]
+    if pairs:
+        print(f"\nmoekit Engine / llama.cpp at equal precision (higher = moekit faster):\n"
+              f"| moekit / llama.cpp | decode b1 | decode b{BATCH} | prefill |\n|---|---|---|---|")
+        for m, ll in pairs:
+            ratio = [figures[m][k] / figures[ll][k] if figures[m][k] and figures[ll][k] else None for k in keys]
+            print(f"| {MOEKIT_PRECISIONS[m].label} / {LLAMA_PEERS[ll]} | "
+                  + " | ".join(("n/a" if v is None else f"{v:.2f}x") for v in ratio) + " |")
+
+    memory = {p: results[p]["memory"] for p in MOEKIT_PRECISIONS if "memory" in results.get(p, {})}
+    print("\nmemory after load (moekit: bytes of its parameters and quantized weights, and the growth of its "
+          "process's RssAnon\nwhile building/casting/quantizing the model; llama.cpp: the GGUF file) and weights "
+          "read per decoded token:")
+    print("| precision | moekit model (MB) | moekit RssAnon growth (MB) | GGUF file (MB) "
+          "| read per b1 token, moekit / GGUF (MB) |\n|---|---|---|---|---|")
+    for peer, prec in MOEKIT_PRECISIONS.items():
+        mem, g = memory.get(peer), ggufs.get(prec.gguf)
+        if mem is None and g is None:
+            continue
+        mem, g = mem or {}, g or {}
+        label = prec.label + (f" / {prec.gguf}" if prec.gguf else "")
+        print(f"| {label} | {_fmt(_mb(mem.get('model_bytes')))} | {_fmt(_mb(mem.get('rss_anon_growth')))} "
+              f"| {_fmt(_mb(g.get('file_bytes')))} | {_fmt(_mb(figures.get(peer, {}).get('bytes_per_token')))} / "
+              f"{_fmt(_mb(g.get('bytes_per_token')))} |")
+
+    by_note: dict[str, list[str]] = {}  # the llama.cpp rows share one note
+    for p, r in results.items():
+        if r.get("note"):
+            by_note.setdefault(r["note"], []).append(PEERS[p])
+    notes = [f"{', '.join(labels)}: {note}" for note, labels in by_note.items()]
+    if memory:
+        notes.append("RssAnon growth before handing freed pages back (malloc_trim; the benchmark's allocator "
+                     "setting keeps freed float32 originals in the heap): " + ", ".join(
+                         f"{MOEKIT_PRECISIONS[p].label} {_fmt(_mb(m['rss_anon_growth_untrimmed']))} MB"
+                         for p, m in memory.items()))
     if "llama.cpp" in figures and results["llama.cpp"].get("decode_b1_batched_bench"):
         notes.append(f"llama-batched-bench at batch 1 (after a {args.prompt_len}-token prompt): "
                      f"{_fmt(_median(results['llama.cpp']['decode_b1_batched_bench']))} tok/s")
     mine = results.get("moekit", {})
     if "ids_b1" in mine:
+        quantized = [p for p, prec in MOEKIT_PRECISIONS.items() if prec.quant is not None]
         same = [f"{PEERS[p]}: {agreement(mine['ids_b1'], r['ids_b1'])}" for p, r in results.items()
-                if p != "moekit" and "ids_b1" in r]
+                if p != "moekit" and p not in quantized and "ids_b1" in r]
         if same:
             notes.append(f"greedy batch-1 tokens equal to moekit Engine's, first k of {args.new_tokens} (random weights: "
                          "near-tied logits may flip late): " + "; ".join(same))
+        rounded = [f"{PEERS[p]}: {agreement(mine['ids_b1'], results[p]['ids_b1'])}" for p in quantized
+                   if "ids_b1" in results.get(p, {})]
+        if rounded:
+            notes.append(f"quantized weights (rounded: expected to part earlier), first k of {args.new_tokens} greedy "
+                         "tokens equal to moekit float32's: " + "; ".join(rounded))
     cb = mine.get("continuous")
     if cb is not None:
         spec = f"{args.cb_requests} requests, prompts {args.cb_prompt[0]}-{args.cb_prompt[1]} tokens, " \
@@ -622,7 +797,8 @@ def report(args, cfg: ModelConfig, per_token: int, bandwidth: list[dict[str, flo
     if args.json:
         data = {"config": cfg.to_dict(), "threads": args.threads, "repeats": args.repeats, "new_tokens": args.new_tokens,
                 "prompt_len": args.prompt_len, "prefill": args.prefill, "bytes_per_token": per_token,
-                "bandwidth": bandwidth, "bandwidth_limit": bw, "figures": figures,
+                "bandwidth": bandwidth, "bandwidth_limit": bw, "figures": figures, "memory": memory,
+                "gguf": {t: {k: v for k, v in g.items() if k != "path"} for t, g in ggufs.items()},
                 "raw": {p: {k: v for k, v in r.items() if k != "ids_b1"} for p, r in results.items()}}
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
         print(f"\nwrote {args.json}")
