@@ -176,3 +176,27 @@ def test_a_quantized_head_gives_float_resolution_for_the_top_logits():
     top = exact.topk(10, dim=-1).indices
     assert torch.allclose(got.gather(-1, top), exact.gather(-1, top), atol=1e-4)  # not bfloat16's 2^-8 steps
     assert (got.argmax(-1) == exact.argmax(-1)).all() and REFINED_LOGITS >= 10
+
+
+@pytest.mark.parametrize("bits, stored", [(4, "Q4_1"), (8, "Q8_0")])
+def test_gguf_export_keeps_the_integers_without_going_through_float(tmp_path, bits, stored):
+    import gguf
+
+    from moekit.convert.gguf import load_gguf
+    from moekit.quant import quantized_weights
+
+    moekit.save(quantize_model(tiny(), bits, 32), load_tokenizer(), tmp_path / "q")
+    assert main(["convert", str(tmp_path / "q"), str(tmp_path / "q.gguf"), "--gguf-type", "q4_0" if bits == 4 else "q8_0"]) == 0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.1.attn_q.weight"] == stored
+    source, _ = moekit.load(tmp_path / "q")
+    back, _ = load_gguf(tmp_path / "q.gguf")
+    ours, theirs = quantized_weights(source), quantized_weights(back)
+    for name in ("layers.0.attn.q_proj.weight", "layers.1.attn.k_proj.weight", "layers.1.ffn.experts.gate_up_proj",
+                 "layers.0.ffn.experts.down_proj"):
+        a, b = ours[name], theirs[name]
+        if bits == 8:
+            assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+        else:  # the same integers; scale and zero go through float16 (Q4_1's d and m)
+            assert torch.equal(a.int4_values(), b.int4_values())
+            assert_close(a.dequantize(), b.dequantize(), atol=1e-4, rtol=0)

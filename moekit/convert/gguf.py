@@ -540,23 +540,66 @@ def check_exportable(cfg: ModelConfig) -> None:
 def _export_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor in torch order) for every weight, q/k permuted, experts split into gate and up."""
     cfg = model.cfg
-    params = dict(model.named_parameters())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    params.update(quantized_weights(model))  # quantized weights are written as they are (see _raw_quantized)
     out = []
     for name, gguf_name in _expected_gguf_names(cfg).items():
-        w = params[name].detach()
-        if name.endswith("q_proj.weight"):
-            w = permute_qk(w, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            w = permute_qk(w, cfg.n_kv_heads)
+        w = params[name]
+        for suffix, heads in (("q_proj.weight", cfg.n_heads), ("k_proj.weight", cfg.n_kv_heads)):
+            if name.endswith(suffix):
+                if isinstance(w, torch.Tensor):
+                    w = permute_qk(w, heads)
+                else:
+                    w = quant_rows(w, permute_qk(torch.arange(w.shape[0])[:, None], heads)[:, 0])
         out.append((gguf_name, w))
     for i in range(cfg.n_layers):
         if cfg.is_moe_layer(i):
-            gate_up_E2FD = params[f"layers.{i}.ffn.experts.gate_up_proj"].detach()
+            gate_up_E2FD = params[f"layers.{i}.ffn.experts.gate_up_proj"]
             F = cfg.expert_ffn_dim
-            out += [(f"blk.{i}.ffn_gate_exps.weight", gate_up_E2FD[:, :F]),
-                    (f"blk.{i}.ffn_up_exps.weight", gate_up_E2FD[:, F:]),
-                    (f"blk.{i}.ffn_down_exps.weight", params[f"layers.{i}.ffn.experts.down_proj"].detach())]
+            if isinstance(gate_up_E2FD, torch.Tensor):
+                gate, up = gate_up_E2FD[:, :F], gate_up_E2FD[:, F:]
+            else:
+                gate, up = quant_rows(gate_up_E2FD, torch.arange(F)), quant_rows(gate_up_E2FD, torch.arange(F, 2 * F))
+            out += [(f"blk.{i}.ffn_gate_exps.weight", gate), (f"blk.{i}.ffn_up_exps.weight", up),
+                    (f"blk.{i}.ffn_down_exps.weight", params[f"layers.{i}.ffn.experts.down_proj"])]
     return out
+
+
+def quant_rows(w, index: torch.Tensor):
+    """Rows ``index`` of a (possibly stacked) quantized weight, exactly."""
+    from moekit.quant import QuantizedWeight
+
+    if w.bits == 8:
+        return QuantizedWeight.from_int8(w.q[..., index, :], w.scale[..., index])
+    scale, zero = w.scales_zeros()
+    return QuantizedWeight.from_int4(w.int4_values()[..., index, :], scale[..., index, :], zero[..., index, :])
+
+
+def _quantized_qtype(w) -> GGMLQuantizationType | None:
+    """The GGUF type that holds a quantized weight's integers exactly: int8 rows -> Q8_0 (the row's scale
+    in every block), int4 groups of 32 -> Q4_1 (``d`` = scale, ``m`` = zero - 8 scale); None otherwise."""
+    if w.bits == 8:
+        return GGMLQuantizationType.Q8_0 if w.shape[-1] % 32 == 0 else None
+    return GGMLQuantizationType.Q4_1 if w.group_size == 32 else None
+
+
+def _raw_quantized(w, qtype: GGMLQuantizationType) -> np.ndarray:
+    """llama.cpp blocks (``ggml-common.h``) from a quantized weight's integers: uint8 [..., R, B * bytes]."""
+    K = w.shape[-1]
+    lead, B = w.shape[:-1], K // 32
+    f16 = lambda t: t.to(torch.float16).numpy().view(np.uint8)  # noqa: E731 -- [..., 2] bytes after a reshape
+    if qtype == GGMLQuantizationType.Q8_0:
+        d = f16(w.scale.float()[..., None].expand(*lead, B).reshape(-1, B, 1)).reshape(-1, B, 2)
+        qs = w.q.reshape(-1, B, 32).numpy().view(np.uint8)
+        blocks = np.concatenate([d, qs], axis=-1)
+    else:
+        scale, zero = w.scales_zeros()
+        d = f16(scale.reshape(-1, B, 1)).reshape(-1, B, 2)
+        m = f16((zero - 8 * scale).reshape(-1, B, 1)).reshape(-1, B, 2)
+        q = w.int4_values().reshape(-1, B, 32)
+        qs = (q[..., :16] | (q[..., 16:] << 4)).numpy()  # weights 0-15 in the low nibbles, 16-31 high
+        blocks = np.concatenate([d, m, qs], axis=-1)
+    return np.ascontiguousarray(blocks.reshape(*lead, -1))
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], dtype: str, head: str) -> GGMLQuantizationType:
@@ -700,7 +743,8 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike,
     tok_meta = _tokenizer_metadata(tokenizer, cfg.vocab_size, special_tokens_of(model, tokenizer))  # refuse first
     tensors = _export_tensors(model)
     head = "output.weight" if any(name == "output.weight" for name, _ in tensors) else "token_embd.weight"
-    plan = [(name, w, _tensor_type(name, tuple(w.shape), dtype, head)) for name, w in tensors]
+    plan = [(name, w, _tensor_type(name, tuple(w.shape), dtype, head) if isinstance(w, torch.Tensor)
+             else _quantized_qtype(w) or _tensor_type(name, tuple(w.shape), dtype, head)) for name, w in tensors]
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, SUPPORTED_ARCHITECTURES[0])
@@ -713,6 +757,10 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike,
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for _, w, qtype in plan:  # one tensor converted at a time
+                if not isinstance(w, torch.Tensor) and qtype == _quantized_qtype(w):
+                    writer.write_tensor_data(_raw_quantized(w, qtype))  # the integers as they are
+                    continue
+                w = w if isinstance(w, torch.Tensor) else w.dequantize()
                 writer.write_tensor_data(gguf.quants.quantize(w.float().cpu().contiguous().numpy(), qtype))
         finally:
             writer.close()
