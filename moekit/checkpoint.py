@@ -256,12 +256,7 @@ def _load_quantized(directory: Path, cfg: ModelConfig):
 
     settings = read_json(directory / QUANTIZATION_FILE)
     path = directory / "model.safetensors"
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({e}); use an earlier checkpoint") from None
+    state = read_weights_file(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     try:
@@ -280,14 +275,19 @@ def read_model_config(directory: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights strictly; errors name the file and the offending tensor."""
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a CheckpointError naming the file if it is missing or corrupt."""
     if not path.exists():
         raise CheckpointError(f"{path} is missing")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); use an earlier checkpoint") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights strictly; errors name the file and the offending tensor."""
+    state = read_weights_file(path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
