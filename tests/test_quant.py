@@ -200,3 +200,12 @@ def test_gguf_export_keeps_the_integers_without_going_through_float(tmp_path, bi
         else:  # the same integers; scale and zero go through float16 (Q4_1's d and m)
             assert torch.equal(a.int4_values(), b.int4_values())
             assert_close(a.dequantize(), b.dequantize(), atol=1e-4, rtol=0)
+
+
+def test_info_describes_a_quantized_checkpoint(tmp_path, capsys):
+    model = tiny()
+    moekit.save(quantize_model(copy.deepcopy(model), 4, 32), load_tokenizer(), tmp_path / "q")
+    assert main(["info", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    total, active = model.cfg.param_counts()
+    assert f"({total:,})" in out and "int4" in out and "quantized" in out and "warning" not in out

@@ -80,11 +80,14 @@ def inspect_moekit(directory: str | os.PathLike) -> dict[str, Any]:
         file_tensors, file_metadata = read_safetensors_header(file)
         tensors.update(file_tensors)
         metadata.update(file_metadata)
+    quantization = read_json(directory / "quantization.json") if (directory / "quantization.json").is_file() else None
+    if quantization:
+        tensors = _logical_tensors(tensors)
     expected, buffers = _model_layout(cfg)
     total, active, dtype_params = _count_parameters(tensors, cfg, buffers)
     info: dict[str, Any] = {
         "path": str(directory),
-        "format": "moekit",
+        "format": "moekit" + (" (quantized)" if quantization else ""),
         "architecture": f"moekit Transformer ({'MoE' if cfg.num_experts else 'dense'})",
         "dtype": max(dtype_params, key=dtype_params.get) if dtype_params else None,
         "dtypes": dtype_params,
@@ -97,6 +100,24 @@ def inspect_moekit(directory: str | os.PathLike) -> dict[str, Any]:
         "warnings": _consistency_warnings(tensors, expected, total, cfg.param_counts()[0]),
     }
     return info
+
+
+def _logical_tensors(tensors: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A quantized checkpoint's tensors as the weights they stand for (``moekit.quant``'s layout):
+    ``X.qweight`` int8 [.., N, K] -> X as "int8"; uint8 [.., N, K/2] -> X [.., N, K] as "int4"; the
+    ``.scales`` / ``.zeros`` beside them are part of X."""
+    out = {}
+    for name, (dtype, shape) in tensors.items():
+        if name.endswith((".scales", ".zeros")):
+            continue
+        if name.endswith(".qweight"):
+            if dtype.upper() in ("I8", "INT8"):
+                out[name[:-len(".qweight")]] = ("int8", shape)
+            else:
+                out[name[:-len(".qweight")]] = ("int4", (*shape[:-1], shape[-1] * 2))
+        else:
+            out[name] = (dtype, shape)
+    return out
 
 
 def _inspect_run(run: Path) -> dict[str, Any]:
