@@ -140,8 +140,9 @@ class ModelConfig:
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
         if self.router == "switch" and self.top_k != 1:
-            raise ConfigError(f"router='switch' routes each token to one expert; got top_k={self.top_k} "
-                              "(use router='topk' with a capacity_factor for top-k with capacity)")
+            raise ConfigError(f"router='switch' routes each token to one expert; got top_k={self.top_k}: set "
+                              "top_k=1 (flag --top-k 1), or for top-k routing with a capacity limit use "
+                              "router='topk' with a capacity_factor")
         if self.num_experts % self.n_group:
             raise ConfigError(f"num_experts={self.num_experts} must be divisible by n_group={self.n_group}")
         if self.n_group > 1:

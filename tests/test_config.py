@@ -75,7 +75,7 @@ def test_unknown_key_names_it_and_the_valid_keys():
 @pytest.mark.parametrize("overrides, message", [
     (dict(router="top2"), r"router='top2' is not one of \['topk', 'switch', 'noisy_topk', 'expert_choice', 'sigmoid_bias'\]"),
     (dict(top_k=9), r"top_k=9 must be between 1 and num_experts=8"),
-    (dict(router="switch", top_k=2), r"router='switch' routes each token to one expert; got top_k=2"),
+    (dict(router="switch", top_k=2), r"router=.switch. routes each token to one expert; got top_k=2: set top_k=1 \(flag --top-k"),
     (dict(n_heads=3), r"dim=128 is not divisible by n_heads=3"),
     (dict(n_kv_heads=3), r"n_heads=4 must be a multiple of n_kv_heads=3"),
     (dict(capacity_factor=0.0), r"capacity_factor=0.0 must be > 0, or None for dropless"),
