@@ -247,11 +247,12 @@ def _unpack_kernel_layout(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- rows (fusing, permuting)
 def select_rows(w: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
-    """Rows ``index`` of a 2-D quantized weight (exact: rows are quantized independently)."""
+    """Rows ``index`` of a quantized weight, 2-D or stacked [E, N, K] (exact: rows are quantized
+    independently)."""
     if w.bits == 8:
-        return QuantizedWeight.from_int8(w.q[index], w.scale[index])
+        return QuantizedWeight.from_int8(w.q[..., index, :], w.scale[..., index])
     scale, zero = w.scales_zeros()
-    return QuantizedWeight.from_int4(w.int4_values()[index], scale[index], zero[index],
+    return QuantizedWeight.from_int4(w.int4_values()[..., index, :], scale[..., index, :], zero[..., index, :],
                                      keep_nibbles=w.nibbles is not None)
 
 
@@ -479,7 +480,3 @@ def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor | Quant
                 setattr(module, child_name, QuantizedEmbedding(state.pop(f"{full}.weight")))
     model.load_state_dict(state, strict=True, assign=True)
     return model
-
-
-def permute_rows(w: QuantizedWeight | torch.Tensor, index: torch.Tensor):
-    return select_rows(w, index) if isinstance(w, QuantizedWeight) else w[index]

@@ -55,7 +55,7 @@ from moekit.convert import gguf_quant
 from moekit.data.special import SpecialTokens, fill_missing, special_tokens_of
 from moekit.errors import CheckpointError
 from moekit.model.transformer import Transformer
-from moekit.quant import assign_weights, quantized_weights
+from moekit.quant import assign_weights, quantized_weights, select_rows
 from moekit.utils import atomic_write, release_free_memory
 
 __all__ = ["EXPORT_DTYPES", "PRE_TOKENIZERS", "SUPPORTED_ARCHITECTURES", "check_export_dtype", "check_exportable",
@@ -550,7 +550,7 @@ def _export_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
                 if isinstance(w, torch.Tensor):
                     w = permute_qk(w, heads)
                 else:
-                    w = quant_rows(w, permute_qk(torch.arange(w.shape[0])[:, None], heads)[:, 0])
+                    w = select_rows(w, permute_qk(torch.arange(w.shape[0])[:, None], heads)[:, 0])
         out.append((gguf_name, w))
     for i in range(cfg.n_layers):
         if cfg.is_moe_layer(i):
@@ -559,20 +559,10 @@ def _export_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
             if isinstance(gate_up_E2FD, torch.Tensor):
                 gate, up = gate_up_E2FD[:, :F], gate_up_E2FD[:, F:]
             else:
-                gate, up = quant_rows(gate_up_E2FD, torch.arange(F)), quant_rows(gate_up_E2FD, torch.arange(F, 2 * F))
+                gate, up = select_rows(gate_up_E2FD, torch.arange(F)), select_rows(gate_up_E2FD, torch.arange(F, 2 * F))
             out += [(f"blk.{i}.ffn_gate_exps.weight", gate), (f"blk.{i}.ffn_up_exps.weight", up),
                     (f"blk.{i}.ffn_down_exps.weight", params[f"layers.{i}.ffn.experts.down_proj"])]
     return out
-
-
-def quant_rows(w, index: torch.Tensor):
-    """Rows ``index`` of a (possibly stacked) quantized weight, exactly."""
-    from moekit.quant import QuantizedWeight
-
-    if w.bits == 8:
-        return QuantizedWeight.from_int8(w.q[..., index, :], w.scale[..., index])
-    scale, zero = w.scales_zeros()
-    return QuantizedWeight.from_int4(w.int4_values()[..., index, :], scale[..., index, :], zero[..., index, :])
 
 
 def _quantized_qtype(w) -> GGMLQuantizationType | None:

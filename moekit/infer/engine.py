@@ -42,9 +42,6 @@ from moekit.infer.text import Detokenizer
 if TYPE_CHECKING:
     from moekit.infer.offload import ExpertOffload, OffloadStats
 
-FINISH_REASONS = ("stop", "length", "cancelled")
-
-
 class EngineError(ValueError):
     """A request the engine cannot take; the message names the value and what would be valid."""
 
