@@ -128,17 +128,19 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     tune_cpu_allocator()
     (moe_cfg, tcfg), _ = _configs(args, "tiny-moe")
     routers = list(ALL_ROUTERS) if args.routers == ["all"] else args.routers
-    summary = compare(args.out, moe_cfg, tcfg, routers=routers, progress=not args.quiet)
+    summary = compare(args.out, moe_cfg, tcfg, routers=routers, experts=args.experts, seeds=args.seeds,
+                      dense_lr=args.dense_lr, progress=not args.quiet)
     print()
     print(_compare_table(summary))
-    print(f"\nreport: {Path(args.out) / 'report.md'}  (plot: {Path(args.out) / 'val_loss.png'})")
+    plots = "val_loss.png" + (", scaling.png" if args.experts else "")
+    print(f"\nreport: {Path(args.out) / 'report.md'}  (plots: {plots})")
     if args.sample:
         from moekit.checkpoint import load
         from moekit.infer import generate
 
         best = sample_candidates(summary)[0]
-        model, tokenizer = load(Path(args.out) / best["name"])
-        print(f"\nsample from {best['name']} (prompt {args.sample!r}):\n")
+        model, tokenizer = load(best["run"])
+        print(f"\nsample from {Path(best['run']).name} (prompt {args.sample!r}):\n")
         print(args.sample, end="")
         generate(model, tokenizer, args.sample, max_new_tokens=80, temperature=0.8, top_k=50, seed=0,
                  stream=lambda piece: print(piece, end="", flush=True))
@@ -146,12 +148,19 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _compare_table(summary: dict) -> str:
-    rows = [f"{'model':<18} {'val loss':>9} {'bpb':>7} {'tok/s':>8} {'time to dense-final':>20} {'fraction':>9}"]
-    for r in summary["runs"]:
-        t = "not reached" if r["seconds_to_dense_final"] is None else f"{r['seconds_to_dense_final']:.1f} s"
-        frac = "-" if r["time_fraction"] is None else f"{r['time_fraction']:.2f}"
-        rows.append(f"{r['name']:<18} {r['final_val_loss']:>9.4f} {r['final_val_bpb']:>7.4f} "
-                    f"{r['tokens_per_s']:>8,.0f} {t:>20} {frac:>9}")
+    from moekit.train.compare import _fmt_spread
+
+    n = len(summary["models"][0]["seeds"])
+    head = "mean ± std over " + f"{n} seeds" if n > 1 else "1 seed"
+    rows = [f"({head}; fraction = seconds to reach the dense final loss / dense seconds)",
+            f"{'model':<18} {'val loss':>17} {'tok/s':>8} {'step cost':>9} {'token frac':>12} {'time frac':>12}"]
+    for m in summary["models"]:
+        rows.append(f"{m['name']:<18} {_fmt_spread(m['final_val_loss'], '{:.4f}'):>17} {m['tokens_per_s']:>8,.0f} "
+                    f"{m['step_cost_vs_dense']:>8.2f}x {_fmt_spread(m['token_fraction']):>12} "
+                    f"{_fmt_spread(m['time_fraction']):>12}")
+        if n > 1 and m["name"] != "dense":
+            per = ", ".join("-" if v is None else f"{v:.2f}" for v in m["time_fraction_per_seed"])
+            rows.append(f"{'':<18} time fraction per seed: {per}")
     return "\n".join(rows)
 
 
@@ -332,6 +341,16 @@ def _cmd_upcycle(args: argparse.Namespace) -> None:
     print(f"wrote {out}; continue training with: moekit train --init {out} --out RUN")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,16,32, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 8,16,32, got {text!r}")
+    return values
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from moekit.train.config import TrainConfig
@@ -373,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routers", nargs="+", default=None, metavar="ROUTER",
                    help="routers to sweep (topk switch expert_choice sigmoid_bias noisy_topk, or 'all'); "
                         "default: the config's router")
+    p.add_argument("--experts", type=_int_list, default=None, metavar="N,N,...",
+                   help="sweep the number of experts at fixed active parameters, e.g. 8,16,32,64 "
+                        "(report and scaling.png: final loss and time fraction against experts)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every model with N seeds (--seed, --seed+1, ...) and report mean and spread (default 1)")
+    p.add_argument("--dense-lr", type=float, default=None, metavar="LR",
+                   help="the dense twin's own learning rate (default: --lr, the same as the MoE)")
     p.add_argument("--sample", default=None, metavar="PROMPT", help="print a text sample from the best MoE at the end")
     run_flags(p)
     p.set_defaults(func=_cmd_compare)

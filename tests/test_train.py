@@ -20,7 +20,6 @@ from moekit.cli import main
 from moekit.config import ModelConfig
 from moekit.model import Transformer
 from moekit.train import TrainConfig, evaluate, lr_at, param_groups, train
-from moekit.train.compare import dense_twin, router_variant, time_to_reach
 
 SMALL_MODEL = dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, expert_ffn_dim=64, ffn_dim=128, max_seq_len=64)
 SMALL_FLAGS = ["--dim", "64", "--n-layers", "2", "--n-heads", "2", "--n-kv-heads", "1", "--expert-ffn-dim", "64",
@@ -51,6 +50,10 @@ def test_lr_schedule():
     assert lr_at(500, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
     values = [lr_at(s, 1.0, 10, 100) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+    assert lr_at(10, 1.0, 10, 100, schedule="constant") == lr_at(10_000, 1.0, 10, 100, schedule="constant") == 1.0
+    assert lr_at(39, 1.0, 10, 100, schedule="inv_sqrt") == pytest.approx(0.5)  # sqrt(10 / 40)
+    assert lr_at(10**6, 1.0, 10, 100, 0.1, schedule="inv_sqrt") == pytest.approx(0.1)
+    assert lr_at(5, 1.0, 10, 100, schedule="inv_sqrt") == lr_at(5, 1.0, 10, 100)  # same warmup
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():
@@ -73,22 +76,6 @@ def test_every_setting_has_help_text():
     for cls in (ModelConfig, TrainConfig):
         helps = _field_help(cls)
         assert [f.name for f in fields(cls) if f.name not in helps] == [], cls.__name__
-
-
-def test_time_to_reach_interpolates():
-    evals = [{"tokens": 100, "elapsed_s": 1.0, "val_loss": 5.0}, {"tokens": 200, "elapsed_s": 2.0, "val_loss": 3.0}]
-    assert time_to_reach(evals, 4.0, "tokens") == pytest.approx(150)
-    assert time_to_reach(evals, 6.0, "elapsed_s") == pytest.approx(1.0)
-    assert time_to_reach(evals, 2.0, "tokens") is None
-
-
-def test_dense_twin_has_equal_active_ffn_width():
-    moe = small_cfg(num_shared_experts=1)
-    dense = dense_twin(moe)
-    assert dense.num_experts == 0 and dense.ffn_dim == 2 * 64 + 64
-    switch = router_variant(moe, "switch")
-    assert switch.top_k == 1 and switch.expert_ffn_dim == 128 and switch.capacity_factor == 1.25
-    assert moe.param_counts()[1] - dense.param_counts()[1] == 2 * 64 * 8  # only the router differs
 
 
 # --------------------------------------------------------------------------- training
@@ -319,16 +306,3 @@ def test_generate_cli_streams_text(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def test_compare_never_samples_from_a_router_that_sees_later_tokens():
-    from moekit.train.compare import render_report, sample_candidates
-
-    runs = [{"name": "dense", "router": None, "final_val_loss": 4.0},
-            {"name": "moe-expert_choice", "router": "expert_choice", "final_val_loss": 3.0},
-            {"name": "moe-topk", "router": "topk", "final_val_loss": 3.5}]
-    assert [r["name"] for r in sample_candidates({"runs": runs})] == ["moe-topk"]
-    assert sample_candidates({"runs": runs[:2]})[0]["name"] == "dense"
-    for r in runs:
-        r.update(params_total=1, params_active=1, final_val_bpb=1.0, tokens_per_s=1.0, tokens_to_dense_final=None,
-                 seconds_to_dense_final=None, time_fraction=None)
-    report = render_report({"runs": runs, "dense_final_val_loss": 4.0}, TrainConfig())
-    assert "depends on later tokens" in report

@@ -2,13 +2,21 @@
 
 The Switch Transformer measurement at small scale (Fedus et al. 2021, sec. 3): train both on the same
 data, token budget and schedule, then ask how much sooner (in tokens and in wall-clock seconds) the
-MoE reaches the dense model's final validation loss. Optionally sweep routers on the same budget.
+MoE reaches the dense model's final validation loss. Each model is trained once per seed (a seed
+sets the init and the data order; the MoE of seed s is measured against the dense model of seed s),
+and the report gives the mean and the spread. Optionally sweep routers, or the number of experts at
+fixed active parameters (the Switch paper's Fig. 4 at laptop scale).
+
+Layout: ``OUT/<model>-s<seed>/`` one run directory per model and seed, ``OUT/report.md``,
+``OUT/summary.json``, ``OUT/val_loss.png`` and, for an expert sweep, ``OUT/scaling.png``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +25,12 @@ from moekit.checkpoint import find_checkpoints
 from moekit.config import ConfigError, ModelConfig
 from moekit.summary import human
 from moekit.train.config import TrainConfig
-from moekit.train.loop import read_metrics, train
+from moekit.train.loop import RESUMABLE_CHANGES, RunError, read_metrics, train
 from moekit.utils import atomic_write_text
 
 ALL_ROUTERS = ("topk", "switch", "expert_choice", "sigmoid_bias", "noisy_topk")
+# Settings that do not change a run's curve: a run that differs only in these may be reused.
+_NO_EFFECT = {"threads", "save_every", "keep_last", "log_every"}
 
 
 def dense_twin(moe: ModelConfig) -> ModelConfig:
@@ -36,16 +46,40 @@ def dense_twin(moe: ModelConfig) -> ModelConfig:
 def router_variant(moe: ModelConfig, router: str) -> ModelConfig:
     """``moe`` with another router at equal active parameters. Switch is top-1, so its experts are
     k times wider (as in the Switch paper, where an expert is the size of the dense FFN)."""
-    if router == "switch":
+    if router == "switch" and moe.top_k > 1:
         return dataclasses.replace(moe, router="switch", top_k=1, expert_ffn_dim=moe.top_k * moe.expert_ffn_dim,
                                    capacity_factor=moe.capacity_factor or 1.25,
                                    eval_capacity_factor=moe.eval_capacity_factor or 2.0)
     return dataclasses.replace(moe, router=router)
 
 
+def model_variants(moe: ModelConfig, routers: list[str] | None = None,
+                   experts: list[int] | None = None) -> list[tuple[str, ModelConfig]]:
+    """(name, config) of every model in the comparison, the dense twin first. ``experts`` sweeps the
+    number of experts at fixed active parameters (top_k and expert width stay); ``routers`` sweeps
+    routers; with both, every combination."""
+    routers = routers or [moe.router]
+    for r in routers:
+        if r not in ALL_ROUTERS:
+            raise ConfigError(f"unknown router {r!r} for --routers; choose from {list(ALL_ROUTERS)}")
+    for e in experts or []:
+        if e < moe.top_k:
+            raise ConfigError(f"--experts {e}: fewer experts than top_k={moe.top_k}")
+    out = [("dense", dense_twin(moe))]
+    for r in routers:
+        base = router_variant(moe, r)
+        if experts:
+            out += [(f"moe-{r}-e{e}", dataclasses.replace(base, num_experts=e)) for e in experts]
+        else:
+            out.append((f"moe-{r}", base))
+    return out
+
+
 @dataclass
 class Curve:
-    name: str
+    name: str  # model name, e.g. "moe-topk"
+    seed: int
+    run: Path
     cfg: ModelConfig
     evals: list[dict[str, Any]]  # step, tokens, elapsed_s, val_loss, val_bpb
     tokens_per_s: float
@@ -56,8 +90,13 @@ class Curve:
 
 
 def time_to_reach(evals: list[dict[str, Any]], target: float, key: str) -> float | None:
-    """First point (interpolated linearly between evaluations) where val_loss <= target, in ``key``
-    units (``tokens`` or ``elapsed_s``); None if never reached."""
+    """When val_loss first reached ``target``, in ``key`` units (``tokens`` or ``elapsed_s``); None if never.
+
+    Between two evaluations the curve is taken as linear: the point is interpolated between the last
+    evaluation above the target and the first at or below it (evaluations are every ``eval_every``
+    steps, so without it the figure would be rounded up to the next evaluation). If the very first
+    evaluation is already at or below the target, its time is returned.
+    """
     prev = None
     for e in evals:
         if e["val_loss"] <= target:
@@ -69,97 +108,199 @@ def time_to_reach(evals: list[dict[str, Any]], target: float, key: str) -> float
     return None
 
 
-def _run_one(out: Path, name: str, cfg: ModelConfig, tcfg: TrainConfig, progress: bool) -> Curve:
-    run = out / name
+def _settings_differ(saved: dict[str, Any], cfg: ModelConfig, tcfg: TrainConfig) -> list[str]:
+    """The settings in which a saved run differs from the wanted one (ignoring those without effect)."""
+    diffs = []
+    if saved.get("model") != cfg.to_dict():
+        model = saved.get("model") or {}
+        diffs += [f"{k} {model.get(k)!r} (wanted {v!r})" for k, v in cfg.to_dict().items() if model.get(k) != v]
+    train_saved = saved.get("train") or {}
+    for k, v in tcfg.to_dict().items():
+        if k not in _NO_EFFECT and train_saved.get(k) != v:
+            diffs.append(f"{k} {train_saved.get(k)!r} (wanted {v!r})")
+    return diffs
+
+
+def _run_one(run: Path, name: str, seed: int, cfg: ModelConfig, tcfg: TrainConfig, progress: bool) -> Curve:
+    """Train one model (or reuse/continue it if ``run`` holds the same settings)."""
     done = find_checkpoints(run)
-    if done and done[-1][0] >= tcfg.max_steps:  # finished earlier: reuse it
-        print(f"{name}: already trained ({done[-1][0]} steps), reusing {run}")
+    if (run / "config.json").exists():
+        saved = json.loads((run / "config.json").read_text())
+        diffs = _settings_differ(saved, cfg, tcfg)
+        if diffs:
+            raise RunError(f"{run} was trained with other settings: {', '.join(diffs[:4])}"
+                           f"{' ...' if len(diffs) > 4 else ''}; choose another --out or remove it")
+    if done and done[-1][0] >= tcfg.max_steps:
+        print(f"{run.name}: already trained ({done[-1][0]} steps), reusing {run}")
     elif done:
-        train(run, cfg, tcfg, resume=True, progress=progress, desc=name)
+        train(run, resume=True, overrides={k: getattr(tcfg, k) for k in RESUMABLE_CHANGES & _NO_EFFECT},
+              progress=progress, desc=run.name)
     else:
         if run.exists():  # started but never checkpointed: start over
-            import shutil
-
             shutil.rmtree(run)
-        train(run, cfg, tcfg, progress=progress, desc=name)
+        train(run, cfg, tcfg, progress=progress, desc=run.name)
     records = read_metrics(run)
     evals = [r for r in records if "val_loss" in r]
     train_recs = [r for r in records if "train_loss" in r]
     last = train_recs[-1]
-    return Curve(name, ModelConfig.from_dict(json.loads((run / "config.json").read_text())["model"]), evals,
+    return Curve(name, seed, run, ModelConfig.from_dict(json.loads((run / "config.json").read_text())["model"]), evals,
                  last["tokens"] / max(last["elapsed_s"], 1e-9))
 
 
 def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: list[str] | None = None,
+            experts: list[int] | None = None, seeds: int = 1, dense_lr: float | None = None,
             progress: bool = True) -> dict[str, Any]:
-    """Train the dense twin and the MoE (one per router in ``routers``), then write
-    ``OUT/report.md``, ``OUT/val_loss.png`` and ``OUT/summary.json``. Re-running continues or reuses runs."""
+    """Train the dense twin and every MoE variant once per seed (``tcfg.seed``, +1, ...), then write
+    ``OUT/report.md``, ``OUT/val_loss.png`` (and ``OUT/scaling.png`` for an expert sweep) and
+    ``OUT/summary.json``. ``dense_lr`` gives the dense model its own learning rate (each model at its
+    own best is the fair comparison). Re-running reuses or continues runs with the same settings."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds} must be >= 1")
     if tcfg.eval_every == 0:
         tcfg = dataclasses.replace(tcfg, eval_every=max(1, tcfg.max_steps // 10))
-    routers = routers or [moe_cfg.router]
-    for r in routers:
-        if r not in ALL_ROUTERS:
-            raise ConfigError(f"unknown router {r!r} for --routers; choose from {list(ALL_ROUTERS)}")
-    curves = [_run_one(out, "dense", dense_twin(moe_cfg), tcfg, progress)]
-    for r in routers:
-        curves.append(_run_one(out, f"moe-{r}", router_variant(moe_cfg, r), tcfg, progress))
+    variants = model_variants(moe_cfg, routers, experts)  # validates before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    curves = []
+    for s in range(tcfg.seed, tcfg.seed + seeds):
+        for name, cfg in variants:
+            run_cfg = dataclasses.replace(tcfg, seed=s)
+            if name == "dense" and dense_lr is not None:
+                run_cfg = dataclasses.replace(run_cfg, lr=dense_lr)
+            curves.append(_run_one(out / f"{name}-s{s}", name, s, cfg, run_cfg, progress))
     summary = summarize(curves)
+    summary["settings"] = {"train": tcfg.to_dict(), "dense_lr": dense_lr if dense_lr is not None else tcfg.lr,
+                           "seeds": list(range(tcfg.seed, tcfg.seed + seeds)), "experts": experts}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_compare(out, curves)
+    if experts:
+        plot_scaling(out, summary)
     atomic_write_text(out / "report.md", render_report(summary, tcfg))
     return summary
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
 def summarize(curves: list[Curve]) -> dict[str, Any]:
-    dense = curves[0]
-    target = dense.final["val_loss"]
-    rows = []
+    """Per run: final loss, speed and the time/token fraction against the dense run of the same seed.
+    Per model: the same over seeds (mean, std, min, max); a fraction is averaged only if every seed
+    reached the target (``reached`` says how many did)."""
+    dense = {c.seed: c for c in curves if c.name == "dense"}
+    runs = []
     for c in curves:
+        d = dense[c.seed]
+        target = d.final["val_loss"]
         total, active = c.cfg.param_counts()
         t_tokens = time_to_reach(c.evals, target, "tokens")
         t_secs = time_to_reach(c.evals, target, "elapsed_s")
-        rows.append({
-            "name": c.name, "router": c.cfg.router if c.cfg.num_experts else None,
-            "params_total": total, "params_active": active,
+        runs.append({
+            "name": c.name, "seed": c.seed, "run": str(c.run), "router": c.cfg.router if c.cfg.num_experts else None,
+            "num_experts": c.cfg.num_experts, "top_k": c.cfg.top_k if c.cfg.num_experts else None,
+            "expert_ffn_dim": c.cfg.expert_ffn_dim if c.cfg.num_experts else None,
+            "params_total": total, "params_active": active, "target_val_loss": target,
             "final_val_loss": c.final["val_loss"], "final_val_bpb": c.final["val_bpb"],
             "tokens": c.final["tokens"], "train_seconds": c.final["elapsed_s"], "tokens_per_s": c.tokens_per_s,
+            "step_cost_vs_dense": d.tokens_per_s / c.tokens_per_s,
             "tokens_to_dense_final": t_tokens, "seconds_to_dense_final": t_secs,
-            "token_fraction": None if t_tokens is None else t_tokens / dense.final["tokens"],
-            "time_fraction": None if t_secs is None else t_secs / dense.final["elapsed_s"],
+            "token_fraction": None if t_tokens is None else t_tokens / d.final["tokens"],
+            "time_fraction": None if t_secs is None else t_secs / d.final["elapsed_s"],
         })
-    return {"dense_final_val_loss": target, "runs": rows}
+    models = []
+    for name in dict.fromkeys(r["name"] for r in runs):
+        rs = [r for r in runs if r["name"] == name]
+        row = {k: rs[0][k] for k in ("name", "router", "num_experts", "top_k", "expert_ffn_dim", "params_total",
+                                     "params_active")}
+        row["seeds"] = [r["seed"] for r in rs]
+        row["final_val_loss"] = _spread([r["final_val_loss"] for r in rs])
+        row["tokens_per_s"] = statistics.fmean(r["tokens_per_s"] for r in rs)
+        row["step_cost_vs_dense"] = statistics.fmean(r["step_cost_vs_dense"] for r in rs)
+        row["reached"] = sum(r["time_fraction"] is not None for r in rs)
+        for key in ("time_fraction", "token_fraction"):
+            vals = [r[key] for r in rs]
+            row[key] = _spread(vals) if None not in vals else None
+            row[key + "_per_seed"] = vals
+        models.append(row)
+    return {"dense_final_val_loss": _spread([d.final["val_loss"] for d in dense.values()]), "runs": runs,
+            "models": models}
+
+
+def _fmt_spread(s: dict[str, float] | None, pattern: str = "{:.2f}") -> str:
+    if s is None:
+        return "not reached"
+    if s["max"] == s["min"]:
+        return pattern.format(s["mean"])
+    return f"{pattern.format(s['mean'])} ± {pattern.format(s['std'])}"
 
 
 def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
     def fmt(v, pattern="{:.3f}"):
         return "not reached" if v is None else pattern.format(v)
 
+    settings = summary.get("settings", {})
+    seeds = settings.get("seeds", [tcfg.seed])
+    dense_lr = settings.get("dense_lr", tcfg.lr)
+    lr_text = f"lr {tcfg.lr}" if dense_lr == tcfg.lr else f"lr {tcfg.lr} for the MoE, {dense_lr} for the dense model"
+    sched = getattr(tcfg, "schedule", "cosine")
+    d = summary["dense_final_val_loss"]
     lines = [
         "# Dense vs sparse: the Switch experiment, measured", "",
         f"Budget: {tcfg.max_steps} steps x {tcfg.tokens_per_step:,} tokens = {tcfg.max_steps * tcfg.tokens_per_step:,} "
-        f"tokens per model, same data order, schedule (lr {tcfg.lr}, warmup {tcfg.warmup_steps}, cosine) and seed "
-        f"{tcfg.seed}. Validation: held-out text, {tcfg.eval_batches} batches every {tcfg.eval_every} steps. "
+        f"tokens per model and seed; the same data order for every model of a seed. Schedule: {lr_text}, "
+        f"warmup {tcfg.warmup_steps} steps, then {sched}. Seeds: {', '.join(map(str, seeds))} (a seed sets the init and "
+        f"the data order). Validation: held-out plays, {tcfg.eval_batches} batches every {tcfg.eval_every} steps. "
         "Times are training seconds on this machine (evaluation excluded).", "",
-        f"Target: the dense model's final validation loss, **{summary['dense_final_val_loss']:.4f}** nats/token.", "",
-        "| model | params total | active/token | final val loss | val bpb | tokens/s | tokens to target | "
-        "time to target | time fraction |",
+        f"Target: each seed's dense final validation loss, **{_fmt_spread(d, '{:.4f}')}** nats/token over seeds.", "",
+        "| model | params total | active/token | final val loss | tokens/s | step cost vs dense | token fraction | "
+        "**time fraction** | reached |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in summary["runs"]:
+    for m in summary["models"]:
         lines.append(
-            f"| {r['name']} | {human(r['params_total'])} | {human(r['params_active'])} | {r['final_val_loss']:.4f} | "
-            f"{r['final_val_bpb']:.4f} | {r['tokens_per_s']:,.0f} | {fmt(r['tokens_to_dense_final'], '{:,.0f}')} | "
-            f"{fmt(r['seconds_to_dense_final'], '{:.1f} s')} | {fmt(r['time_fraction'], '{:.2f}')} |")
-    lines += ["", "*time fraction*: seconds the model needed to reach the target divided by the dense model's total "
-              "training seconds (< 1: the sparse model got there sooner; the Switch Transformer reports 1/7 at scale).",
-              ""]
+            f"| {m['name']} | {human(m['params_total'])} | {human(m['params_active'])} | "
+            f"{_fmt_spread(m['final_val_loss'], '{:.4f}')} | {m['tokens_per_s']:,.0f} | {m['step_cost_vs_dense']:.2f}x | "
+            f"{_fmt_spread(m['token_fraction'])} | **{_fmt_spread(m['time_fraction'])}** | "
+            f"{m['reached']}/{len(m['seeds'])} |")
+    lines += [
+        "", "*time fraction*: seconds the model needed to reach its seed's dense final loss, divided by that dense "
+        "model's training seconds (< 1: the sparse model got there sooner; the Switch Transformer reports 1/7 at "
+        "scale). It is the *token fraction* (tokens needed / dense tokens: what routing buys per token) times the "
+        "*step cost* (seconds per token against dense: what routing costs). A point between two evaluations is "
+        "interpolated linearly. Mean ± standard deviation over seeds; per seed below.", ""]
+    verdicts = []
+    for m in summary["models"][1:]:
+        tf = m["time_fraction"]
+        if tf is None:
+            verdicts.append(f"- **{m['name']}** did not reach the dense model's final loss in "
+                            f"{len(m['seeds']) - m['reached']} of {len(m['seeds'])} seeds: at this budget it does not "
+                            "beat its dense twin.")
+        elif tf["mean"] > 0.8:
+            tok = m["token_fraction"]["mean"]
+            cause = ("it needs almost as many tokens as dense (routing buys little here)" if tok > 0.7 else
+                     f"each step costs {m['step_cost_vs_dense']:.2f}x a dense step")
+            verdicts.append(f"- **{m['name']}**: time fraction {tf['mean']:.2f} is above 0.8, a defect at this "
+                            f"setting: {cause}.")
+        else:
+            verdicts.append(f"- **{m['name']}** reaches the dense final loss in {tf['mean']:.2f} of the dense time "
+                            f"(seeds: {', '.join(f'{v:.2f}' for v in m['time_fraction_per_seed'])}; "
+                            f"range {tf['min']:.2f}-{tf['max']:.2f}).")
+    lines += verdicts + ["", "Per seed:", "",
+                         "| model | seed | final val loss | target | tokens/s | tokens to target | time to target | "
+                         "time fraction |", "|---|---|---|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        lines.append(f"| {r['name']} | {r['seed']} | {r['final_val_loss']:.4f} | {r['target_val_loss']:.4f} | "
+                     f"{r['tokens_per_s']:,.0f} | {fmt(r['tokens_to_dense_final'], '{:,.0f}')} | "
+                     f"{fmt(r['seconds_to_dense_final'], '{:.1f} s')} | {fmt(r['time_fraction'], '{:.2f}')} |")
+    lines.append("")
     if any(r["router"] == "expert_choice" for r in summary["runs"]):
         lines += ["NOTE: expert choice routes each batch's tokens per expert across whole sequences, so a token's "
                   "output (and its validation loss) depends on later tokens; its loss is not comparable to a causal "
                   "model's, and it cannot generate text. It is never picked for samples.", ""]
     lines += ["![validation loss](val_loss.png)", ""]
+    if settings.get("experts"):
+        lines += ["![final loss and time fraction against the number of experts](scaling.png)", ""]
     return "\n".join(lines)
 
 
@@ -170,27 +311,86 @@ def sample_candidates(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(causal or summary["runs"][:1], key=lambda r: r["final_val_loss"])
 
 
-def plot_compare(out: Path, curves: list[Curve]) -> Path:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_compare(out: Path, curves: list[Curve]) -> Path:
+    """Validation loss against tokens and against training seconds: every seed of every model (one
+    colour per model, dense dashed), and each seed's target as a dotted line."""
+    plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    names = list(dict.fromkeys(c.name for c in curves))
+    colours = {n: ("black" if n == "dense" else plt.cm.tab10(i % 10)) for i, n in enumerate(names)}
+    labelled = set()
     for c in curves:
-        style = "k--" if c.cfg.num_experts == 0 else "-"
-        a.plot([e["tokens"] for e in c.evals], [e["val_loss"] for e in c.evals], style, marker="o", ms=3, label=c.name)
-        b.plot([e["elapsed_s"] for e in c.evals], [e["val_loss"] for e in c.evals], style, marker="o", ms=3, label=c.name)
-    target = curves[0].final["val_loss"]
+        kw = dict(color=colours[c.name], ls="--" if c.name == "dense" else "-", marker="o", ms=2, lw=1, alpha=0.85)
+        label = None if c.name in labelled else c.name
+        labelled.add(c.name)
+        a.plot([e["tokens"] for e in c.evals], [e["val_loss"] for e in c.evals], label=label, **kw)
+        b.plot([e["elapsed_s"] for e in c.evals], [e["val_loss"] for e in c.evals], **kw)
+    targets = sorted({c.final["val_loss"] for c in curves if c.name == "dense"})
+    finals = [e["val_loss"] for c in curves for e in c.evals[len(c.evals) // 4:]]
     for ax, xlabel in ((a, "tokens"), (b, "training seconds")):
-        ax.axhline(target, color="grey", lw=0.8, ls=":")
+        for t in targets:
+            ax.axhline(t, color="grey", lw=0.7, ls=":")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
+    if finals:  # zoom on the part of the curves where the comparison happens
+        a.set_ylim(min(finals) - 0.05, max(finals) + 0.1)
     a.set_ylabel("validation loss (nats/token)")
-    a.legend()
-    fig.suptitle("dense vs MoE at equal active parameters per token")
+    a.legend(fontsize=8)
+    seeds = len({c.seed for c in curves})
+    fig.suptitle(f"dense vs MoE at equal active parameters per token ({seeds} seed{'s' * (seeds > 1)} each; "
+                 "dotted: dense final losses)")
     fig.tight_layout()
     path = out / "val_loss.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_scaling(out: Path, summary: dict[str, Any]) -> Path:
+    """Final validation loss and time fraction against the number of experts (fixed active parameters)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    dense = summary["models"][0]
+    by_router: dict[str, list[dict[str, Any]]] = {}
+    for m in summary["models"][1:]:
+        by_router.setdefault(m["router"], []).append(m)
+    for router, ms in by_router.items():
+        xs = [m["num_experts"] for m in ms]
+        loss = [m["final_val_loss"] for m in ms]
+        a.errorbar(xs, [s["mean"] for s in loss], yerr=[s["std"] for s in loss], marker="o", capsize=3, label=router)
+        tf = [(m["num_experts"], m["time_fraction"]) for m in ms if m["time_fraction"] is not None]
+        if tf:
+            b.errorbar([x for x, _ in tf], [s["mean"] for _, s in tf], yerr=[s["std"] for _, s in tf], marker="o",
+                       capsize=3, label=router)
+        missed = [m["num_experts"] for m in ms if m["time_fraction"] is None]
+        if missed:
+            b.plot(missed, [1.0] * len(missed), "x", color="red", label="not reached")
+    a.axhline(dense["final_val_loss"]["mean"], color="black", ls="--", lw=1, label="dense")
+    b.axhline(1.0, color="black", ls="--", lw=1, label="dense")
+    b.axhline(0.5, color="grey", ls=":", lw=1)
+    for ax, ylabel in ((a, "final validation loss"), (b, "time fraction (to dense final loss)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("experts (active parameters fixed)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    b.set_ylim(0, max(1.1, b.get_ylim()[1]))
+    fig.suptitle("more experts at the same cost per token")
+    fig.tight_layout()
+    path = out / "scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["ALL_ROUTERS", "Curve", "compare", "dense_twin", "model_variants", "router_variant", "summarize",
+           "time_to_reach", "render_report", "sample_candidates", "plot_compare", "plot_scaling"]

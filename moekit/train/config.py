@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import ConfigError, ModelConfig, _did_you_mean, check_field_types
+from moekit.train.optim import SCHEDULES
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20  # steps of linear learning-rate warmup
+    schedule: str = "cosine"  # after warmup: cosine (to lr * min_lr_ratio) | constant | inv_sqrt (Switch, T5)
     weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases, embeddings)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
@@ -56,6 +58,8 @@ class TrainConfig:
             raise ConfigError(f"lr={self.lr} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} is not one of {list(SCHEDULES)}")
         if self.vocab_size is not None and self.tokenizer is not None:
             raise ConfigError("give either tokenizer (load one) or vocab_size (train one), not both")
         if self.vocab_size is not None and self.vocab_size < 260:

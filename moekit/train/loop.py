@@ -138,7 +138,7 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
     t_window, tokens_window = time.perf_counter(), 0
     try:
         while step < cfg.max_steps:
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss, step_aux, loads = 0.0, 0.0, None

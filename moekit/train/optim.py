@@ -7,16 +7,31 @@ import math
 import torch
 from torch import nn
 
+SCHEDULES = ("cosine", "constant", "inv_sqrt")
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> float:
-    """Linear warmup to ``base_lr``, then cosine decay to ``min_lr_ratio * base_lr`` at ``total_steps``.
 
-    ``step`` counts optimizer steps from 0. Past ``total_steps`` the rate stays at the minimum
-    (nanoGPT's ``get_lr``).
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1,
+          schedule: str = "cosine") -> float:
+    """Linear warmup to ``base_lr``, then the decay named by ``schedule``:
+
+    - ``cosine``: to ``min_lr_ratio * base_lr`` at ``total_steps``; past it the rate stays at the minimum
+      (nanoGPT's ``get_lr``).
+    - ``constant``: ``base_lr`` to the end.
+    - ``inv_sqrt``: ``base_lr * sqrt(warmup / step)`` (T5 and the Switch Transformer), at least
+      ``min_lr_ratio * base_lr``. Neither of the last two depends on ``total_steps``, so a curve's
+      point at step s is the same whatever the run's length: "when did it reach loss x" is well defined.
+
+    ``step`` counts optimizer steps from 0.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     min_lr = base_lr * min_lr_ratio
+    if schedule == "constant":
+        return base_lr
+    if schedule == "inv_sqrt":
+        return max(min_lr, base_lr * math.sqrt(max(warmup_steps, 1) / (step + 1)))
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
     if step >= total_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

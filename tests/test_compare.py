@@ -1,0 +1,177 @@
+"""``moekit compare``: the time-fraction arithmetic on synthetic curves, the seed loop, the expert sweep
+and the reuse check, end to end on real (tiny) runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moekit.cli import main
+from moekit.config import ConfigError, ModelConfig
+from moekit.train import TrainConfig
+from moekit.train.compare import (
+    Curve,
+    compare,
+    dense_twin,
+    model_variants,
+    render_report,
+    router_variant,
+    sample_candidates,
+    summarize,
+    time_to_reach,
+)
+from moekit.train.loop import RunError
+
+SMALL_MODEL = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, expert_ffn_dim=32, ffn_dim=64, max_seq_len=32,
+                   num_experts=4)
+
+
+def small_cfg(**kw):
+    return ModelConfig.from_preset("tiny-moe", **{**SMALL_MODEL, **kw})
+
+
+def small_train(**kw):
+    base = dict(max_steps=4, batch_size=2, seq_len=16, eval_every=2, save_every=4, log_every=2, eval_batches=1,
+                warmup_steps=1)
+    return TrainConfig(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------- pure pieces
+def _evals(losses, step_tokens=100, step_s=1.0):
+    return [{"step": i + 1, "tokens": (i + 1) * step_tokens, "elapsed_s": (i + 1) * step_s, "val_loss": v,
+             "val_bpb": v / 2} for i, v in enumerate(losses)]
+
+
+def test_time_to_reach_interpolates_between_evaluations():
+    evals = [{"tokens": 100, "elapsed_s": 1.0, "val_loss": 5.0}, {"tokens": 200, "elapsed_s": 2.0, "val_loss": 3.0}]
+    assert time_to_reach(evals, 4.0, "tokens") == pytest.approx(150)  # between evaluations: interpolated
+    assert time_to_reach(evals, 3.5, "elapsed_s") == pytest.approx(1.75)
+    assert time_to_reach(evals, 6.0, "elapsed_s") == pytest.approx(1.0)  # the first evaluation already reached it
+    assert time_to_reach(evals, 3.0, "tokens") == pytest.approx(200)  # exactly at an evaluation
+    assert time_to_reach(evals, 2.0, "tokens") is None  # never reached
+
+
+def test_summarize_pairs_each_seed_with_its_dense_run():
+    cfg = small_cfg()
+    dense_cfg = dense_twin(cfg)
+    curves = [
+        # seed 0: dense ends at 4.0 after 4 s; the MoE (twice as slow per step) is at 4.0 at step 1 (2 s)
+        Curve("dense", 0, Path("d0"), dense_cfg, _evals([6.0, 5.0, 4.5, 4.0]), 100.0),
+        Curve("moe-topk", 0, Path("m0"), cfg, _evals([4.0, 3.5, 3.0, 2.9], step_s=2.0), 50.0),
+        # seed 1: dense ends at 3.0; the MoE gets there between its steps 2 and 3 (loss 3.5 -> 2.5)
+        Curve("dense", 1, Path("d1"), dense_cfg, _evals([6.0, 5.0, 4.0, 3.0]), 100.0),
+        Curve("moe-topk", 1, Path("m1"), cfg, _evals([5.0, 3.5, 2.5, 2.0]), 100.0),
+    ]
+    s = summarize(curves)
+    runs = {(r["name"], r["seed"]): r for r in s["runs"]}
+    assert runs["moe-topk", 0]["target_val_loss"] == 4.0 and runs["moe-topk", 1]["target_val_loss"] == 3.0
+    assert runs["moe-topk", 0]["time_fraction"] == pytest.approx(2.0 / 4.0)
+    assert runs["moe-topk", 0]["token_fraction"] == pytest.approx(100 / 400)
+    assert runs["moe-topk", 0]["step_cost_vs_dense"] == pytest.approx(2.0)
+    assert runs["moe-topk", 1]["time_fraction"] == pytest.approx(2.5 / 4.0)
+    moe = s["models"][1]
+    assert moe["time_fraction"]["mean"] == pytest.approx((0.5 + 0.625) / 2)
+    assert moe["time_fraction"]["min"] == pytest.approx(0.5) and moe["time_fraction"]["max"] == pytest.approx(0.625)
+    assert moe["reached"] == 2 and moe["seeds"] == [0, 1]
+    assert s["dense_final_val_loss"]["mean"] == pytest.approx(3.5)
+    report = render_report(s, small_train())
+    assert "0.56 ± 0.09" in report and "seeds: 0.50, 0.62" in report
+
+    # one seed never reaches the target: no mean is claimed, the report says so
+    curves[3] = Curve("moe-topk", 1, Path("m1"), cfg, _evals([5.0, 4.5, 4.0, 3.5]), 100.0)
+    s = summarize(curves)
+    assert s["models"][1]["time_fraction"] is None and s["models"][1]["reached"] == 1
+    assert s["models"][1]["time_fraction_per_seed"] == [pytest.approx(0.5), None]
+    assert "did not reach the dense model's final loss in 1 of 2 seeds" in render_report(s, small_train())
+
+
+def test_report_flags_a_time_fraction_above_0_8_as_a_defect():
+    cfg = small_cfg()
+    curves = [Curve("dense", 0, Path("d"), dense_twin(cfg), _evals([5.0, 4.0]), 100.0),
+              Curve("moe-topk", 0, Path("m"), cfg, _evals([5.0, 4.05, 3.9]), 100.0)]
+    s = summarize(curves)
+    assert s["models"][1]["time_fraction"]["mean"] > 0.8
+    assert "above 0.8, a defect" in render_report(s, small_train())
+
+
+def test_dense_twin_has_equal_active_ffn_width():
+    moe = small_cfg(num_shared_experts=1)
+    dense = dense_twin(moe)
+    assert dense.num_experts == 0 and dense.ffn_dim == 2 * 32 + 32
+    switch = router_variant(moe, "switch")
+    assert switch.top_k == 1 and switch.expert_ffn_dim == 64 and switch.capacity_factor == 1.25
+    assert moe.param_counts()[1] - dense.param_counts()[1] == 32 * 4  # only the router differs
+    assert router_variant(small_cfg(top_k=1, router="switch"), "switch").expert_ffn_dim == 32  # already top-1
+
+
+def test_expert_sweep_keeps_active_parameters():
+    variants = model_variants(small_cfg(), experts=[4, 8, 16])
+    assert [n for n, _ in variants] == ["dense", "moe-topk-e4", "moe-topk-e8", "moe-topk-e16"]
+    actives = [c.param_counts()[1] for _, c in variants[1:]]
+    routers = [c.dim * c.num_experts for _, c in variants[1:]]
+    assert len({a - r for a, r in zip(actives, routers)}) == 1  # equal but for the router's own weights
+    with pytest.raises(ConfigError, match="fewer experts than top_k"):
+        model_variants(small_cfg(), experts=[1])
+    with pytest.raises(ConfigError, match="unknown router"):
+        model_variants(small_cfg(), routers=["nope"])
+
+
+def test_compare_never_samples_from_a_router_that_sees_later_tokens():
+    runs = [{"name": "dense", "router": None, "final_val_loss": 4.0},
+            {"name": "moe-expert_choice", "router": "expert_choice", "final_val_loss": 3.0},
+            {"name": "moe-topk", "router": "topk", "final_val_loss": 3.5}]
+    assert [r["name"] for r in sample_candidates({"runs": runs})] == ["moe-topk"]
+    assert sample_candidates({"runs": runs[:2]})[0]["name"] == "dense"
+    cfg = small_cfg()
+    curves = [Curve("dense", 0, Path("d"), dense_twin(cfg), _evals([5.0, 4.0]), 1.0),
+              Curve("moe-expert_choice", 0, Path("e"), small_cfg(router="expert_choice"), _evals([5.0, 3.0]), 1.0)]
+    assert "depends on later tokens" in render_report(summarize(curves), small_train())
+
+
+# --------------------------------------------------------------------------- end to end
+def test_seed_loop_and_expert_sweep_on_real_runs(tmp_path):
+    out = tmp_path / "cmp"
+    summary = compare(out, small_cfg(), small_train(seed=3), experts=[2, 4], seeds=2, progress=False)
+    names = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert names == ["dense-s3", "dense-s4", "moe-topk-e2-s3", "moe-topk-e2-s4", "moe-topk-e4-s3", "moe-topk-e4-s4"]
+    for name in names:  # one run per seed, with that seed
+        saved = json.loads((out / name / "config.json").read_text())
+        assert saved["train"]["seed"] == int(name[-1])
+    assert [m["name"] for m in summary["models"]] == ["dense", "moe-topk-e2", "moe-topk-e4"]
+    assert [m["num_experts"] for m in summary["models"]] == [0, 2, 4]
+    assert all(m["seeds"] == [3, 4] for m in summary["models"])
+    report = (out / "report.md").read_text()
+    assert "| moe-topk-e2 |" in report and "| moe-topk-e4 |" in report and "scaling.png" in report
+    for plot in ("val_loss.png", "scaling.png"):
+        assert (out / plot).stat().st_size > 1000
+    # the seeds differ, so their runs differ
+    d3, d4 = (json.loads((out / f"dense-s{s}" / "metrics.jsonl").read_text().splitlines()[0]) for s in (3, 4))
+    assert d3["train_loss"] != d4["train_loss"]
+
+
+def test_compare_reuses_only_runs_with_the_same_settings(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    flags = ["compare", "--out", str(out), "--quiet", "--dim", "32", "--n-layers", "1", "--n-heads", "2",
+             "--n-kv-heads", "1", "--expert-ffn-dim", "32", "--num-experts", "4", "--max-seq-len", "32",
+             "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--warmup-steps", "1"]
+    assert main(flags + ["--max-steps", "3", "--dense-lr", "0.002"]) == 0
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "time frac" in printed
+    assert json.loads((out / "dense-s0" / "config.json").read_text())["train"]["lr"] == 0.002
+    assert main(flags + ["--max-steps", "3", "--dense-lr", "0.002"]) == 0  # same settings: reused, not retrained
+    assert "already trained (3 steps), reusing" in capsys.readouterr().out
+    assert main(flags + ["--max-steps", "2", "--lr", "0.01"]) == 2  # other settings: refused, nothing written
+    err = capsys.readouterr().err
+    assert "trained with other settings" in err and "max_steps 3 (wanted 2)" in err and err.count("\n") == 1
+    assert "Budget: 3 steps" in (out / "report.md").read_text()
+    with pytest.raises(RunError):
+        compare(out, small_cfg(), small_train(max_steps=3, lr=0.01), progress=False)
+
+
+def test_compare_flags_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--experts", "8,x"])
+    assert e.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert main(["compare", "--seeds", "0", "--max-steps", "1", "--out", str(tmp_path)]) == 2
+    assert "--seeds 0 must be >= 1" in capsys.readouterr().err
