@@ -67,7 +67,8 @@ class ModelConfig:
     router_jitter: float = 0.0  # multiplicative U(1-eps, 1+eps) on router input while training (Switch)
     aux_loss_coef: float = 0.01  # balance loss (topk, switch) / importance + load losses (noisy_topk)
     z_loss_coef: float = 0.001  # router z-loss, every router
-    routed_scaling_factor: float = 1.0  # multiplies routed gate weights (DeepSeek-V3 uses 2.5)
+    routed_scaling_factor: float = 1.0  # multiplies routed gate weights (topk, sigmoid_bias); DeepSeek-V3 uses 2.5, and
+    # top_k restores a dense FFN's output scale (k renormalised weights each ~1/k at init halve a top-2 layer's output)
     n_group: int = 1  # sigmoid_bias: experts are split into groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen (DeepSeek-V3)
     bias_update_rate: float = 1e-3  # sigmoid_bias: step of the balance bias update (DeepSeek-V3)

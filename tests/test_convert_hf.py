@@ -339,6 +339,7 @@ def test_export_refuses_routers_without_equivalent(tmp_path, router):
     (dict(first_dense_layers=1), "mixtral", "first_dense_layers=1, moe_every=1: every mixtral layer is MoE"),
     (dict(qk_norm="head", head_dim=32), "qwen2_moe", "qk_norm='head': qwen2_moe has no QK-norm"),
     (dict(eval_capacity_factor=1.0), None, "eval_capacity_factor=1.0 drops tokens at inference"),
+    (dict(routed_scaling_factor=2.0), "mixtral", "routed_scaling_factor=2.0 has no equivalent in mixtral's router"),
     (dict(num_experts=0, qk_norm="full"), None, "qk_norm='full': llama has no QK-norm"),
     (dict(num_shared_experts=1, qk_norm="full"), None, "olmoe has no shared experts"),
     ({}, "mistral", "cannot export as model_type='mistral'; export supports llama, mixtral, olmoe"),

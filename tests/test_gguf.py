@@ -155,6 +155,7 @@ def test_loads_per_expert_tensors_of_older_mixtral_files(tmp_path, tok, monkeypa
     (dict(router="sigmoid_bias"), "router='sigmoid_bias'"),
     (dict(norm_topk_prob=False), "norm_topk_prob=False"),
     (dict(eval_capacity_factor=1.25), "eval_capacity_factor=1.25"),
+    (dict(routed_scaling_factor=2.0), "routed_scaling_factor=2.0"),
     (dict(num_shared_experts=1), "num_shared_experts=1"),
     (dict(first_dense_layers=1), "first_dense_layers=1"),
     (dict(qk_norm="head"), "qk_norm='head'"),

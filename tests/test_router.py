@@ -57,6 +57,21 @@ def test_renormalised_gate_weights_sum_to_one(name, training):
     assert_close(r.weights_A.view(30, 2).sum(-1), torch.ones(30))
 
 
+@pytest.mark.parametrize("name", ["topk", "sigmoid_bias"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_routed_scaling_factor_scales_weights_in_training_and_select(name, norm):
+    x = torch.randn(30, 32)
+    plain = make_router(name, norm_topk_prob=norm)
+    scaled = make_router(name, norm_topk_prob=norm, routed_scaling_factor=2.0)
+    scaled.load_state_dict(plain.state_dict())
+    a, b = plain(x), scaled(x)
+    assert torch.equal(a.expert_ids_A, b.expert_ids_A)
+    assert_close(b.weights_A, 2.0 * a.weights_A)
+    ids, w = scaled.eval().select(x)
+    assert torch.equal(ids.reshape(-1), b.expert_ids_A)
+    assert_close(w.reshape(-1), b.weights_A)
+
+
 def test_topk_matches_plain_softmax_topk():
     router = make_router("topk", norm_topk_prob=False)
     x = torch.randn(10, 32)

@@ -522,6 +522,9 @@ def check_exportable(cfg: ModelConfig) -> None:
             problems.append("norm_topk_prob=False (llama.cpp renormalises the top-k weights)")
         if cfg.eval_capacity_factor is not None:
             problems.append(f"eval_capacity_factor={cfg.eval_capacity_factor} (llama.cpp never drops tokens)")
+        if cfg.routed_scaling_factor != 1.0:
+            problems.append(f"routed_scaling_factor={cfg.routed_scaling_factor} (the llama architecture has no expert "
+                            "weight scale)")
         if cfg.num_shared_experts:
             problems.append(f"num_shared_experts={cfg.num_shared_experts}")
         if cfg.first_dense_layers or cfg.moe_every != 1:

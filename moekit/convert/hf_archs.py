@@ -224,6 +224,9 @@ def check_export_routing(cfg: ModelConfig, model_type: str) -> None:
     need(cfg.eval_capacity_factor is None,
          f"eval_capacity_factor={cfg.eval_capacity_factor} drops tokens at inference; Hugging Face MoE layers are "
          "dropless: set it to None to export")
+    need(cfg.routed_scaling_factor == 1.0,
+         f"routed_scaling_factor={cfg.routed_scaling_factor} has no equivalent in {model_type}'s router (it would "
+         "change the outputs)")
 
 
 def renormalises(cfg: ModelConfig) -> bool:

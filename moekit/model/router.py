@@ -139,7 +139,8 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """Softmax over experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE).
+    """Softmax over experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE), then
+    ``routed_scaling_factor`` (1 in those models; k restores a dense FFN's output scale, see config).
 
     With a capacity factor, overflow pairs are dropped (the token skips that expert).
     """
@@ -149,13 +150,18 @@ class TopKRouter(Router):
         top_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.cfg.norm_topk_prob:
             top_TK = top_TK / top_TK.sum(-1, keepdim=True)
+        if self.cfg.routed_scaling_factor != 1.0:
+            top_TK = top_TK * self.cfg.routed_scaling_factor
         return probs_TE, ids_TK, top_TK
 
     def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits_TE = self.logits(x_TD)
         if self.cfg.norm_topk_prob:  # softmax renormalised over the top k == softmax of the top-k logits
             top_TK, ids_TK = logits_TE.topk(self.top_k, dim=-1)
-            return ids_TK, top_TK.softmax(-1)
+            weights_TK = top_TK.softmax(-1)
+            if self.cfg.routed_scaling_factor != 1.0:
+                weights_TK = weights_TK * self.cfg.routed_scaling_factor
+            return ids_TK, weights_TK
         _, ids_TK, top_TK = self._choose(logits_TE)
         return ids_TK, top_TK
 
