@@ -42,29 +42,37 @@ BODY = dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=256, max_seq_le
 WIDE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, max_seq_len=256)  # the old tiny-moe body
 
 
-def moe(body, E, k, F, router="topk", **kw):
+def moe(body, E, k, F, router: str = "topk", **kw):
     return {**body, "num_experts": E, "top_k": k, "expert_ffn_dim": F, "router": router, **kw}
 
 
-# name -> (model settings, train settings); "dense*" rows are the twins the MoE rows are measured against.
+# name -> (model settings, train settings); rows without experts are the dense twins (each MoE row is
+# measured against the best of its body's dense rows). "x2": gate weights times routed_scaling_factor 2.
+SB = dict(router="sigmoid_bias", routed_scaling_factor=2.0)
 STUDY = {
-    # width 128, 4 layers, 500 steps: the old main job's scale
+    # width 128, 4 layers, 500 steps (1M tokens): the old main job's scale
     "w128-dense": (WIDE, dict(lr=3e-3)),
+    "w128-dense-cosine": (WIDE, dict(lr=3e-3, schedule="cosine")),
+    "w128-dense-lr1e-2": (WIDE, dict(lr=1e-2)),
     "w128-e8k2": (moe(WIDE, 8, 2, 256), dict(lr=3e-3)),
     "w128-e32k2": (moe(WIDE, 32, 2, 256), dict(lr=3e-3)),
     "w128-e64k4": (moe(WIDE, 64, 4, 128), dict(lr=3e-3)),
-    # width 64, 2 layers, 1500 steps
-    "dense": (BODY, dict(lr=1e-2)),
-    "dense-lr3e-3": (BODY, dict(lr=3e-3)),
-    "dense-lr2e-2": (BODY, dict(lr=2e-2)),
-    "dense-ffn2048": ({**BODY, "ffn_dim": 2048}, dict(lr=1e-2)),  # not a twin: the capacity upper bound
-    "e16k2": (moe(BODY, 16, 2, 128), dict(lr=1e-2)),
-    "e64k2": (moe(BODY, 64, 2, 128), dict(lr=1e-2)),
-    "e16k1-switch": (moe(BODY, 16, 1, 256, "switch"), dict(lr=1e-2)),
-    "e16k2-sb": (moe(BODY, 16, 2, 128, "sigmoid_bias"), dict(lr=1e-2)),
-    "e16k2-sb-x2": (moe(BODY, 16, 2, 128, "sigmoid_bias", routed_scaling_factor=2.0), dict(lr=1e-2)),
-    "e32k2-sb-x2": (moe(BODY, 32, 2, 128, "sigmoid_bias", routed_scaling_factor=2.0), dict(lr=1e-2)),
-    "e64k2-sb-x2": (moe(BODY, 64, 2, 128, "sigmoid_bias", routed_scaling_factor=2.0), dict(lr=1e-2)),
+    "w128-e32k1-renorm": (moe(WIDE, 32, 1, 512), dict(lr=3e-3)),  # top-1 renormalised: weight 1, no router gradient
+    # width 64, 2 layers, 1500 steps (3M tokens)
+    "dense": (BODY, dict(lr=3e-3)),
+    "dense-lr1.5e-3": (BODY, dict(lr=1.5e-3)),
+    "dense-lr1e-2": (BODY, dict(lr=1e-2)),
+    "dense-ffn2048-lr1e-2": ({**BODY, "ffn_dim": 2048}, dict(lr=1e-2)),  # not a twin: FFN capacity, 8x the compute
+    "e16k2-lr1e-2": (moe(BODY, 16, 2, 128), dict(lr=1e-2)),
+    "e64k2-lr1e-2": (moe(BODY, 64, 2, 128), dict(lr=1e-2)),
+    "e16k2-sb-lr1e-2": (moe(BODY, 16, 2, 128, "sigmoid_bias"), dict(lr=1e-2)),
+    "e16k2-sb-x2-lr1e-2": (moe(BODY, 16, 2, 128, **SB), dict(lr=1e-2)),
+    "e16k2-sb-x2": (moe(BODY, 16, 2, 128, **SB), dict(lr=3e-3)),
+    "e16k2-sb-x2-lr5e-3": (moe(BODY, 16, 2, 128, **SB), dict(lr=5e-3)),
+    "e32k2-sb-x2": (moe(BODY, 32, 2, 128, **SB), dict(lr=3e-3)),
+    "e64k2-sb-x2": (moe(BODY, 64, 2, 128, **SB), dict(lr=3e-3)),
+    "e64k2-x2": (moe(BODY, 64, 2, 128, routed_scaling_factor=2.0), dict(lr=3e-3)),
+    "e16k1-shared": (moe(BODY, 16, 1, 128, "sigmoid_bias", num_shared_experts=1), dict(lr=3e-3)),
 }
 TRAIN = dict(batch_size=16, seq_len=128, warmup_steps=20, schedule="constant", eval_batches=10)
 

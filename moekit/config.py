@@ -287,6 +287,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Same depth, width and active FFN width per token as tiny-dense: 8 experts of 256, top-2.
     "tiny-moe": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
                      max_seq_len=256, num_experts=8, top_k=2, expert_ffn_dim=256),
+    # The main job's model (`make run`, BENCHMARKS.md "What sparsity buys"): at width 64 the dense FFN is
+    # the bottleneck, so routed FFN capacity pays. DeepSeek-V3 routing (sigmoid scores, bias balancing,
+    # no balance loss); gate weights scaled by k so the two experts add up to a dense FFN's output scale.
+    "micro-moe": dict(vocab_size=4096, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=256, max_seq_len=256,
+                      num_experts=16, top_k=2, expert_ffn_dim=128, router="sigmoid_bias", routed_scaling_factor=2.0),
     "small-moe": dict(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1536,
                       max_seq_len=512, num_experts=16, top_k=2, expert_ffn_dim=768),
     "mixtral-8x7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,

@@ -13,6 +13,7 @@ from moekit.model.router import (
     build_router,
     capacity_keep_mask,
     expert_capacity,
+    topk_ids,
 )
 
 TOKEN_CHOICE = ["topk", "switch", "noisy_topk", "sigmoid_bias"]
@@ -70,6 +71,14 @@ def test_routed_scaling_factor_scales_weights_in_training_and_select(name, norm)
     ids, w = scaled.eval().select(x)
     assert torch.equal(ids.reshape(-1), b.expert_ids_A)
     assert_close(w.reshape(-1), b.weights_A)
+
+
+@pytest.mark.parametrize("T,E,k", [(100, 16, 1), (100, 16, 2), (300, 64, 4), (70, 8, 3), (10, 16, 2), (100, 64, 8)])
+def test_topk_ids_is_topk(T, E, k):
+    scores = torch.randn(T, E, generator=torch.Generator().manual_seed(T + E + k))
+    assert torch.equal(topk_ids(scores, k), scores.topk(k, dim=-1).indices)
+    scores[:, 3] = float("inf")  # an expert every token wants is first
+    assert (topk_ids(scores, k)[:, 0] == 3).all()
 
 
 def test_topk_matches_plain_softmax_topk():

@@ -62,6 +62,25 @@ def capacity_keep_mask(ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts
     return valid_TK & (position_TK <= capacity)
 
 
+def topk_ids(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [T, k] of the k largest scores per row, best first (as ``scores.topk(k).indices``).
+
+    For k <= 4 on a CPU: k max passes over the transposed [E, T] scores. A reduction across rows
+    vectorises over the T tokens, while ``topk`` along a short last dimension (8-64 experts) works row
+    by row: for [2048, 16], top-2 takes ~150 us this way against ~370 us (2 threads).
+    """
+    if k > 4 or scores_TE.device.type != "cpu" or scores_TE.shape[0] < 64:
+        return scores_TE.topk(k, dim=-1).indices
+    s_ET = scores_TE.detach().t().contiguous()
+    ids = []
+    for i in range(k):
+        idx_T = s_ET.max(0).indices
+        ids.append(idx_T)
+        if i + 1 < k:
+            s_ET.scatter_(0, idx_T[None], float("-inf"))
+    return torch.stack(ids, 1)
+
+
 def balance_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
     """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): ``b += rate * sign(mean_load - load)``.
 
@@ -147,7 +166,8 @@ class TopKRouter(Router):
 
     def _choose(self, logits_TE: torch.Tensor):
         probs_TE = logits_TE.softmax(-1)
-        top_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        ids_TK = topk_ids(probs_TE, self.top_k)
+        top_TK = probs_TE.gather(1, ids_TK)
         if self.cfg.norm_topk_prob:
             top_TK = top_TK / top_TK.sum(-1, keepdim=True)
         if self.cfg.routed_scaling_factor != 1.0:
@@ -157,8 +177,8 @@ class TopKRouter(Router):
     def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits_TE = self.logits(x_TD)
         if self.cfg.norm_topk_prob:  # softmax renormalised over the top k == softmax of the top-k logits
-            top_TK, ids_TK = logits_TE.topk(self.top_k, dim=-1)
-            weights_TK = top_TK.softmax(-1)
+            ids_TK = topk_ids(logits_TE, self.top_k)
+            weights_TK = logits_TE.gather(1, ids_TK).softmax(-1)
             if self.cfg.routed_scaling_factor != 1.0:
                 weights_TK = weights_TK * self.cfg.routed_scaling_factor
             return ids_TK, weights_TK
@@ -324,7 +344,7 @@ class SigmoidBiasRouter(Router):
             group_mask = torch.zeros_like(group_scores_TG).scatter(1, group_ids, 1.0).bool()
             # Experts outside the chosen groups can never be picked (transformers' DeepseekV3TopkRouter).
             choice_TE = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, E)
-        ids_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        ids_TK = topk_ids(choice_TE, self.top_k)
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.cfg.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
