@@ -134,12 +134,19 @@ def main() -> None:
     p.add_argument("--wide-steps", type=int, default=500, help="steps for the width-128 rows (default 500)")
     p.add_argument("--only", nargs="+", default=None, choices=sorted(STUDY), help="train only these rows (and twins)")
     p.add_argument("--parallel", type=int, default=2, help="training runs at once, one thread each (default 2)")
+    p.add_argument("--time-only", action="store_true", help="only time the steps of every row (no training)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(STUDY) if not args.only else list(dict.fromkeys(
         [d for n in args.only for d in dense_rows(n)] + args.only))
 
+    if args.time_only:
+        tune_cpu_allocator()
+        torch.set_num_threads(2)
+        for n in names:
+            print(f"{n:22s} {step_seconds(STUDY[n][0]) * 1e3:7.1f} ms/step", flush=True)
+        return
     todo = [n for n in names if not (out / n / "metrics.jsonl").exists() or not evals(out / n)
             or evals(out / n)[-1]["step"] < steps_for(n, args)[0]]
     running: list[tuple[str, subprocess.Popen]] = []

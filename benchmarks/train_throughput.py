@@ -79,6 +79,30 @@ def make_step(model, hf: bool, bf16: bool, lr: float = 1e-3):
     return step
 
 
+def gemm_rates(threads: int) -> str:
+    """fp32 and bf16 GEMM rates of this CPU, and whether it has AMX: what a bf16 speed-up can be at most.
+
+    bf16 pays only where the CPU multiplies bf16 faster than fp32 (AMX tiles, Sapphire Rapids and
+    later). With AVX512-BF16 alone (this project's usual 2-core machines) oneDNN's bf16 GEMM ran at
+    ~0.6x of fp32, so the same benchmark gives bf16 at 1.5x on one host and 0.6x on another."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 512), torch.randn(512, 1024)
+    rates = {}
+    for name, (x, y) in {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}.items():
+        for _ in range(3):
+            x @ y
+        t0 = time.perf_counter()
+        for _ in range(10):
+            x @ y
+        rates[name] = 10 * 2 * 2048 * 512 * 1024 / (time.perf_counter() - t0) / 1e9
+    try:
+        amx = "amx_bf16" in open("/proc/cpuinfo").read()
+    except OSError:
+        amx = False
+    return (f"GEMM 2048x512x1024: fp32 {rates['fp32']:.0f} GFLOPS, bf16 {rates['bf16']:.0f} GFLOPS "
+            f"({rates['bf16'] / rates['fp32']:.2f}x); AMX {'yes' if amx else 'no'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
@@ -107,6 +131,7 @@ def main() -> None:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; batch {args.batch} x seq {args.seq}, "
               f"dim {args.dim}, {args.layers} layers, {args.experts} experts top-{args.top_k} (width {args.expert_ffn}), "
               f"vocab {args.vocab}")
+        print(gemm_rates(torch.get_num_threads()))
 
     def fresh(kind: str):
         m = Transformer(cfg)

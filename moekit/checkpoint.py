@@ -29,7 +29,7 @@ from moekit.config import ConfigError, ModelConfig
 from moekit.data.special import read_hf_special_tokens, special_tokens_of, write_hf_special_tokens
 from moekit.errors import CheckpointError  # also imported from here by older code
 from moekit.model.dtypes import FLOAT_DTYPES, dtype_name, float_dtype, state_dict_as
-from moekit.utils import atomic_write, atomic_write_text, disk_size, fsync_dir, read_json
+from moekit.utils import atomic_write, atomic_write_text, disk_size, fsync_dir, plain_permissions, read_json
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 QUANTIZATION_FILE = "quantization.json"  # {"bits": 8 | 4, "group_size": ...} for a quantized checkpoint
@@ -362,6 +362,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, tra
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+    plain_permissions(tmp, directory=True)
     try:
         _write_model_files(model, tokenizer, tmp, model_card(model.cfg, card_info))
         atomic_write(tmp / "trainer_state.pt", lambda p: torch.save(trainer_state, p))

@@ -48,15 +48,20 @@ def _parse_value(kind: tuple[type, ...]):
     return parse
 
 
-def _add_dataclass_flags(group, cls, skip: set[str] = frozenset()) -> None:
+def _add_dataclass_flags(group, cls, skip: set[str] = frozenset(), preset: str | None = None) -> None:
+    """One flag per field. With ``preset``, the default shown is that preset's value (model settings come
+    from the preset, so the dataclass default would be wrong: tiny-moe has 8 experts, not 0)."""
     helps = _field_help(cls)
+    base = ModelConfig.from_preset(preset) if preset else None
     for f in fields(cls):
         if f.name in skip:
             continue
         kind = _allowed_types(f.type)
         meta = "BOOL" if bool in kind else f.name.upper()
+        default = (f"default: the preset's; {preset}: {getattr(base, f.name)!r}" if base is not None
+                   else f"default {f.default!r}")
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_parse_value(kind), metavar=meta,
-                           default=argparse.SUPPRESS, help=f"{helps.get(f.name, f.name)} (default {f.default!r})")
+                           default=argparse.SUPPRESS, help=f"{helps.get(f.name, f.name)} ({default})")
 
 
 def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,18 +105,18 @@ def _cmd_train(args: argparse.Namespace) -> None:
         if flag_model or args.preset or args.config:
             raise ConfigError("--resume continues a run with its saved settings; model settings, --preset and "
                               "--config cannot change (only --max-steps, --eval-every, --save-every, ...)")
+        if args.out or args.init:
+            raise ConfigError(f"--resume continues {args.resume} in place and from its own checkpoint; drop "
+                              + " and ".join(f for f, v in (("--out", args.out), ("--init", args.init)) if v))
         result = train(args.resume, resume=True, overrides=flag_train, progress=not args.quiet)
     else:
         if not args.out:
             raise ConfigError("--out RUN is required (the run directory to create), or --resume RUN")
-        if args.init:
-            from moekit.checkpoint import read_model_config
-
-            base = read_model_config(Path(args.init))
-            (model_cfg, tcfg), flag_model = _configs(args, "tiny-moe")
+        if args.init:  # the model (and tokenizer) come from the checkpoint: moekit, Hugging Face or .gguf
+            (_, tcfg), flag_model = _configs(args, "tiny-moe")
             if flag_model or args.preset:
                 raise ConfigError("--init takes the model settings from the checkpoint; drop --preset and model flags")
-            model_cfg = base
+            model_cfg = None
         else:
             (model_cfg, tcfg), _ = _configs(args, "tiny-moe")
         result = train(args.out, model_cfg, tcfg, init=args.init, progress=not args.quiet)
@@ -152,15 +157,16 @@ def _compare_table(summary: dict) -> str:
 
     n = len(summary["models"][0]["seeds"])
     head = "mean ± std over " + f"{n} seeds" if n > 1 else "1 seed"
+    w = max(len(m["name"]) for m in summary["models"]) + 1
     rows = [f"({head}; fraction = seconds to reach the dense final loss / dense seconds)",
-            f"{'model':<18} {'val loss':>17} {'tok/s':>8} {'step cost':>9} {'token frac':>12} {'time frac':>12}"]
+            f"{'model':<{w}} {'val loss':>17} {'tok/s':>8} {'step cost':>9} {'token frac':>12} {'time frac':>12}"]
     for m in summary["models"]:
-        rows.append(f"{m['name']:<18} {_fmt_spread(m['final_val_loss'], '{:.4f}'):>17} {m['tokens_per_s']:>8,.0f} "
+        rows.append(f"{m['name']:<{w}} {_fmt_spread(m['final_val_loss'], '{:.4f}'):>17} {m['tokens_per_s']:>8,.0f} "
                     f"{m['step_cost_vs_dense']:>8.2f}x {_fmt_spread(m['token_fraction']):>12} "
                     f"{_fmt_spread(m['time_fraction']):>12}")
         if n > 1 and m["name"] != "dense":
             per = ", ".join("-" if v is None else f"{v:.2f}" for v in m["time_fraction_per_seed"])
-            rows.append(f"{'':<18} time fraction per seed: {per}")
+            rows.append(f"{'':<{w}} time fraction per seed: {per}")
     return "\n".join(rows)
 
 
@@ -375,14 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         _add_dataclass_flags(p.add_argument_group("training settings"), TrainConfig)
         # The model's vocab_size always follows the tokenizer; --vocab-size trains a new one.
-        _add_dataclass_flags(p.add_argument_group("model settings"), ModelConfig, skip={"vocab_size"})
+        _add_dataclass_flags(p.add_argument_group("model settings (default: the preset's values)"), ModelConfig,
+                             skip={"vocab_size"}, preset="tiny-moe")
 
     p = sub.add_parser("train", help="train a model on the embedded corpus or your text",
                        description="Train a model. Example: moekit train --preset tiny-moe --max-steps 60 --out runs/a")
     p.add_argument("--out", default=None, metavar="RUN", help="run directory to create (must not exist)")
     p.add_argument("--resume", default=None, metavar="RUN",
                    help="continue RUN from its last complete checkpoint (with --max-steps N: extend a finished run)")
-    p.add_argument("--init", default=None, metavar="CKPT", help="start from the weights of checkpoint directory CKPT")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from the weights, config and tokenizer of CKPT: a moekit checkpoint or run directory, "
+                        "a Hugging Face directory or a .gguf file")
     run_flags(p)
     p.set_defaults(func=_cmd_train)
 

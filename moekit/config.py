@@ -65,7 +65,8 @@ class ModelConfig:
     first_dense_layers: int = 0  # the first N layers use a dense MLP (DeepSeek first_k_dense_replace)
     moe_every: int = 1  # MoE in every N-th layer after the dense-first ones (1 = all)
     router_jitter: float = 0.0  # multiplicative U(1-eps, 1+eps) on router input while training (Switch)
-    aux_loss_coef: float = 0.01  # balance loss (topk, switch) / importance + load losses (noisy_topk)
+    aux_loss_coef: float = 0.01  # balance loss (topk, switch) / importance + load losses (noisy_topk); moekit sums
+    # E * sum_e f_e * P_e (1 when balanced) over MoE layers: transformers' router_aux_loss_coef times K / L
     z_loss_coef: float = 0.001  # router z-loss, every router
     routed_scaling_factor: float = 1.0  # multiplies routed gate weights (topk, sigmoid_bias); DeepSeek-V3 uses 2.5, and
     # top_k restores a dense FFN's output scale (k renormalised weights each ~1/k at init halve a top-2 layer's output)
@@ -296,13 +297,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                       max_seq_len=512, num_experts=16, top_k=2, expert_ffn_dim=768),
     "mixtral-8x7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                          max_seq_len=32768, rope_theta=1e6, tie_embeddings=False, num_experts=8, top_k=2,
-                         aux_loss_coef=0.02),
+                         aux_loss_coef=0.02 * 2 / 32),  # Mixtral's 0.02 in transformers' definition (see aux_loss_coef)
     # Qwen1.5-MoE-A2.7B: 60 fine-grained experts, top-4, one always-on shared expert with a sigmoid gate.
     "qwen2-moe": dict(vocab_size=151936, dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5632,
                       max_seq_len=8192, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=False,
                       attention_bias=True, num_experts=60, top_k=4, expert_ffn_dim=1408,
                       norm_topk_prob=False, num_shared_experts=1, shared_expert_ffn_dim=5632,
-                      shared_expert_gate=True, aux_loss_coef=0.001),
+                      shared_expert_gate=True, aux_loss_coef=0.001 * 4 / 24),  # transformers' 0.001
     # DeepSeek-V3 (671B total, 37B active): multi-head latent attention, 256 fine-grained experts top-8
     # with sigmoid scores, a selection-only bias and group-limited routing, one shared expert, 3 dense layers.
     # (Its YaRN rope scaling for long context is not modelled.)
@@ -315,5 +316,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # OLMoE-1B-7B: 64 experts, top-8, QK-norm over all heads, no renormalisation of the top-k.
     "olmoe-1b-7b": dict(vocab_size=50304, dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_dim=1024,
                         max_seq_len=4096, tie_embeddings=False, qk_norm="full", num_experts=64, top_k=8,
-                        expert_ffn_dim=1024, norm_topk_prob=False, aux_loss_coef=0.01, z_loss_coef=0.001),
+                        expert_ffn_dim=1024, norm_topk_prob=False, aux_loss_coef=0.01 * 8 / 16,  # transformers' 0.01
+                        z_loss_coef=0.001),
 }

@@ -55,6 +55,17 @@ def routing_table(stats: list[RouterStats], moe_layer_ids: list[int]) -> str:
     return "\n".join(rows)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_demo(preset: str = "tiny-moe", batch: int = 8, seq_len: int = 128, seed: int = 0) -> None:
     """Build a preset, run one forward/backward on random tokens, print sizes and routing."""
     from moekit.model import Transformer
@@ -62,6 +73,17 @@ def run_demo(preset: str = "tiny-moe", batch: int = 8, seq_len: int = 128, seed:
     torch.manual_seed(seed)
     cfg = ModelConfig.from_preset(preset)
     print(f"preset {preset}\n{describe_config(cfg)}")
+    total, _ = cfg.param_counts()
+    need = total * 4 * 2  # float32 weights and their gradients; activations come on top
+    available = available_memory()
+    if available is not None and need > available // 2:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            meta = Transformer(cfg)
+        counted = sum(p.numel() for p in meta.parameters())
+        print(f"built on the meta device (shapes only): {counted:,} parameters, matching the count above. "
+              f"A forward/backward needs over {human_bytes(need)} for float32 weights and gradients; this "
+              f"machine has {human_bytes(available)} available, so the demo stops here.")
+        return
     model = Transformer(cfg)
     ids = torch.randint(0, cfg.vocab_size, (batch, min(seq_len, cfg.max_seq_len)))
     t0 = time.perf_counter()

@@ -12,6 +12,28 @@ from typing import Any
 from moekit.errors import CheckpointError
 
 
+def data_cache_dir() -> Path:
+    """Where tokenized corpora are cached (memmaps named by source and tokenizer; safe to delete):
+    ``$MOEKIT_CACHE``, else ``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``."""
+    root = os.environ.get("MOEKIT_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "moekit"
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_permissions(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file made by ``mkstemp`` / a folder made by ``mkdtemp`` (both private: 0600 / 0700) the
+    permissions a plain ``open()`` / ``mkdir()`` would have given it under the current umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename into place.
 
@@ -24,6 +46,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        plain_permissions(tmp)  # mkstemp makes it private; a checkpoint or report should not be
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -131,21 +131,26 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(model3.embed.weight, model.embed.weight)
 
 
-def _train_cmd(run, steps, extra=()):
-    return [sys.executable, "-m", "moekit", "train", "--out", str(run), "--max-steps", str(steps), "--save-every", "3",
-            "--eval-every", "5", "--log-every", "1", "--threads", "1", "--quiet", *SMALL_FLAGS, *extra]
+def _train_cmd(run, steps, extra=(), save_every=3, log_every=1):
+    return [sys.executable, "-m", "moekit", "train", "--out", str(run), "--max-steps", str(steps), "--save-every",
+            str(save_every), "--eval-every", "5", "--log-every", str(log_every), "--threads", "1", "--quiet",
+            *SMALL_FLAGS, *extra]
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
-    steps = 14
+    # save_every 7 is not a multiple of log_every 5: the first logged train_loss after the resume
+    # averages steps from before and after the kill, so the averaging window must be restored too.
+    steps, cmd = 21, dict(save_every=7, log_every=5)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    ref = subprocess.run(_train_cmd(tmp_path / "ref", steps), capture_output=True, text=True, env=env, timeout=300)
+    ref = subprocess.run(_train_cmd(tmp_path / "ref", steps, **cmd), capture_output=True, text=True, env=env,
+                         timeout=300)
     assert ref.returncode == 0, ref.stderr
 
     # Kill the second run with SIGKILL while it is writing a checkpoint (a .tmp-* directory exists),
     # after at least one complete checkpoint.
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(_train_cmd(run, steps, **cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     killed_mid_write = False
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:

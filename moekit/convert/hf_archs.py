@@ -18,6 +18,7 @@ Adding an architecture is ``register_architecture("name", ArchSpec(to_config=...
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,11 +178,35 @@ def llama_body(hf: dict[str, Any], defaults: dict[str, Any], theta: float = 1000
 
 
 def build_config(model_type: str, fields: dict[str, Any]) -> ModelConfig:
-    """``ModelConfig(**fields)``, with an error that says which checkpoint type it came from."""
+    """``ModelConfig(**fields)``, with an error that says which checkpoint type it came from.
+    ``aux_loss_coef`` in ``fields`` is transformers' ``router_aux_loss_coef``; it is translated."""
     try:
-        return ModelConfig(**fields)
+        cfg = ModelConfig(**fields)
     except ConfigError as e:
         raise ConfigError(f"{model_type} config.json does not translate to a valid moekit config: {e}") from None
+    if cfg.num_experts:
+        cfg = dataclasses.replace(cfg, aux_loss_coef=aux_coef_from_hf(cfg.aux_loss_coef, cfg))
+    return cfg
+
+
+def moe_layer_count(cfg: ModelConfig) -> int:
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+
+
+def aux_coef_from_hf(hf_coef: float, cfg: ModelConfig) -> float:
+    """transformers' ``router_aux_loss_coef`` as moekit's ``aux_loss_coef`` (same gradient).
+
+    transformers (``load_balancing_loss_func``) pools the router outputs of all L MoE layers and returns
+    ``E * sum_k sum_e f[k, e] * P[e]``: K at uniform routing. moekit sums ``E * sum_e f[e] * P[e]`` (1 at
+    uniform, f over the T*K assignments) over the layers: L. For the same coefficient moekit's loss is
+    L/K times larger (16x for Mixtral-8x7B), so moekit's coefficient is ``hf * K / L``.
+    """
+    return hf_coef * cfg.top_k / max(moe_layer_count(cfg), 1)
+
+
+def aux_coef_to_hf(cfg: ModelConfig) -> float:
+    """The inverse of :func:`aux_coef_from_hf`."""
+    return cfg.aux_loss_coef * moe_layer_count(cfg) / cfg.top_k
 
 
 def moe_layer_pattern(hf: dict[str, Any], defaults: dict[str, Any], n_layers: int) -> dict[str, int]:
@@ -343,7 +368,7 @@ def mixtral_from_config(cfg: ModelConfig) -> dict[str, Any]:
     need(not cfg.attention_bias, "attention_bias=True: mixtral has no attention biases; export as qwen2_moe")
     return {**llama_body_to_hf(cfg, "mixtral", "MixtralForCausalLM"), "intermediate_size": cfg.expert_ffn_dim,
             "num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k, "sliding_window": None,
-            "router_aux_loss_coef": cfg.aux_loss_coef, "router_jitter_noise": cfg.router_jitter}
+            "router_aux_loss_coef": aux_coef_to_hf(cfg), "router_jitter_noise": cfg.router_jitter}
 
 
 # --------------------------------------------------------------------------- qwen2_moe, qwen3_moe
@@ -396,7 +421,7 @@ def qwen2_moe_from_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**llama_body_to_hf(cfg, "qwen2_moe", "Qwen2MoeForCausalLM"), "qkv_bias": cfg.attention_bias,
             "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k, "norm_topk_prob": renormalises(cfg),
             "moe_intermediate_size": cfg.expert_ffn_dim, "shared_expert_intermediate_size": cfg.shared_expert_ffn_dim,
-            "decoder_sparse_step": 1, "mlp_only_layers": dense_layers(cfg), "router_aux_loss_coef": cfg.aux_loss_coef,
+            "decoder_sparse_step": 1, "mlp_only_layers": dense_layers(cfg), "router_aux_loss_coef": aux_coef_to_hf(cfg),
             "use_sliding_window": False}
 
 
@@ -445,7 +470,7 @@ def qwen3_moe_from_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**llama_body_to_hf(cfg, "qwen3_moe", "Qwen3MoeForCausalLM"), "attention_bias": False,
             "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k, "norm_topk_prob": renormalises(cfg),
             "moe_intermediate_size": cfg.expert_ffn_dim, "decoder_sparse_step": 1, "mlp_only_layers": dense_layers(cfg),
-            "router_aux_loss_coef": cfg.aux_loss_coef, "use_sliding_window": False}
+            "router_aux_loss_coef": aux_coef_to_hf(cfg), "use_sliding_window": False}
 
 
 # --------------------------------------------------------------------------- olmoe
@@ -486,7 +511,7 @@ def olmoe_from_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**llama_body_to_hf(cfg, "olmoe", "OlmoeForCausalLM"), "intermediate_size": cfg.expert_ffn_dim,
             "attention_bias": False, "clip_qkv": None, "num_experts": cfg.num_experts,
             "num_experts_per_tok": cfg.top_k, "norm_topk_prob": renormalises(cfg),
-            "router_aux_loss_coef": cfg.aux_loss_coef}
+            "router_aux_loss_coef": aux_coef_to_hf(cfg)}
 
 
 # --------------------------------------------------------------------------- the registry

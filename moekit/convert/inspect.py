@@ -318,7 +318,8 @@ def format_info(info: dict[str, Any]) -> str:
             rows.append((key.replace("_", " "), _short(value)))
     rows += [("warning", w) for w in info.get("warnings") or []]
     width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+    indent = "\n" + " " * (width + 2)  # a value of several lines continues under its first line
+    return "\n".join(f"{label:<{width}}  {indent.join(value.splitlines()) or value}" for label, value in rows)
 
 
 def _dtype_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
@@ -356,5 +357,6 @@ def _expert_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _short(value: Any, limit: int = 100) -> str:
+    """``value`` as text, each line cut at ``limit`` characters (a cut line ends in "...")."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return "\n".join(line if len(line) <= limit else line[: limit - 3] + "..." for line in text.splitlines())

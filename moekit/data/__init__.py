@@ -1,7 +1,7 @@
 """moekit's data layer: the embedded corpus, tokenizers, and memory-mapped token datasets.
 
 Everything a training run needs ships inside the package or is built locally, so the default run
-works offline (DESIGN.md, "The embedded default"):
+works offline (the README's "make run" section):
 
 - corpus: Shakespeare's complete works, with whole plays held out for validation
   (:func:`load_shakespeare`, :func:`list_plays`);

@@ -83,6 +83,11 @@ def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, y_N: torch.Tens
     device = h_ND.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(
         h_ND.dtype, w_VD.dtype)
+    if not torch.is_grad_enabled():
+        # Under no_grad / inference_mode the Function still sees requires_grad inputs as needing a
+        # gradient (ctx.needs_input_grad), and would form it: two extra matmuls per chunk and two
+        # gradient buffers that nobody reads. Detached inputs say what is true.
+        h_ND, w_VD = h_ND.detach(), w_VD.detach()
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(h_ND, w_VD, y_N, chunk, dtype, reduction)
 

@@ -1,5 +1,5 @@
 """Experts stored stacked: one [E, ...] tensor per projection, so one layout serves grouped matmul,
-expert sharding (parallel/), quantization and offloading (infer/).
+quantization (quant.py) and offloading (infer/offload.py).
 
 Legend: T tokens, D model dim, F expert FFN dim, E experts, A (token, expert) assignments.
 Weights follow the ``nn.Linear`` convention (out, in), matching Hugging Face's fused 3-D layout:
@@ -62,7 +62,7 @@ class GroupedSwiGLU(torch.autograd.Function):
 
 # torch's grouped GEMM (one call for all experts: the loop over groups runs in C++, not Python) covers
 # float32 and bfloat16 on the CPU since torch 2.9; elsewhere, and for other dtypes, a Python loop of mm.
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16)
+_GROUPED_MM_DTYPES = (torch.float32,)
 
 
 def _offsets(counts: list[int], like: torch.Tensor) -> torch.Tensor | None:

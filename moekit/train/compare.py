@@ -160,14 +160,20 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
     if tcfg.eval_every == 0:
         tcfg = dataclasses.replace(tcfg, eval_every=max(1, tcfg.max_steps // 10))
     variants = model_variants(moe_cfg, routers, experts)  # validates before anything is written
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     curves = []
-    for s in range(tcfg.seed, tcfg.seed + seeds):
-        for name, cfg in variants:
-            run_cfg = dataclasses.replace(tcfg, seed=s)
-            if name == "dense" and dense_lr is not None:
-                run_cfg = dataclasses.replace(run_cfg, lr=dense_lr)
-            curves.append(_run_one(out / f"{name}-s{s}", name, s, cfg, run_cfg, progress))
+    try:
+        for s in range(tcfg.seed, tcfg.seed + seeds):
+            for name, cfg in variants:
+                run_cfg = dataclasses.replace(tcfg, seed=s)
+                if name == "dense" and dense_lr is not None:
+                    run_cfg = dataclasses.replace(run_cfg, lr=dense_lr)
+                curves.append(_run_one(out / f"{name}-s{s}", name, s, cfg, run_cfg, progress))
+    except BaseException:  # nothing checkpointed yet: leave no folder behind, so the command can be rerun
+        if created and not any(find_checkpoints(p) for p in out.iterdir() if p.is_dir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     summary = summarize(curves)
     summary["settings"] = {"train": tcfg.to_dict(), "dense_lr": dense_lr if dense_lr is not None else tcfg.lr,
                            "seeds": list(range(tcfg.seed, tcfg.seed + seeds)), "experts": experts}
@@ -249,7 +255,7 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
         "# Dense vs sparse: the Switch experiment, measured", "",
         f"Budget: {tcfg.max_steps} steps x {tcfg.tokens_per_step:,} tokens = {tcfg.max_steps * tcfg.tokens_per_step:,} "
         f"tokens per model and seed; the same data order for every model of a seed. Schedule: {lr_text}, "
-        f"warmup {tcfg.warmup_steps} steps, then {sched}. Seeds: {', '.join(map(str, seeds))} (a seed sets the init and "
+        f"warmup {_warmup_text(tcfg)}, then {sched}. Seeds: {', '.join(map(str, seeds))} (a seed sets the init and "
         f"the data order). Validation: held-out plays, {tcfg.eval_batches} batches every {tcfg.eval_every} steps. "
         "Times are training seconds on this machine (evaluation excluded).", "",
         f"Target: each seed's dense final validation loss, **{_fmt_spread(d, '{:.4f}')}** nats/token over seeds.", "",
@@ -302,6 +308,12 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
     if settings.get("experts"):
         lines += ["![final loss and time fraction against the number of experts](scaling.png)", ""]
     return "\n".join(lines)
+
+
+def _warmup_text(tcfg: TrainConfig) -> str:
+    if tcfg.effective_warmup < tcfg.warmup_steps:
+        return f"{tcfg.effective_warmup} steps (capped from {tcfg.warmup_steps} at a tenth of the run)"
+    return f"{tcfg.warmup_steps} steps"
 
 
 def sample_candidates(summary: dict[str, Any]) -> list[dict[str, Any]]:

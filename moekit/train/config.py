@@ -28,7 +28,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20  # steps of linear learning-rate warmup
+    warmup_steps: int = 20  # steps of linear learning-rate warmup (at most a tenth of max_steps)
     schedule: str = "cosine"  # after warmup: cosine (to lr * min_lr_ratio) | constant | inv_sqrt (Switch, T5)
     weight_decay: float = 0.1  # AdamW decay on matrices (never on norms, biases, embeddings)
     beta1: float = 0.9  # AdamW first-moment decay
@@ -54,6 +54,8 @@ class TrainConfig:
         for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads={self.threads} must be >= 1 (or unset: torch's default)")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -64,6 +66,12 @@ class TrainConfig:
             raise ConfigError("give either tokenizer (load one) or vocab_size (train one), not both")
         if self.vocab_size is not None and self.vocab_size < 260:
             raise ConfigError(f"vocab_size={self.vocab_size} must be >= 260 (256 bytes + special tokens)")
+
+    @property
+    def effective_warmup(self) -> int:
+        """Warm-up steps actually used: ``warmup_steps``, at most a tenth of the run, so that a short run
+        (``--max-steps 20`` with the default 20) still reaches its schedule instead of only warming up."""
+        return min(self.warmup_steps, self.max_steps // 10)
 
     @property
     def tokens_per_step(self) -> int:

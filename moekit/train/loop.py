@@ -1,6 +1,6 @@
 """The training loop: one visible function, :func:`train`, in the order things happen.
 
-Run directory (DESIGN.md):
+Run directory (docs/architecture.md):
     RUN/config.json          model + train settings of the run
     RUN/tokenizer.json       the tokenizer the run uses
     RUN/metrics.jsonl        one JSON object per logged step (and per evaluation)
@@ -29,7 +29,6 @@ from moekit.checkpoint import (
     find_checkpoints,
     load_trainer_state,
     load_weights,
-    read_model_config,
     remove_partial_checkpoints,
     save_checkpoint,
 )
@@ -41,7 +40,7 @@ from moekit.model import Transformer, update_router_biases
 from moekit.model.losses import max_violation
 from moekit.train.config import TrainConfig
 from moekit.train.optim import build_optimizer, lr_at
-from moekit.utils import atomic_write, atomic_write_text
+from moekit.utils import atomic_write, atomic_write_text, data_cache_dir
 
 # Settings that may change when a run is resumed: none of them alters the data order or the math of
 # the steps already taken. (Changing max_steps stretches the cosine schedule from that point on.)
@@ -69,6 +68,46 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
           progress: bool = True, desc: str = "train") -> TrainResult:
     """Train ``model_cfg`` under ``cfg`` into run directory ``out`` (or continue it with ``resume``).
 
+    ``init``: start from the weights (and tokenizer) of any checkpoint :func:`moekit.load` reads -- a
+    moekit checkpoint or run directory, a Hugging Face directory, a ``.gguf`` file; its config is the
+    model's (``model_cfg`` may be None).
+
+    A new run that fails before its first checkpoint (bad data, a wrong setting, Ctrl-C) removes what
+    it created, so the same command can simply be run again.
+    """
+    run = Path(out)
+    existed = run.exists()
+    try:
+        return _train(run, model_cfg, cfg, resume=resume, overrides=overrides, init=init, progress=progress,
+                      desc=desc)
+    except BaseException:
+        if not resume and not find_checkpoints(run):
+            _remove_new_run(run, existed)
+        raise
+
+
+def _remove_new_run(run: Path, existed: bool) -> None:
+    """Undo a new run that never checkpointed: the folder if it created it, else what it wrote there."""
+    import shutil
+
+    if not run.exists():
+        return
+    if not existed:
+        shutil.rmtree(run, ignore_errors=True)
+        return
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "plots"):
+        p = run / name
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+
+
+def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, resume: bool,
+           overrides: dict[str, Any] | None, init: str | os.PathLike | None, progress: bool,
+           desc: str) -> TrainResult:
+    """The body of :func:`train`.
+
     On resume the run's saved settings are used; ``overrides`` (or fields of ``cfg`` that differ from
     the saved ones) may change only ``RESUMABLE_CHANGES``, e.g. ``max_steps`` to extend a finished run.
 
@@ -77,15 +116,19 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
     schedule, ``grad_accum`` micro-batches of forward/backward, clip, optimizer step, DeepSeek bias
     update, log, evaluate, checkpoint; 5. plots. Returns the final figures.
     """
-    run = Path(out)
 
     # 1. run directory -----------------------------------------------------------------------
     state: dict[str, Any] | None = None
+    init_model = init_tokenizer = None
     if resume:
         model_cfg, cfg, ckpt_dir, state = _open_for_resume(run, cfg, overrides or {})
     else:
+        if init is not None:  # before anything is created: a bad --init is one line and no folder
+            init_model, init_tokenizer, model_cfg = _load_init(Path(init), model_cfg)
         if model_cfg is None or cfg is None:
             raise ValueError("a new run needs both model_cfg and cfg")
+        if cfg.seq_len > model_cfg.max_seq_len:
+            raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
         if run.exists() and any(run.iterdir()):
             raise RunError(f"run directory {run} already exists; continue it with --resume {run}, "
                            "or choose another --out")
@@ -96,15 +139,13 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
         torch.set_num_threads(cfg.threads)
 
     # 2. tokenizer and data ------------------------------------------------------------------
-    tokenizer = _run_tokenizer(run, cfg, resume)
+    tokenizer = _run_tokenizer(run, cfg, resume, None if resume else init_tokenizer)
     if tokenizer.get_vocab_size() != model_cfg.vocab_size:
         if resume or init:
             raise RunError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                            f"{model_cfg.vocab_size}")
         model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.get_vocab_size()})
-    train_ds, val_ds = prepare_data(cfg.data, tokenizer, run.parent / ".moekit-cache")
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    train_ds, val_ds = prepare_data(cfg.data, tokenizer, data_cache_dir())
     val_bytes = _eval_bytes_per_token(val_ds, tokenizer, cfg) if val_ds is not None else None
     if not resume:
         atomic_write_text(run / "config.json", json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()},
@@ -113,32 +154,37 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
     # 3. model, optimizer, RNG ---------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
-    if init is not None:
-        init_cfg = read_model_config(Path(init))
-        if init_cfg != model_cfg:
-            raise RunError(f"--init {init}: its config differs from the run's model config; train it with "
-                           f"--config {Path(init) / 'config.json'}")
-        load_weights(model, Path(init) / "model.safetensors")
+    if init_model is not None:
+        model.load_state_dict(init_model.state_dict())
+        # the checkpoint's end tokens and chat template go on into this run's checkpoints
+        model.special_tokens = getattr(init_model, "special_tokens", None)
+        model.chat_template = getattr(init_model, "chat_template", None)
+        del init_model
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     step, tokens, elapsed = 0, 0, 0.0
+    window_loss, window_aux, window_n = 0.0, 0.0, 0  # train_loss / aux_loss averaged since the last log line
     if state is not None:
         load_weights(model, ckpt_dir / "model.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        window_loss, window_aux, window_n = state.get("loss_window", (0.0, 0.0, 0))
         _set_rng_state(state["rng"])
     model.train()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     evals = [e for e in read_metrics(run) if "val_loss" in e]
 
+    if cfg.effective_warmup < cfg.warmup_steps and step == 0:
+        print(f"note: warm-up capped at {cfg.effective_warmup} steps (a tenth of --max-steps {cfg.max_steps}; "
+              f"--warmup-steps {cfg.warmup_steps} would leave no room for the schedule)", file=sys.stderr)
+
     # 4. the loop ----------------------------------------------------------------------------
     bar = _progress_bar(cfg.max_steps, step, desc, progress)
-    window_loss, window_aux, window_n = 0.0, 0.0, 0
     last_loss = None
     t_start = time.perf_counter() - elapsed
     t_window, tokens_window = time.perf_counter(), 0
     try:
         while step < cfg.max_steps:
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule)
+            lr = lr_at(step, cfg.lr, cfg.effective_warmup, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss, step_aux, loads = 0.0, 0.0, None
@@ -195,7 +241,8 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
             if (cfg.save_every and step % cfg.save_every == 0) or is_last:
                 elapsed = time.perf_counter() - t_start
                 trainer_state = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
-                                 "rng": _get_rng_state(), "train_config": cfg.to_dict()}
+                                 "rng": _get_rng_state(), "train_config": cfg.to_dict(),
+                                 "loss_window": (window_loss, window_aux, window_n)}
                 card = {"data": cfg.data or "embedded Shakespeare (train split)", "step": step, "tokens": tokens,
                         "train_loss": last_loss, "val_loss": evals[-1]["val_loss"] if evals else None,
                         "val_bpb": evals[-1]["val_bpb"] if evals else None, "elapsed_s": elapsed}
@@ -269,11 +316,27 @@ def _open_for_resume(run: Path, cfg: TrainConfig | None, overrides: dict[str, An
     return model_cfg, new_cfg, ckpt, state
 
 
-def _run_tokenizer(run: Path, cfg: TrainConfig, resume: bool):
+def _load_init(path: Path, model_cfg: ModelConfig | None):
+    """(float32 model, tokenizer, config) of the checkpoint a run starts from; one clear line if unusable."""
+    from moekit.checkpoint import load
+
+    model, tokenizer = load(path, quantized=False)
+    model = model.float()
+    if model_cfg is not None and model_cfg != model.cfg:
+        raise RunError(f"--init {path}: the model settings differ from the checkpoint's; the model comes from the "
+                       "checkpoint (drop --preset and model flags)")
+    if tokenizer is None:
+        raise RunError(f"--init {path}: the checkpoint has no tokenizer; give one with --tokenizer")
+    return model, tokenizer, model.cfg
+
+
+def _run_tokenizer(run: Path, cfg: TrainConfig, resume: bool, init_tokenizer=None):
     path = run / "tokenizer.json"
     if resume:
         return load_tokenizer(path)
-    if cfg.vocab_size is not None:
+    if init_tokenizer is not None and cfg.tokenizer is None and cfg.vocab_size is None:
+        tokenizer = init_tokenizer  # --init: the checkpoint's own tokenizer
+    elif cfg.vocab_size is not None:
         texts = iter_texts(cfg.data) if cfg.data else iter([load_shakespeare("train")])
         tokenizer = train_tokenizer(texts, cfg.vocab_size)
     else:
