@@ -543,10 +543,23 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        hint = "; a run continues from its last checkpoint with --resume RUN" if args.verb in ("train", "compare") else ""
-        print(f"\ninterrupted{hint}", file=sys.stderr)
+        print(f"\ninterrupted{_interrupt_hint(args)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _interrupt_hint(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C: only training verbs have something to continue."""
+    if args.verb == "compare":
+        return "; run the same command again: finished runs are reused, the interrupted one continues"
+    if args.verb != "train":
+        return ""
+    from moekit.checkpoint import find_checkpoints
+
+    run = args.resume or args.out
+    if run and find_checkpoints(Path(run)):
+        return f"; continue from the last checkpoint with: moekit train --resume {run}"
+    return "; no checkpoint had been written, so nothing was kept: run the same command again"
 
 
 def _version() -> str:

@@ -109,6 +109,26 @@ def test_resume_refuses_out_and_init(tmp_path, capsys):
         assert f"drop {flags[0]}" in err and err.count("\n") == 1
 
 
+def test_ctrl_c_says_what_to_do_for_each_verb(tmp_path, capsys, monkeypatch):
+    import moekit.checkpoint
+    import moekit.train
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--max-steps", "2", *TINY, *TINY_TRAIN]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(moekit.checkpoint, "convert_checkpoint", interrupt)
+    assert main(["convert", "a", "b"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(moekit.train, "train", interrupt)
+    assert main(["train", "--out", str(tmp_path / "new"), "--quiet"]) == 130
+    assert "nothing was kept: run the same command again" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--max-steps", "4", "--quiet"]) == 130
+    assert f"continue from the last checkpoint with: moekit train --resume {run}" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- 4. files get plain permissions
 def test_checkpoints_and_reports_get_the_permissions_of_a_plain_open(tmp_path):
     old = os.umask(0o022)
