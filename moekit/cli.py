@@ -299,6 +299,42 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         print(f"[{engine.stats.offload.summary(tokens)}]", file=sys.stderr)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from moekit.serve import create_app
+    except ImportError as e:
+        raise ConfigError(f"moekit serve needs the serve extra (pip install 'moekit[serve]'): {e}") from None
+    import os
+
+    from moekit.infer import Engine
+    from moekit.utils import tune_cpu_allocator
+
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= "
+                              f"{0 if name == 'max_queue' else 1}")
+    tune_cpu_allocator()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = _load_for_generation(args.checkpoint, args)
+    if args.bits is not None:
+        from moekit.quant import quantize_model, quantized_weights
+
+        if not quantized_weights(model):
+            quantize_model(model.float(), args.bits, 64 if args.bits == 4 else None)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
+    api_key = args.api_key or os.environ.get("MOEKIT_API_KEY") or None
+    name = args.model_name or Path(args.checkpoint).name
+    app = create_app(engine, name, api_key=api_key, cors_origins=args.cors_origin or None)
+    print(f"serving {args.checkpoint} as {name!r} on http://{args.host}:{args.port}/v1 "
+          f"(batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+
+
 def _cmd_info(args: argparse.Namespace) -> None:
     from moekit.convert.inspect import format_info, inspect_checkpoint
 
@@ -454,6 +490,28 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_flags(p, 256)
     offload_flags(p)
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) on a checkpoint",
+                       description="Serve CHECKPOINT over an OpenAI-compatible API: /v1/models, /v1/completions, "
+                                   "/v1/chat/completions (stream: true = server-sent events), /health, /metrics.")
+    p.add_argument("checkpoint", help="moekit checkpoint or run directory, Hugging Face directory or .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $MOEKIT_API_KEY, "
+                        "else none)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="requests decoded together (KV-cache slots; default 16)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests waiting for a slot before new ones get 429 (default 64)")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=None,
+                   help="quantize the weights on load (int8 per channel, int4 groups of 64)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint's name)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; default: no CORS)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    offload_flags(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("info", help="what is inside a checkpoint (moekit, Hugging Face or GGUF), without loading it")
     p.add_argument("path", metavar="PATH", help="checkpoint directory, run directory, Hugging Face directory or .gguf")
