@@ -119,6 +119,9 @@ def test_streaming_gives_the_same_text_and_ends_with_done(server):
                                                  max_tokens=6, temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    last = list(client.completions.create(model="tiny", prompt="JULIET:", max_tokens=10, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}))[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 10
     status, body, _ = server.raw("POST", "/v1/completions", {"model": "tiny", "prompt": "A", "max_tokens": 3,
                                                              "stream": True})
     assert status == 200 and body.rstrip().endswith("data: [DONE]")

@@ -54,6 +54,7 @@ class _Common(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stream_options: StreamOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -62,6 +63,11 @@ class _Common(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop must be up to 4 non-empty strings")
         return stops
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
 
 
 class CompletionRequest(_Common):
@@ -212,7 +218,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         indices = [index for index, _ in jobs]
         if body.stream:
-            return StreamingResponse(_stream(request, worker, subs, indices, rid, created, chat, logprobs),
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_stream(request, worker, subs, indices, rid, created, chat, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await asyncio.gather(*(_collect(request, worker, s) for s in subs))
         return _response(results, subs, indices, rid, created, chat, logprobs)
@@ -268,7 +275,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             pos += len(p)
         return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
 
-    async def _stream(request, worker, subs, indices, rid, created, chat, logprobs):
+    async def _stream(request, worker, subs, indices, rid, created, chat, include_usage):
         obj = "chat.completion.chunk" if chat else "text_completion"
         queues = {s.request_id: (s, index) for s, index in zip(subs, indices)}
 
@@ -286,6 +293,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                 yield chunk(index, None, None, role=True)
         pending = {asyncio.ensure_future(_next(request, worker, s)): s for s in subs}
         seen_first: set[str] = set()
+        generated = 0
         try:
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -297,15 +305,23 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                             worker.cancel(s.request_id)
                         return
                     index = queues[sub.request_id][1]
-                    if ev.token_id is not None and sub.request_id not in seen_first:
-                        seen_first.add(sub.request_id)
-                        metrics.first_token(time.perf_counter() - sub.submitted)
+                    if ev.token_id is not None:
+                        generated += 1
+                        if sub.request_id not in seen_first:
+                            seen_first.add(sub.request_id)
+                            metrics.first_token(time.perf_counter() - sub.submitted)
                     if ev.text:
                         yield chunk(index, ev.text, None)
                     if ev.finished:
                         yield chunk(index, None if chat else "", _reason(ev.finish_reason))
                     else:
                         pending[asyncio.ensure_future(_next(request, worker, sub))] = sub
+            if include_usage:  # OpenAI: a last chunk with no choices and the usage counts
+                prompt_tokens = sum(s.prompt_tokens for s in subs)
+                yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model_name,
+                                              "choices": [], "usage": {
+                                                  "prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                                                  "total_tokens": prompt_tokens + generated}}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for task in pending:
