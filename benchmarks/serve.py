@@ -6,8 +6,9 @@ of 1024, top-2, vocabulary 8192; random weights, float32), saved once with a BPE
 the embedded corpus. Each client sends one streaming completion (64 new tokens, greedy, usage in the
 last chunk) through the ``openai`` client; reported: aggregate generated tokens per second (all
 tokens over the wall time from the first request to the last answer) and time to first token (p50,
-p95). llama.cpp's ``llama-server`` is the other peer the issue names: it is only run when
-``--llama-server PATH`` is given (with ``--gguf``), since it is not part of moekit.
+p95). llama.cpp's ``llama-server`` is the other peer: it runs when ``--llama-server PATH`` is given (it is
+not part of moekit; build it from the llama.cpp sources in the llama-cpp-python source package with
+cmake, target ``llama-server``), on the same model exported to GGUF in float32, with ``-np 32``.
 
     python benchmarks/serve.py                    # about 5 minutes on 2 cores
     python benchmarks/serve.py --clients 1 8      # fewer levels
@@ -86,7 +87,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels (default 1 8 32)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per answer (default 64)")
     p.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server (optional peer)")
-    p.add_argument("--gguf", default=None, help="the benchmark model as GGUF, for --llama-server")
+    p.add_argument("--gguf", default=None,
+                   help="the benchmark model as GGUF for --llama-server (default: exported here, float32)")
     args = p.parse_args()
 
     from decode import build_model, model_config
@@ -117,7 +119,9 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    if args.llama_server and args.gguf:
+    if args.llama_server and not args.gguf:  # the same model and tokenizer as GGUF (float32, as served above)
+        args.gguf = str(moekit.save(moekit.load(ckpt)[0], tok, work / "bench.gguf"))
+    if args.llama_server:
         port = _port()
         base = f"http://127.0.0.1:{port}"
         proc = start([args.llama_server, "-m", args.gguf, "--port", str(port), "-np", "32", "-c", str(512 * 32),
