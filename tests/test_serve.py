@@ -261,12 +261,12 @@ def test_serve_binds_loopback_by_default_and_checks_flags(ckpt, capsys):
     assert "default 127.0.0.1" in " ".join(capsys.readouterr().out.split())
 
 
-def test_schemathesis_finds_no_server_error(server):
+def test_schemathesis_finds_no_server_error(server, tmp_path):
     """Property-based requests generated from the server's own OpenAPI schema (bounded): no 5xx."""
     pytest.importorskip("schemathesis")
     st = os.path.join(os.path.dirname(sys.executable), "st")
     r = subprocess.run([st, "run", server.base + "/openapi.json", "--checks", "not_a_server_error",
                         "--max-examples", "15", "--request-timeout", "30", "--seed", "1"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its .schemathesis/ cache goes there
     assert r.returncode == 0, r.stdout[-3000:]
     assert "passed" in r.stdout
