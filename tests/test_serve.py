@@ -107,6 +107,9 @@ def test_completion_and_chat_with_the_openai_client_equal_moekit_generate(server
     again = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
                                            max_tokens=8, temperature=0)
     assert again.choices[0].message.content == chat.choices[0].message.content
+    parts = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}], max_tokens=8, temperature=0)
+    assert parts.choices[0].message.content == chat.choices[0].message.content  # text parts are joined
 
 
 def test_streaming_gives_the_same_text_and_ends_with_done(server):
@@ -184,6 +187,7 @@ def test_bad_completion_requests_get_openai_shaped_4xx(server, body, status, par
     {"model": "tiny", "messages": [{"role": "user"}]},
     {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
     {"model": "tiny", "messages": "hello"},
+    {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
 ])
 def test_bad_chat_requests_get_400(server, body):
     code, text, _ = server.raw("POST", "/v1/chat/completions", body)
@@ -195,6 +199,23 @@ def test_malformed_json_and_huge_bodies_are_4xx_and_the_server_keeps_answering(s
     assert code == 400 and json.loads(text)["error"]["code"] == "invalid_json"
     code, _, _ = server.raw("POST", "/v1/completions", raw_body=b"x" * (2 << 20))
     assert code == 413
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # chunked: no Content-Length
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b'{"model": "tiny", "prompt": "' + b"x" * (256 << 10)
+    try:
+        for _ in range(6):  # 1.5 MiB in all
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            chunk = b"x" * (256 << 10)
+        conn.send(b'"}'.join([b"2\r\n", b"\r\n0\r\n\r\n"]))
+    except OSError:
+        pass  # the server may answer and close before the whole upload is sent
+    assert conn.getresponse().status == 413
+    conn.close()
     code, _, _ = server.raw("GET", "/v1/nothing")
     assert code == 404
     assert server.client().completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
@@ -225,8 +246,16 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
             if line.startswith("moekit_generated_tokens_total")][0] == generated  # nothing more was generated
 
 
-def test_api_key_and_a_full_queue(ckpt):
-    s = Server(ckpt, "--max-batch", "1", "--max-queue", "0", env={"MOEKIT_API_KEY": "sekrit"})
+def test_api_key_and_a_full_queue(tmp_path):
+    torch.manual_seed(0)  # a long context, so that one request can hold the only slot for seconds
+    cfg = ModelConfig.from_preset("tiny-moe", dim=32, n_layers=1, n_heads=2, n_kv_heads=1, expert_ffn_dim=32,
+                                  max_seq_len=2048)
+    model = Transformer(cfg)
+    from moekit.data.special import SpecialTokens
+
+    model.special_tokens = SpecialTokens()  # no end token: a random model would otherwise stop at random
+    long_ckpt = moekit.save(model, load_tokenizer(), tmp_path / "long")
+    s = Server(long_ckpt, "--max-batch", "1", "--max-queue", "0", env={"MOEKIT_API_KEY": "sekrit"})
     try:
         assert s.raw("GET", "/health")[0] == 200  # no key needed
         code, text, _ = s.raw("GET", "/v1/models")
@@ -238,9 +267,15 @@ def test_api_key_and_a_full_queue(ckpt):
             s.client("nope").models.list()
         # one slot, no queue: while one long request runs, the next gets 429 with Retry-After
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            long = pool.submit(client.completions.create, model="tiny", prompt="x", max_tokens=100, temperature=0)
+            long = pool.submit(client.completions.create, model="tiny", prompt="x", max_tokens=2000, temperature=0,
+                               stop=[])
             deadline = time.time() + 20
             code = None
+            while time.time() < deadline:  # until the long request holds the slot
+                _, metrics, _ = s.raw("GET", "/metrics", headers={"Authorization": "Bearer sekrit"})
+                if "moekit_running_requests 1.0" in metrics:
+                    break
+                time.sleep(0.05)
             while time.time() < deadline and not long.done():
                 code, text, headers = s.raw("POST", "/v1/completions", {"model": "tiny", "prompt": "y", "max_tokens": 1},
                                             headers={"Authorization": "Bearer sekrit"})
@@ -248,7 +283,7 @@ def test_api_key_and_a_full_queue(ckpt):
                     break
             assert code == 429, text
             assert headers.get("retry-after") == "1" and json.loads(text)["error"]["type"] == "rate_limit_error"
-            assert long.result().usage.completion_tokens == 100
+            assert long.result().usage.completion_tokens == 2000
     finally:
         assert s.stop()
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -76,10 +76,19 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(default=16, ge=0)
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[TextPart]  # a string, or content parts (text only: the models read text)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatRequest(_Common):
@@ -103,6 +112,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         if worker is not None:
             await asyncio.get_running_loop().run_in_executor(None, worker.shutdown)
 
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -177,7 +187,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def chat_completions(body: ChatRequest, request: Request):
         _check_model(body.model, model_name)
         try:
-            prompt = render_chat([m.model_dump() for m in body.messages], engine.special, engine.tokenizer)
+            prompt = render_chat([{"role": m.role, "content": m.text()} for m in body.messages], engine.special,
+                                 engine.tokenizer)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         return await _run(request, body, [(j, prompt) for j in range(body.n)], chat=True)
@@ -330,6 +341,31 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                 worker.cancel(s.request_id)
 
     return app
+
+
+class _BodyLimit:
+    """Counts the body as it arrives, so that a chunked upload (no Content-Length, which the guard
+    checks up front) is cut off too: over ``max_bytes`` the handler's body read fails with 413."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        total = 0
+
+        async def limited():
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_bytes:
+                    # FastAPI re-raises an HTTPException from the body read (any other error becomes a 400)
+                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def _reason(reason: str | None) -> str:
