@@ -189,10 +189,6 @@ def build_config(model_type: str, fields: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
-def moe_layer_count(cfg: ModelConfig) -> int:
-    return sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
-
-
 def aux_coef_from_hf(hf_coef: float, cfg: ModelConfig) -> float:
     """transformers' ``router_aux_loss_coef`` as moekit's ``aux_loss_coef`` (same gradient).
 
@@ -201,12 +197,12 @@ def aux_coef_from_hf(hf_coef: float, cfg: ModelConfig) -> float:
     uniform, f over the T*K assignments) over the layers: L. For the same coefficient moekit's loss is
     L/K times larger (16x for Mixtral-8x7B), so moekit's coefficient is ``hf * K / L``.
     """
-    return hf_coef * cfg.top_k / max(moe_layer_count(cfg), 1)
+    return hf_coef * cfg.top_k / max(cfg.num_moe_layers, 1)
 
 
 def aux_coef_to_hf(cfg: ModelConfig) -> float:
     """The inverse of :func:`aux_coef_from_hf`."""
-    return cfg.aux_loss_coef * moe_layer_count(cfg) / cfg.top_k
+    return cfg.aux_loss_coef * cfg.num_moe_layers / cfg.top_k
 
 
 def moe_layer_pattern(hf: dict[str, Any], defaults: dict[str, Any], n_layers: int) -> dict[str, int]:

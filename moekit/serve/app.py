@@ -197,7 +197,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         worker = state.get("worker")
         if worker is None:
             raise APIError(503, "the server is shutting down", "server_error")
-        prompt_ids = [engine.encode(p) for _, p in jobs]
+        encoded = {p: engine.encode(p) for p in dict.fromkeys(p for _, p in jobs)}  # n choices share a prompt
+        prompt_ids = [encoded[p] for _, p in jobs]
         for ids in prompt_ids:
             if len(ids) + 1 > engine.max_len:
                 raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {engine.max_len} "
@@ -217,14 +218,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                                         top_p=body.top_p, seed=seed, stop=tuple(body.stop or ()),
                                         logprobs=logprobs is not None)
                 subs.append(await worker.submit(ids, params))
-        except EngineFull as e:
+        except EngineError as e:  # the choices already queued go too
             for s in subs:
                 worker.cancel(s.request_id)
-            raise APIError(429, f"{e}; retry later", "rate_limit_error", code="server_busy",
-                           headers={"Retry-After": str(retry_after_s)}) from None
-        except EngineError as e:
-            for s in subs:
-                worker.cancel(s.request_id)
+            if isinstance(e, EngineFull):
+                raise APIError(429, f"{e}; retry later", "rate_limit_error", code="server_busy",
+                               headers={"Retry-After": str(retry_after_s)}) from None
             raise APIError(400, str(e)) from None
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         indices = [index for index, _ in jobs]
@@ -288,7 +287,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
 
     async def _stream(request, worker, subs, indices, rid, created, chat, include_usage):
         obj = "chat.completion.chunk" if chat else "text_completion"
-        queues = {s.request_id: (s, index) for s, index in zip(subs, indices)}
+        index_of = {s.request_id: index for s, index in zip(subs, indices)}
 
         def chunk(index: int, text: str | None, reason: str | None, role: bool = False) -> str:
             if chat:
@@ -315,7 +314,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                         for s in subs:
                             worker.cancel(s.request_id)
                         return
-                    index = queues[sub.request_id][1]
+                    index = index_of[sub.request_id]
                     if ev.token_id is not None:
                         generated += 1
                         if sub.request_id not in seen_first:
