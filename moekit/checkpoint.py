@@ -44,17 +44,18 @@ def model_state(model: torch.nn.Module, dtype: torch.dtype | str | None = None) 
 
 
 def _write_model_files(model, tokenizer, directory: Path, card: str | None,
-                       dtype: torch.dtype | str | None = None) -> None:
+                       dtype: torch.dtype | str | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
+    """``state``: the weights to write instead of the model's own (a distributed run's gathered full tensors)."""
     cfg: ModelConfig = model.cfg
     atomic_write_text(directory / "config.json", cfg.to_json())
     settings = getattr(model, "quantization", None)
-    if settings:  # weight-only int8/int4 (moekit.quant): the scales travel beside each quantized weight
+    if settings and state is None:  # weight-only int8/int4 (moekit.quant): the scales travel beside each quantized weight
         from moekit.quant import quantized_state
 
         state = quantized_state(model)
         atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(settings, indent=2) + "\n")
     else:
-        state = model_state(model, dtype)
+        state = model_state(model, dtype) if state is None else state
         if (directory / QUANTIZATION_FILE).exists():
             (directory / QUANTIZATION_FILE).unlink()
     atomic_write(directory / "model.safetensors",
@@ -351,8 +352,11 @@ def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, trainer_state: dict[str, Any],
-                    card_info: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+                    card_info: dict[str, Any] | None = None, keep_last: int = 2,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomically write ``checkpoints/step-N`` and prune all but the newest ``keep_last``.
+
+    ``state``: the weights to write in place of ``model``'s (a distributed run's full tensors).
 
     Plan: 1. write every file into ``checkpoints/.tmp-step-N-*``; 2. fsync them; 3. rename the
     directory to ``step-N`` (atomic on POSIX) and fsync the parent; 4. only then prune old ones.
@@ -364,7 +368,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, tra
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
     plain_permissions(tmp, directory=True)
     try:
-        _write_model_files(model, tokenizer, tmp, model_card(model.cfg, card_info))
+        _write_model_files(model, tokenizer, tmp, model_card(model.cfg, card_info), state=state)
         atomic_write(tmp / "trainer_state.pt", lambda p: torch.save(trainer_state, p))
         fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. an extended run's final save)

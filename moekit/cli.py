@@ -93,11 +93,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.preset, batch=args.batch, seq_len=args.seq_len, seed=args.seed)
 
 
+def _parallel(args: argparse.Namespace):
+    """This process's place in a torchrun launch (one process without torchrun)."""
+    from moekit.parallel import Parallel
+
+    return Parallel.from_env(args.expert_parallel)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from moekit.train import train
     from moekit.utils import tune_cpu_allocator
 
     tune_cpu_allocator()
+    par = args.parallel = _parallel(args)
     if args.resume:
         from moekit.train.config import split_settings
 
@@ -108,7 +116,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         if args.out or args.init:
             raise ConfigError(f"--resume continues {args.resume} in place and from its own checkpoint; drop "
                               + " and ".join(f for f, v in (("--out", args.out), ("--init", args.init)) if v))
-        result = train(args.resume, resume=True, overrides=flag_train, progress=not args.quiet)
+        result = train(args.resume, resume=True, overrides=flag_train, progress=not args.quiet, parallel=par)
     else:
         if not args.out:
             raise ConfigError("--out RUN is required (the run directory to create), or --resume RUN")
@@ -119,7 +127,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
             model_cfg = None
         else:
             (model_cfg, tcfg), _ = _configs(args, "tiny-moe")
-        result = train(args.out, model_cfg, tcfg, init=args.init, progress=not args.quiet)
+        result = train(args.out, model_cfg, tcfg, init=args.init, progress=not args.quiet, parallel=par)
+    if not par.is_main:
+        return
     print(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"train loss {result.train_loss:.4f}"
           + (f", val loss {result.val_loss:.4f} ({result.val_bpb:.4f} bits/byte)" if result.val_loss else ""))
@@ -131,10 +141,13 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from moekit.utils import tune_cpu_allocator
 
     tune_cpu_allocator()
+    par = args.parallel = _parallel(args)
     (moe_cfg, tcfg), _ = _configs(args, "tiny-moe")
     routers = list(ALL_ROUTERS) if args.routers == ["all"] else args.routers
     summary = compare(args.out, moe_cfg, tcfg, routers=routers, experts=args.experts, seeds=args.seeds,
-                      dense_lr=args.dense_lr, progress=not args.quiet)
+                      dense_lr=args.dense_lr, progress=not args.quiet, parallel=par)
+    if not par.is_main:
+        return
     print()
     print(_compare_table(summary))
     plots = "val_loss.png" + (", scaling.png" if args.experts else "")
@@ -415,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, metavar="FILE",
                        help="TOML or JSON file of model and training settings (flags override it)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--expert-parallel", type=int, default=1, metavar="EP",
+                       help="under torchrun: split each MoE layer's experts over groups of EP processes (EP divides "
+                            "the number of processes and of experts; default 1 = plain data parallelism). "
+                            "See docs/distributed.md")
         _add_dataclass_flags(p.add_argument_group("training settings"), TrainConfig)
         # The model's vocab_size always follows the tokenizer; --vocab-size trains a new one.
         _add_dataclass_flags(p.add_argument_group("model settings (default: the preset's values)"), ModelConfig,
@@ -603,7 +620,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted{_interrupt_hint(args)}", file=sys.stderr)
         return 130
+    finally:
+        _close_parallel(args)
     return 0
+
+
+def _close_parallel(args: argparse.Namespace) -> None:
+    """Leave the process group cleanly after a distributed verb that finished."""
+    par = getattr(args, "parallel", None)
+    if par is not None:
+        par.close()
 
 
 def _interrupt_hint(args: argparse.Namespace) -> str:

@@ -6,7 +6,15 @@ for padding; padding never counts towards a loss or a statistic (transformers #2
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# ``global_sum`` (data parallelism, set by moekit.parallel): a differentiable sum of a tensor over all
+# ranks sharing the global batch. The balance losses are nonlinear in batch totals, so each rank
+# computes them from the global totals: the loss of the global batch on every rank, never a mean of
+# per-rank losses. None: one process, the batch is all there is.
+GlobalSum = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _mask_and_count(mask_T: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,7 +25,8 @@ def _mask_and_count(mask_T: torch.Tensor | None, like: torch.Tensor) -> tuple[to
     return m, m.sum().clamp_min(1.0)
 
 
-def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, mask_T: torch.Tensor | None = None,
+                      global_sum: GlobalSum | None = None) -> torch.Tensor:
     """Switch Transformer balance loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021, eqs. 4-6).
 
     f_i: fraction of the T*K hard assignments that went to expert i (chosen before any capacity drop);
@@ -29,8 +38,12 @@ def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, mask_T: torc
     m, n = _mask_and_count(mask_T, probs_TE)
     counts_E = torch.zeros(E, dtype=torch.float32, device=probs_TE.device)
     counts_E.scatter_add_(0, ids_TK.reshape(-1), m.repeat_interleave(K))
+    prob_sum_E = (probs_TE.float() * m[:, None]).sum(0)
+    if global_sum is not None:
+        totals = global_sum(torch.cat([prob_sum_E, counts_E, m.sum()[None]]))
+        prob_sum_E, counts_E, n = totals[:E], totals[E:2 * E].detach(), totals[2 * E].detach().clamp_min(1.0)
     f_E = counts_E / (n * K)
-    P_E = (probs_TE.float() * m[:, None]).sum(0) / n
+    P_E = prob_sum_E / n
     return E * (f_E * P_E).sum()
 
 
@@ -48,16 +61,20 @@ def cv_squared(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x.var(correction=0) / (x.mean().pow(2) + eps)
 
 
-def importance_loss(gates_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+def importance_loss(gates_TE: torch.Tensor, mask_T: torch.Tensor | None = None,
+                    global_sum: GlobalSum | None = None) -> torch.Tensor:
     """Shazeer et al. 2017, eq. 6-7: CV^2 of each expert's summed gate value over the batch."""
     m, _ = _mask_and_count(mask_T, gates_TE)
-    return cv_squared((gates_TE.float() * m[:, None]).sum(0))
+    sums_E = (gates_TE.float() * m[:, None]).sum(0)
+    return cv_squared(sums_E if global_sum is None else global_sum(sums_E))
 
 
-def noisy_load_loss(prob_in_topk_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+def noisy_load_loss(prob_in_topk_TE: torch.Tensor, mask_T: torch.Tensor | None = None,
+                    global_sum: GlobalSum | None = None) -> torch.Tensor:
     """Shazeer et al. 2017, appendix A: CV^2 of the smooth load estimate sum_x P(x, i)."""
     m, _ = _mask_and_count(mask_T, prob_in_topk_TE)
-    return cv_squared((prob_in_topk_TE.float() * m[:, None]).sum(0))
+    sums_E = (prob_in_topk_TE.float() * m[:, None]).sum(0)
+    return cv_squared(sums_E if global_sum is None else global_sum(sums_E))
 
 
 def router_entropy(probs_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:

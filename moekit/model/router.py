@@ -91,7 +91,13 @@ def balance_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float)
 
 
 class Router(nn.Module):
-    """Base: a float32 linear gate ``weight [E, D]`` and the shared token-choice bookkeeping."""
+    """Base: a float32 linear gate ``weight [E, D]`` and the shared token-choice bookkeeping.
+
+    ``global_sum``: None, or (data parallelism, set from outside by moekit.parallel) a differentiable
+    sum over the ranks that share the global batch, so balance losses are the global batch's.
+    """
+
+    global_sum: losses.GlobalSum | None = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -188,7 +194,7 @@ class TopKRouter(Router):
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
         probs_TE, ids_TK, top_TK = self._choose(logits_TE)
-        balance = losses.load_balance_loss(probs_TE, ids_TK, mask_T)
+        balance = losses.load_balance_loss(probs_TE, ids_TK, mask_T, self.global_sum)
         zl = losses.z_loss(logits_TE, mask_T)
         aux = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * zl
         return self._token_choice(ids_TK, top_TK, probs_TE, mask_T, aux, balance, zl)
@@ -206,7 +212,7 @@ class SwitchRouter(Router):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
         top_T1, ids_T1 = probs_TE.max(dim=-1, keepdim=True)
-        balance = losses.load_balance_loss(probs_TE, ids_T1, mask_T)
+        balance = losses.load_balance_loss(probs_TE, ids_T1, mask_T, self.global_sum)
         zl = losses.z_loss(logits_TE, mask_T)
         aux = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * zl
         return self._token_choice(ids_T1, top_T1, probs_TE, mask_T, aux, balance, zl)
@@ -255,7 +261,8 @@ class NoisyTopKRouter(Router):
             prob_in_topk_TE = torch.where(logits_TE > threshold_in_T1, prob_in, prob_out)
         else:
             prob_in_topk_TE = (gates_TE > 0).float()
-        balance = losses.importance_loss(gates_TE, mask_T) + losses.noisy_load_loss(prob_in_topk_TE, mask_T)
+        balance = (losses.importance_loss(gates_TE, mask_T, self.global_sum)
+                   + losses.noisy_load_loss(prob_in_topk_TE, mask_T, self.global_sum))
         zl = losses.z_loss(clean_TE, mask_T)
         aux = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * zl
         return self._token_choice(ids_TK, gates_TK, clean_TE.softmax(-1), mask_T, aux, balance, zl)

@@ -23,6 +23,7 @@ from typing import Any
 
 from moekit.checkpoint import find_checkpoints
 from moekit.config import ConfigError, ModelConfig
+from moekit.parallel import Parallel
 from moekit.summary import human
 from moekit.train.config import TrainConfig
 from moekit.train.loop import RESUMABLE_CHANGES, RunError, read_metrics, train
@@ -121,8 +122,9 @@ def _settings_differ(saved: dict[str, Any], cfg: ModelConfig, tcfg: TrainConfig)
     return diffs
 
 
-def _run_one(run: Path, name: str, seed: int, cfg: ModelConfig, tcfg: TrainConfig, progress: bool) -> Curve:
-    """Train one model (or reuse/continue it if ``run`` holds the same settings)."""
+def _plan_run(run: Path, cfg: ModelConfig, tcfg: TrainConfig) -> str:
+    """"reuse" (finished with the same settings), "resume" (started with them) or "new"; refuses a
+    run trained with other settings. Clears a run that never checkpointed."""
     done = find_checkpoints(run)
     if (run / "config.json").exists():
         saved = json.loads((run / "config.json").read_text())
@@ -132,13 +134,26 @@ def _run_one(run: Path, name: str, seed: int, cfg: ModelConfig, tcfg: TrainConfi
                            f"{' ...' if len(diffs) > 4 else ''}; choose another --out or remove it")
     if done and done[-1][0] >= tcfg.max_steps:
         print(f"{run.name}: already trained ({done[-1][0]} steps), reusing {run}")
-    elif done:
+        return "reuse"
+    if done:
+        return "resume"
+    if run.exists():  # started but never checkpointed: start over
+        shutil.rmtree(run)
+    return "new"
+
+
+def _run_one(run: Path, name: str, seed: int, cfg: ModelConfig, tcfg: TrainConfig, progress: bool,
+             par: Parallel) -> Curve | None:
+    """Train one model (or reuse/continue it if ``run`` holds the same settings). Rank 0 decides which;
+    only rank 0 gets the curve (None elsewhere)."""
+    plan = par.main_first(lambda: _plan_run(run, cfg, tcfg))
+    if plan == "resume":
         train(run, resume=True, overrides={k: getattr(tcfg, k) for k in RESUMABLE_CHANGES & _NO_EFFECT},
-              progress=progress, desc=run.name)
-    else:
-        if run.exists():  # started but never checkpointed: start over
-            shutil.rmtree(run)
-        train(run, cfg, tcfg, progress=progress, desc=run.name)
+              progress=progress, desc=run.name, parallel=par)
+    elif plan == "new":
+        train(run, cfg, tcfg, progress=progress, desc=run.name, parallel=par)
+    if not par.is_main:
+        return None
     records = read_metrics(run)
     evals = [r for r in records if "val_loss" in r]
     train_recs = [r for r in records if "train_loss" in r]
@@ -149,19 +164,25 @@ def _run_one(run: Path, name: str, seed: int, cfg: ModelConfig, tcfg: TrainConfi
 
 def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: list[str] | None = None,
             experts: list[int] | None = None, seeds: int = 1, dense_lr: float | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, parallel: Parallel | None = None) -> dict[str, Any] | None:
     """Train the dense twin and every MoE variant once per seed (``tcfg.seed``, +1, ...), then write
     ``OUT/report.md``, ``OUT/val_loss.png`` (and ``OUT/scaling.png`` for an expert sweep) and
     ``OUT/summary.json``. ``dense_lr`` gives the dense model its own learning rate (each model at its
-    own best is the fair comparison). Re-running reuses or continues runs with the same settings."""
+    own best is the fair comparison). Re-running reuses or continues runs with the same settings.
+
+    ``parallel``: under ``torchrun`` every rank calls ``compare``; each run trains on all of them, rank 0
+    writes the files and returns the summary (the other ranks return None)."""
+    par = parallel or Parallel.single()
     out = Path(out)
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds} must be >= 1")
     if tcfg.eval_every == 0:
         tcfg = dataclasses.replace(tcfg, eval_every=max(1, tcfg.max_steps // 10))
     variants = model_variants(moe_cfg, routers, experts)  # validates before anything is written
+    for _, cfg in variants:
+        par.check(cfg, tcfg.batch_size)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    par.main_first(lambda: out.mkdir(parents=True, exist_ok=True))
     curves = []
     try:
         for s in range(tcfg.seed, tcfg.seed + seeds):
@@ -169,11 +190,13 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
                 run_cfg = dataclasses.replace(tcfg, seed=s)
                 if name == "dense" and dense_lr is not None:
                     run_cfg = dataclasses.replace(run_cfg, lr=dense_lr)
-                curves.append(_run_one(out / f"{name}-s{s}", name, s, cfg, run_cfg, progress))
+                curves.append(_run_one(out / f"{name}-s{s}", name, s, cfg, run_cfg, progress, par))
     except BaseException:  # nothing checkpointed yet: leave no folder behind, so the command can be rerun
-        if created and not any(find_checkpoints(p) for p in out.iterdir() if p.is_dir()):
+        if par.is_main and created and not any(find_checkpoints(p) for p in out.iterdir() if p.is_dir()):
             shutil.rmtree(out, ignore_errors=True)
         raise
+    if not par.is_main:
+        return None
     summary = summarize(curves)
     summary["settings"] = {"train": tcfg.to_dict(), "dense_lr": dense_lr if dense_lr is not None else tcfg.lr,
                            "seeds": list(range(tcfg.seed, tcfg.seed + seeds)), "experts": experts}

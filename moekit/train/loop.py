@@ -38,6 +38,17 @@ from moekit.data.corpus import load_shakespeare
 from moekit.data.dataset import iter_texts
 from moekit.model import Transformer, update_router_biases
 from moekit.model.losses import max_violation
+from moekit.parallel import (
+    Parallel,
+    clip_grad_norm_,
+    full_model_state,
+    full_optimizer_state,
+    no_sync,
+    parallelize,
+    reduce_expert_grads,
+    shard_optimizer_state,
+    wrap_data_parallel,
+)
 from moekit.train.config import TrainConfig
 from moekit.train.optim import build_optimizer, lr_at
 from moekit.utils import atomic_write, atomic_write_text, data_cache_dir
@@ -65,7 +76,7 @@ class TrainResult:
 
 def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: TrainConfig | None = None, *,
           resume: bool = False, overrides: dict[str, Any] | None = None, init: str | os.PathLike | None = None,
-          progress: bool = True, desc: str = "train") -> TrainResult:
+          progress: bool = True, desc: str = "train", parallel: Parallel | None = None) -> TrainResult:
     """Train ``model_cfg`` under ``cfg`` into run directory ``out`` (or continue it with ``resume``).
 
     ``init``: start from the weights (and tokenizer) of any checkpoint :func:`moekit.load` reads -- a
@@ -74,14 +85,20 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
 
     A new run that fails before its first checkpoint (bad data, a wrong setting, Ctrl-C) removes what
     it created, so the same command can simply be run again.
+
+    ``parallel``: this process's place in a ``torchrun`` launch (:class:`moekit.parallel.Parallel`);
+    every rank calls ``train`` with the same arguments. ``batch_size`` stays the global batch: each
+    rank trains on its rows of the same batches, so the losses do not depend on the world size. Rank 0
+    alone writes the run directory (checkpoints hold full tensors: they resume on any world size).
     """
     run = Path(out)
+    par = parallel or Parallel.single()
     existed = run.exists()
     try:
         return _train(run, model_cfg, cfg, resume=resume, overrides=overrides, init=init, progress=progress,
-                      desc=desc)
+                      desc=desc, par=par)
     except BaseException:
-        if not resume and not find_checkpoints(run):
+        if par.is_main and not resume and not find_checkpoints(run):
             _remove_new_run(run, existed)
         raise
 
@@ -105,80 +122,89 @@ def _remove_new_run(run: Path, existed: bool) -> None:
 
 def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, resume: bool,
            overrides: dict[str, Any] | None, init: str | os.PathLike | None, progress: bool,
-           desc: str) -> TrainResult:
+           desc: str, par: Parallel) -> TrainResult:
     """The body of :func:`train`.
 
     On resume the run's saved settings are used; ``overrides`` (or fields of ``cfg`` that differ from
     the saved ones) may change only ``RESUMABLE_CHANGES``, e.g. ``max_steps`` to extend a finished run.
 
     Plan: 1. run directory (new, or resume: newest complete checkpoint, drop later metrics);
-    2. tokenizer and token datasets; 3. model, optimizer, RNG; 4. the loop -- per step: LR from the
-    schedule, ``grad_accum`` micro-batches of forward/backward, clip, optimizer step, DeepSeek bias
-    update, log, evaluate, checkpoint; 5. plots. Returns the final figures.
+    2. tokenizer and token datasets; 3. model, optimizer, RNG (several processes: shard the experts,
+    wrap in DDP); 4. the loop -- per step: LR from the schedule, ``grad_accum`` micro-batches of
+    forward/backward, reduce gradients, clip, optimizer step, DeepSeek bias update, log, evaluate,
+    checkpoint; 5. plots. Returns the final figures. Rank 0 does every file write; what it decides or
+    refuses reaches the other ranks through ``par.main_first``.
     """
 
     # 1. run directory -----------------------------------------------------------------------
     state: dict[str, Any] | None = None
     init_model = init_tokenizer = None
     if resume:
-        model_cfg, cfg, ckpt_dir, state = _open_for_resume(run, cfg, overrides or {})
+        model_cfg, cfg, ckpt_dir = par.main_first(lambda: _open_for_resume(run, cfg, overrides or {}))
+        state = load_trainer_state(ckpt_dir)
+        par.check(model_cfg, cfg.batch_size)
     else:
         if init is not None:  # before anything is created: a bad --init is one line and no folder
             init_model, init_tokenizer, model_cfg = _load_init(Path(init), model_cfg)
         if model_cfg is None or cfg is None:
             raise ValueError("a new run needs both model_cfg and cfg")
+        par.check(model_cfg, cfg.batch_size)
         if cfg.seq_len > model_cfg.max_seq_len:
             raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
-        if run.exists() and any(run.iterdir()):
-            raise RunError(f"run directory {run} already exists; continue it with --resume {run}, "
-                           "or choose another --out")
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "checkpoints").mkdir(exist_ok=True)
+        par.main_first(lambda: _create_run_dir(run))
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
     # 2. tokenizer and data ------------------------------------------------------------------
-    tokenizer = _run_tokenizer(run, cfg, resume, None if resume else init_tokenizer)
+    tokenizer = par.main_first(lambda: _run_tokenizer(run, cfg, resume, None if resume else init_tokenizer),
+                               then=lambda: load_tokenizer(run / "tokenizer.json"))
     if tokenizer.get_vocab_size() != model_cfg.vocab_size:
         if resume or init:
             raise RunError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                            f"{model_cfg.vocab_size}")
         model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.get_vocab_size()})
-    train_ds, val_ds = prepare_data(cfg.data, tokenizer, data_cache_dir())
+    prepare = lambda: prepare_data(cfg.data, tokenizer, data_cache_dir())  # noqa: E731
+    train_ds, val_ds = par.main_first(prepare, then=prepare)  # rank 0 tokenizes into the cache, the others read it
     val_bytes = _eval_bytes_per_token(val_ds, tokenizer, cfg) if val_ds is not None else None
-    if not resume:
+    if not resume and par.is_main:
         atomic_write_text(run / "config.json", json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()},
                                                          indent=2) + "\n")
 
     # 3. model, optimizer, RNG ---------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg)
+    model = Transformer(model_cfg)  # the whole model on every rank, from the same seed: the same init
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
         # the checkpoint's end tokens and chat template go on into this run's checkpoints
         model.special_tokens = getattr(init_model, "special_tokens", None)
         model.chat_template = getattr(init_model, "chat_template", None)
         del init_model
+    if state is not None:
+        load_weights(model, ckpt_dir / "model.safetensors")
+    parallelize(model, par)  # several processes: keep this rank's expert shard; global router losses
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     step, tokens, elapsed = 0, 0, 0.0
     window_loss, window_aux, window_n = 0.0, 0.0, 0  # train_loss / aux_loss averaged since the last log line
     if state is not None:
-        load_weights(model, ckpt_dir / "model.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer, model, par))
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         window_loss, window_aux, window_n = state.get("loss_window", (0.0, 0.0, 0))
         _set_rng_state(state["rng"])
+        del state
+    if par.distributed:  # router noise (noisy_topk, jitter): a different stream per rank, from the same state
+        torch.manual_seed(int(torch.randint(2**62, ())) + par.rank)
+    train_model = wrap_data_parallel(model, par)  # DDP for the replicated parameters; the model itself for one process
     model.train()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     evals = [e for e in read_metrics(run) if "val_loss" in e]
 
-    if cfg.effective_warmup < cfg.warmup_steps and step == 0:
+    if cfg.effective_warmup < cfg.warmup_steps and step == 0 and par.is_main:
         print(f"note: warm-up capped at {cfg.effective_warmup} steps (a tenth of --max-steps {cfg.max_steps}; "
               f"--warmup-steps {cfg.warmup_steps} would leave no room for the schedule)", file=sys.stderr)
 
     # 4. the loop ----------------------------------------------------------------------------
-    bar = _progress_bar(cfg.max_steps, step, desc, progress)
+    bar = _progress_bar(cfg.max_steps, step, desc, progress and par.is_main)
     last_loss = None
     t_start = time.perf_counter() - elapsed
     t_window, tokens_window = time.perf_counter(), 0
@@ -189,20 +215,24 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
                 group["lr"] = lr
             step_loss, step_aux, loads = 0.0, 0.0, None
             for micro in range(cfg.grad_accum):
-                x, y = train_ds.get_batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, cfg.seed)
-                with autocast:
-                    out = model(x, labels=y)  # fused linear cross-entropy: no [B, T, V] logits
-                loss = out.loss
-                ((loss + out.aux_loss) / cfg.grad_accum).backward()
+                # every rank: its rows of the same global batch
+                x, y = par.local_rows(*train_ds.get_batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len,
+                                                          cfg.seed))
+                with autocast, no_sync(train_model, micro < cfg.grad_accum - 1):  # DDP reduces on the last one
+                    out = train_model(x, labels=y)  # fused linear cross-entropy: no [B, T, V] logits
+                    loss = out.loss
+                    ((loss + out.aux_loss) / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
                 step_aux += out.aux_loss.item() / cfg.grad_accum
                 layer_loads = [s.expert_load for s in out.router_stats]
                 loads = layer_loads if loads is None else [a + b for a, b in zip(loads, layer_loads)]
+            reduce_expert_grads(model, par)
+            step_loss, step_aux, loads = _global_figures(par, step_loss, step_aux, loads)
             if not math.isfinite(step_loss):
                 raise RunError(f"training diverged at step {step + 1} (loss {step_loss}); the last checkpoint is "
                                f"intact -- lower --lr or enable --grad-clip and --resume")
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                clip_grad_norm_(model, cfg.grad_clip, par)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if out.router_stats:  # DeepSeek-V3 balance bias: after the step, outside backprop
@@ -222,31 +252,37 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
             bar.update(1)
 
             is_last = step == cfg.max_steps
-            if step % cfg.log_every == 0 or is_last:
+            if (step % cfg.log_every == 0 or is_last) and par.is_main:
                 record = {"step": step, "tokens": tokens, "elapsed_s": round(time.perf_counter() - t_start, 3),
                           "lr": lr, "train_loss": window_loss / window_n, "aux_loss": window_aux / window_n}
                 if loads:
                     record["max_violation"] = maxvio
                     record["expert_load"] = [(v.float() / v.sum().clamp_min(1)).tolist() for v in loads]
                 _append_metrics(run, record)
+            if step % cfg.log_every == 0 or is_last:
                 window_loss, window_aux, window_n = 0.0, 0.0, 0
             if val_ds is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last):
                 t_eval = time.perf_counter()
-                val_loss = evaluate(model, val_ds, cfg, autocast)
+                val_loss = evaluate(model, val_ds, cfg, autocast, par)
                 record = {"step": step, "tokens": tokens, "elapsed_s": round(t_eval - t_start, 3), "val_loss": val_loss,
                           "val_bpb": val_loss / math.log(2) / val_bytes}
-                _append_metrics(run, record)
+                if par.is_main:
+                    _append_metrics(run, record)
                 evals.append(record)
                 t_start += time.perf_counter() - t_eval  # evaluation time is not training time
             if (cfg.save_every and step % cfg.save_every == 0) or is_last:
                 elapsed = time.perf_counter() - t_start
-                trainer_state = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
-                                 "rng": _get_rng_state(), "train_config": cfg.to_dict(),
-                                 "loss_window": (window_loss, window_aux, window_n)}
-                card = {"data": cfg.data or "embedded Shakespeare (train split)", "step": step, "tokens": tokens,
-                        "train_loss": last_loss, "val_loss": evals[-1]["val_loss"] if evals else None,
-                        "val_bpb": evals[-1]["val_bpb"] if evals else None, "elapsed_s": elapsed}
-                save_checkpoint(run, step, model, tokenizer, trainer_state, card, cfg.keep_last)
+                # whole tensors (expert shards gathered on rank 0): resumable on any number of processes
+                weights, optimizer_state = full_model_state(model, par), full_optimizer_state(optimizer, model, par)
+                if par.is_main:
+                    trainer_state = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optimizer_state,
+                                     "rng": _get_rng_state(), "train_config": cfg.to_dict(),
+                                     "loss_window": (window_loss, window_aux, window_n)}
+                    card = {"data": cfg.data or "embedded Shakespeare (train split)", "step": step, "tokens": tokens,
+                            "train_loss": last_loss, "val_loss": evals[-1]["val_loss"] if evals else None,
+                            "val_bpb": evals[-1]["val_bpb"] if evals else None, "elapsed_s": elapsed}
+                    save_checkpoint(run, step, model, tokenizer, trainer_state, card, cfg.keep_last, state=weights)
+                del weights, optimizer_state
             if step % cfg.log_every == 0:
                 t_window, tokens_window = time.perf_counter(), 0
     finally:
@@ -255,29 +291,75 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
     # 5. plots -------------------------------------------------------------------------------
     from moekit.train.plots import plot_run
 
-    plot_run(run)
+    if par.is_main:
+        plot_run(run)
+    par.barrier()  # no rank returns (and reads the run) before rank 0 has written all of it
     final_eval = evals[-1] if evals else {}
     return TrainResult(run, step, tokens, time.perf_counter() - t_start, last_loss, final_eval.get("val_loss"),
                        final_eval.get("val_bpb"), evals)
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val_ds: TokenDataset, cfg: TrainConfig, autocast=None) -> float:
-    """Mean cross-entropy (nats/token) over the first ``eval_batches`` sequential validation windows."""
+def evaluate(model: Transformer, val_ds: TokenDataset, cfg: TrainConfig, autocast=None,
+             parallel: Parallel | None = None) -> float:
+    """Mean cross-entropy (nats/token) over the first ``eval_batches`` sequential validation windows.
+
+    With ``parallel`` every rank scores its rows of each batch (a short last batch is padded with
+    ignored rows so that each rank runs every forward, as expert parallelism needs) and the sums are
+    all-reduced: the same figure as one process.
+    """
+    par = parallel or Parallel.single()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in val_ds.iter_eval_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+        if par.distributed:
+            x, y = par.local_rows(*_pad_rows(x, y, par.world))
         with autocast or torch.autocast("cpu", enabled=False):
             loss = model(x, labels=y).loss
-        total += loss.item() * y.numel()
-        count += y.numel()
+        n = int((y != -100).sum())
+        if n:  # a rank holding only padding rows has a NaN mean over nothing
+            total += loss.item() * n
+            count += n
     model.train(was_training)
+    if par.distributed:
+        sums = par.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
+        total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
 
 
+def _pad_rows(x: torch.Tensor, y: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows repeated from the last one, with ignored labels, up to a multiple of ``multiple``."""
+    pad = -x.shape[0] % multiple
+    if not pad:
+        return x, y
+    return torch.cat([x, x[-1:].expand(pad, -1)]), torch.cat([y, torch.full_like(y[-1:], -100).expand(pad, -1)])
+
+
+def _global_figures(par: Parallel, loss: float, aux: float, loads):
+    """The step's loss and aux loss averaged over the ranks, and the expert loads summed (one all-reduce)."""
+    if not par.distributed:
+        return loss, aux, loads
+    parts = [torch.tensor([loss, aux], dtype=torch.float64)] + [v.double() for v in (loads or [])]
+    flat = par.all_reduce_sum(torch.cat(parts))
+    out, offset = [], 2
+    for v in loads or []:
+        out.append(flat[offset:offset + v.numel()].round().long())
+        offset += v.numel()
+    return float(flat[0]) / par.world, float(flat[1]) / par.world, (out if loads else loads)
+
+
 # --------------------------------------------------------------------------- helpers
+def _create_run_dir(run: Path) -> None:
+    if run.exists() and any(run.iterdir()):
+        raise RunError(f"run directory {run} already exists; continue it with --resume {run}, "
+                       "or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "checkpoints").mkdir(exist_ok=True)
+
+
 def _open_for_resume(run: Path, cfg: TrainConfig | None, overrides: dict[str, Any]):
+    """(model config, train config, checkpoint directory) to resume from; repairs the run first."""
     if not (run / "config.json").exists():
         raise RunError(f"cannot resume {run}: it is not a moekit run directory (no config.json)")
     saved = json.loads((run / "config.json").read_text())
@@ -298,7 +380,7 @@ def _open_for_resume(run: Path, cfg: TrainConfig | None, overrides: dict[str, An
     while found:
         step, ckpt = found[-1]
         try:
-            state = load_trainer_state(ckpt)
+            load_trainer_state(ckpt)  # validate both files before trusting the checkpoint
             load_weights(Transformer(model_cfg), ckpt / "model.safetensors")  # validate before trusting it
             break
         except CheckpointError as e:
@@ -313,7 +395,7 @@ def _open_for_resume(run: Path, cfg: TrainConfig | None, overrides: dict[str, An
         atomic_write_text(run / "config.json", json.dumps({"model": model_cfg.to_dict(), "train": new_cfg.to_dict()},
                                                          indent=2) + "\n")
     _truncate_metrics(run, step)
-    return model_cfg, new_cfg, ckpt, state
+    return model_cfg, new_cfg, ckpt
 
 
 def _load_init(path: Path, model_cfg: ModelConfig | None):
