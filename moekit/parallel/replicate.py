@@ -93,6 +93,8 @@ def reduce_expert_grads(model: nn.Module, par: Parallel) -> None:
     import torch.distributed as dist
 
     params = [p for n, p in model.named_parameters() if is_expert_param(n)]
+    if not params:  # a dense model (compare's twin): nothing sharded
+        return
     for p in params:
         if p.grad is None:  # cannot happen with the zero-token anchor; never leave one missing
             p.grad = torch.zeros_like(p)
