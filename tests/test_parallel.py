@@ -114,7 +114,7 @@ def test_bad_launch_is_one_clear_error_on_every_rank(tmp_path, flags, message):
     t0 = time.time()
     done = torchrun("train", "--out", str(tmp_path / "run"), "--max-steps", "2", *FLAGS, *flags, timeout=120)
     assert done.returncode != 0 and time.time() - t0 < 120
-    assert done.stderr.count(f"moekit train: error: ") == 2, done.stderr[-3000:]
+    assert done.stderr.count("moekit train: error: ") == 2, done.stderr[-3000:]
     assert done.stderr.count(message) == 2
     assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()

@@ -120,17 +120,17 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, par: Parallel) -> torch.T
     for n, p in model.named_parameters():
         if p.grad is not None:
             (expert if is_expert_param(n) else shared).append(p.grad)
-    sq = torch.zeros(2, dtype=torch.float64)
-    if shared:
-        sq[0] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in shared]))**2
-    if expert:
-        sq[1] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in expert]))**2
+    # as torch's clip_grad_norm_: per-tensor float32 norms (foreach), then the norm of the norms
+    sq = torch.zeros(2)
+    for i, grads in enumerate((shared, expert)):
+        if grads:
+            sq[i] = torch.stack(torch._foreach_norm(grads)).square().sum()
     expert_sq = sq[1:].clone()
     dist.all_reduce(expert_sq, group=par.ep_group)
     total = (sq[0] + expert_sq[0]).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(shared + expert, coef.float())
-    return total.float()
+    torch._foreach_mul_(shared + expert, coef)
+    return total
 
 
 def no_sync(train_model: nn.Module, skip: bool):
