@@ -166,13 +166,15 @@ def main() -> None:
                   f"({max(r['state_bytes'] for r in ranks) / base['state_bytes']:.2f}x)   "
                   f"peak RSS/rank {max(r['peak_rss_bytes'] for r in ranks) / 2**20:6.0f} MiB   "
                   f"expert share of the rank's params {share:.0%}")
-            if nproc > 1:
+            if nproc > 1 and ep > 1:
                 a2a = [r["a2a_bytes_per_step"] for r in ranks]
                 want = formula_a2a_bytes(nproc, ep)
                 print(f"  {'':<38} all-to-all/rank/step: measured {', '.join(f'{b / 2**20:.2f}' for b in a2a)} MiB, "
                       f"formula {want / 2**20:.2f} MiB ({sum(a2a) / len(a2a) / want if want else float('nan'):.3f}x); "
                       f"counts {r0['count_bytes_per_step']:.0f} B; DDP all-reduce payload "
                       f"{r0['allreduce_bytes_per_step'] / 2**20:.2f} MiB")
+            elif nproc > 1:
+                print(f"  {'':<38} no all-to-all; DDP all-reduce payload {r0['allreduce_bytes_per_step'] / 2**20:.2f} MiB/step")
         one = rows[0][1][0]
         ep2 = rows[2][1][0]
         expert_share_bytes = one["state_bytes"] * one["expert_params"] / one["params"]

@@ -85,7 +85,9 @@ class Parallel:
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+            # Collectives go to gloo for CPU tensors and to NCCL for CUDA tensors when both exist.
+            cuda = torch.cuda.is_available() and dist.is_nccl_available()
+            backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
             kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
             dist.init_process_group(backend, **kwargs)
         par = cls(rank=rank, world=world, ep=expert_parallel, local_rank=local_rank)
