@@ -256,8 +256,11 @@ def test_existing_run_dir_needs_resume(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "something").write_text("x")
+    (run / "config.json").write_text("{}")  # someone else's: the refusal must not clean it up
+    (run / "plots").mkdir()
     assert main(["train", "--out", str(run), "--quiet", *SMALL_FLAGS]) == 2
     assert f"run directory {run} already exists; continue it with --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "plots", "something"]
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):

@@ -94,11 +94,12 @@ def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: Tra
     run = Path(out)
     par = parallel or Parallel.single()
     existed = run.exists()
+    occupied = existed and any(run.iterdir())  # refused below; never clean up a folder this run did not fill
     try:
         return _train(run, model_cfg, cfg, resume=resume, overrides=overrides, init=init, progress=progress,
                       desc=desc, par=par)
     except BaseException:
-        if par.is_main and not resume and not find_checkpoints(run):
+        if par.is_main and not resume and not occupied and not find_checkpoints(run):
             _remove_new_run(run, existed)
         raise
 
