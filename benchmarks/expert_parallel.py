@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
             allreduce["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
             return allreduce_hook(state, bucket)
 
-        train_model.register_comm_hook(par.stats_group, counting_hook)
+        train_model.register_comm_hook(None, counting_hook)  # None: DDP's own (default) group, as in training
 
     def batch(i: int):
         g = torch.Generator().manual_seed(i)

@@ -431,7 +431,8 @@ class TokenDataset:
 
         Window starts are uniform over the data and depend only on ``(seed, step)`` (a NumPy
         generator seeded with both), never on earlier calls: resuming at step N replays exactly
-        the batches of an uninterrupted run. For data parallelism give each rank its own seed.
+        the batches of an uninterrupted run. Under data parallelism every rank draws the same global
+        batch and trains on its rows of it (moekit.parallel), so the curve does not depend on the world size.
         """
         if step < 0 or seed < 0 or batch_size < 1:
             raise ValueError(f"need step >= 0, seed >= 0 and batch_size >= 1, got {step=}, {seed=}, {batch_size=}")

@@ -102,6 +102,13 @@ def _groups(counts: list[int]):
         start += n
 
 
+def swiglu_dtype(x_AD: torch.Tensor, w_EXY: torch.Tensor) -> torch.dtype:
+    """The dtype :func:`grouped_swiglu` computes and returns in on a CPU (autocast's, when it is on)."""
+    if torch.is_autocast_enabled(x_AD.device.type):
+        return torch.get_autocast_dtype(x_AD.device.type)
+    return torch.promote_types(x_AD.dtype, w_EXY.dtype)
+
+
 def grouped_swiglu(x_AD: torch.Tensor, w1_E2FD: torch.Tensor, w2_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """SwiGLU of rows already sorted by expert; ``counts_E[e]`` rows belong to expert e."""
     if x_AD.is_cuda and hasattr(F, "grouped_mm") and x_AD.dtype == torch.bfloat16:
@@ -112,9 +119,7 @@ def grouped_swiglu(x_AD: torch.Tensor, w1_E2FD: torch.Tensor, w2_EDF: torch.Tens
         return F.grouped_mm(F.silu(g) * u, w2_EDF.transpose(-2, -1), offs=offs)
     # NOTE: host sync -- the group sizes become Python ints for slicing.
     counts = counts_E.tolist()
-    dtype = torch.promote_types(x_AD.dtype, w1_E2FD.dtype)
-    if torch.is_autocast_enabled(x_AD.device.type):
-        dtype = torch.get_autocast_dtype(x_AD.device.type)
+    dtype = swiglu_dtype(x_AD, w1_E2FD)
     with torch.autocast(x_AD.device.type, enabled=False):
         return GroupedSwiGLU.apply(x_AD.to(dtype), w1_E2FD.to(dtype), w2_EDF.to(dtype), counts)
 

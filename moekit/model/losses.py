@@ -14,7 +14,7 @@ import torch
 # ranks sharing the global batch. The balance losses are nonlinear in batch totals, so each rank
 # computes them from the global totals: the loss of the global batch on every rank, never a mean of
 # per-rank losses. None: one process, the batch is all there is.
-GlobalSum = Callable[[torch.Tensor], torch.Tensor]
+GlobalSumFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _mask_and_count(mask_T: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +26,7 @@ def _mask_and_count(mask_T: torch.Tensor | None, like: torch.Tensor) -> tuple[to
 
 
 def load_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, mask_T: torch.Tensor | None = None,
-                      global_sum: GlobalSum | None = None) -> torch.Tensor:
+                      global_sum: GlobalSumFn | None = None) -> torch.Tensor:
     """Switch Transformer balance loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021, eqs. 4-6).
 
     f_i: fraction of the T*K hard assignments that went to expert i (chosen before any capacity drop);
@@ -62,7 +62,7 @@ def cv_squared(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 
 
 def importance_loss(gates_TE: torch.Tensor, mask_T: torch.Tensor | None = None,
-                    global_sum: GlobalSum | None = None) -> torch.Tensor:
+                    global_sum: GlobalSumFn | None = None) -> torch.Tensor:
     """Shazeer et al. 2017, eq. 6-7: CV^2 of each expert's summed gate value over the batch."""
     m, _ = _mask_and_count(mask_T, gates_TE)
     sums_E = (gates_TE.float() * m[:, None]).sum(0)
@@ -70,7 +70,7 @@ def importance_loss(gates_TE: torch.Tensor, mask_T: torch.Tensor | None = None,
 
 
 def noisy_load_loss(prob_in_topk_TE: torch.Tensor, mask_T: torch.Tensor | None = None,
-                    global_sum: GlobalSum | None = None) -> torch.Tensor:
+                    global_sum: GlobalSumFn | None = None) -> torch.Tensor:
     """Shazeer et al. 2017, appendix A: CV^2 of the smooth load estimate sum_x P(x, i)."""
     m, _ = _mask_and_count(mask_T, prob_in_topk_TE)
     sums_E = (prob_in_topk_TE.float() * m[:, None]).sum(0)

@@ -97,7 +97,7 @@ class Router(nn.Module):
     sum over the ranks that share the global batch, so balance losses are the global batch's.
     """
 
-    global_sum: losses.GlobalSum | None = None
+    global_sum: losses.GlobalSumFn | None = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -16,7 +16,6 @@ from moekit.parallel.mesh import Parallel, ParallelError, Traffic
 from moekit.parallel.replicate import (
     attach_global_router_losses,
     clip_grad_norm_,
-    detach_global_router_losses,
     no_sync,
     reduce_expert_grads,
     wrap_data_parallel,
@@ -34,6 +33,6 @@ def parallelize(model, par: Parallel):
 
 __all__ = [
     "Parallel", "ParallelError", "Traffic", "ExpertParallelExperts", "all_to_all", "is_expert_param", "shard_experts",
-    "attach_global_router_losses", "detach_global_router_losses", "clip_grad_norm_", "no_sync", "reduce_expert_grads",
+    "attach_global_router_losses", "clip_grad_norm_", "no_sync", "reduce_expert_grads",
     "wrap_data_parallel", "full_model_state", "full_optimizer_state", "shard_optimizer_state", "parallelize",
 ]

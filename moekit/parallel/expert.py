@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from moekit.model.experts import Experts, grouped_swiglu
+from moekit.model.experts import Experts, grouped_swiglu, swiglu_dtype
 from moekit.parallel.mesh import Parallel, Traffic
 
 
@@ -118,9 +118,11 @@ class ExpertParallelExperts(nn.Module):
         x_RD = x_RD.index_select(0, by_expert)
         if x_RD.shape[0]:
             y_RD = grouped_swiglu(x_RD, self.gate_up_proj, self.down_proj, recv_counts_PL.sum(0))
-        else:  # no rows for my experts: stay in the graph (the backward all-to-all must run) with zero grads
+        else:  # no rows for my experts: stay in the graph (the backward all-to-all must run) with zero grads,
+            # in the dtype the experts would have produced (the combine's dtype must agree across ranks)
+            dtype = swiglu_dtype(x_RD, self.gate_up_proj)
             anchor = 0.0 * (self.gate_up_proj.sum() + self.down_proj.sum())
-            y_RD = x_RD * 0.0 + anchor.to(x_RD.dtype)
+            y_RD = (x_RD * 0.0).to(dtype) + anchor.to(dtype)
         y_RD = torch.empty_like(y_RD).index_copy(0, by_expert, y_RD)  # back to source-major order
         # 4. combine
         y_AD = all_to_all(y_RD, send_splits, recv_splits, self.group, self.ep_rank, self.traffic)

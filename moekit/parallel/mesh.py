@@ -91,13 +91,14 @@ class Parallel:
             kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
             dist.init_process_group(backend, **kwargs)
         par = cls(rank=rank, world=world, ep=expert_parallel, local_rank=local_rank)
-        # new_group is collective: every rank creates every group, in the same order.
-        for g in range(world // expert_parallel):
+        # new_group is collective: every rank creates every group, in the same order. With EP=1 there
+        # are no expert shards, so no EP or shard groups.
+        for g in range(world // expert_parallel if expert_parallel > 1 else 0):
             ranks = list(range(g * expert_parallel, (g + 1) * expert_parallel))
             group = dist.new_group(ranks)
             if rank in ranks:
                 par.ep_group = group
-        for s in range(expert_parallel):
+        for s in range(expert_parallel if expert_parallel > 1 else 0):
             ranks = list(range(s, world, expert_parallel))
             group = dist.new_group(ranks)
             if rank in ranks:
@@ -120,6 +121,11 @@ class Parallel:
     @property
     def distributed(self) -> bool:
         return self.world > 1
+
+    @property
+    def in_main_ep_group(self) -> bool:
+        """Whether this rank is in rank 0's EP group (the ranks that gather a checkpoint's shards)."""
+        return self.rank < self.ep
 
     @property
     def ep_rank(self) -> int:

@@ -60,11 +60,6 @@ def attach_global_router_losses(model: nn.Module, par: Parallel) -> None:
         moe.router.global_sum = hook
 
 
-def detach_global_router_losses(model: nn.Module) -> None:
-    for moe in model.moe_layers():
-        moe.router.global_sum = None
-
-
 def wrap_data_parallel(model: nn.Module, par: Parallel) -> nn.Module:
     """DDP over every parameter except expert shards (those are reduced by :func:`reduce_expert_grads`).
 
@@ -76,6 +71,7 @@ def wrap_data_parallel(model: nn.Module, par: Parallel) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if par.ep > 1:
+        # A private but long-standing DDP hook (torch 1.x to 2.13; tests/dist_checks.py fails without it).
         ignore = [n for n, _ in model.named_parameters() if is_expert_param(n)]
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     import inspect
@@ -121,7 +117,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, par: Parallel) -> torch.T
         if p.grad is not None:
             (expert if is_expert_param(n) else shared).append(p.grad)
     # as torch's clip_grad_norm_: per-tensor float32 norms (foreach), then the norm of the norms
-    sq = torch.zeros(2)
+    sq = torch.zeros(2, device=(shared or expert)[0].device)
     for i, grads in enumerate((shared, expert)):
         if grads:
             sq[i] = torch.stack(torch._foreach_norm(grads)).square().sum()

@@ -34,19 +34,15 @@ def _gather_shards(t: torch.Tensor, par: Parallel) -> torch.Tensor | None:
     return None
 
 
-def _in_main_ep_group(par: Parallel) -> bool:
-    return par.rank < par.ep
-
-
 def full_model_state(model: nn.Module, par: Parallel) -> dict[str, torch.Tensor] | None:
     """The one-process state dict (full expert tensors) on rank 0; None on other ranks."""
     from moekit.checkpoint import model_state
 
+    if not par.in_main_ep_group:
+        return None
     state = model_state(model)
     if par.ep == 1:
-        return state if par.is_main else None
-    if not _in_main_ep_group(par):
-        return None
+        return state
     for name in list(state):
         if is_expert_param(name):
             state[name] = _gather_shards(state[name], par)
@@ -66,11 +62,11 @@ def _index_to_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[i
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, par: Parallel) -> dict[str, Any] | None:
     """``optimizer.state_dict()`` with the expert shards' moments gathered whole (on rank 0)."""
+    if not par.in_main_ep_group:
+        return None
     sd = optimizer.state_dict()
     if par.ep == 1:
-        return sd if par.is_main else None
-    if not _in_main_ep_group(par):
-        return None
+        return sd
     names = _index_to_name(model, optimizer)
     for idx, st in list(sd["state"].items()):
         if is_expert_param(names[idx]):

@@ -141,9 +141,14 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
     state: dict[str, Any] | None = None
     init_model = init_tokenizer = None
     if resume:
-        model_cfg, cfg, ckpt_dir = par.main_first(lambda: _open_for_resume(run, cfg, overrides or {}))
-        state = load_trainer_state(ckpt_dir)
-        par.check(model_cfg, cfg.batch_size)
+        opened: dict[str, Any] = {}
+
+        def open_run():  # rank 0 checks and repairs the run; the (large) trainer state stays here
+            model_cfg_, cfg_, ckpt_, opened["state"] = _open_for_resume(run, cfg, overrides or {}, par.check)
+            return model_cfg_, cfg_, ckpt_
+
+        model_cfg, cfg, ckpt_dir = par.main_first(open_run)  # a refusal on rank 0 is raised on every rank
+        state = opened["state"] if "state" in opened else load_trainer_state(ckpt_dir)
     else:
         if init is not None:  # before anything is created: a bad --init is one line and no folder
             init_model, init_tokenizer, model_cfg = _load_init(Path(init), model_cfg)
@@ -219,8 +224,9 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
                 # every rank: its rows of the same global batch
                 x, y = par.local_rows(*train_ds.get_batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len,
                                                           cfg.seed))
-                with autocast, no_sync(train_model, micro < cfg.grad_accum - 1):  # DDP reduces on the last one
-                    out = train_model(x, labels=y)  # fused linear cross-entropy: no [B, T, V] logits
+                with no_sync(train_model, micro < cfg.grad_accum - 1):  # DDP reduces on the last one
+                    with autocast:
+                        out = train_model(x, labels=y)  # fused linear cross-entropy: no [B, T, V] logits
                     loss = out.loss
                     ((loss + out.aux_loss) / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
@@ -359,8 +365,9 @@ def _create_run_dir(run: Path) -> None:
     (run / "checkpoints").mkdir(exist_ok=True)
 
 
-def _open_for_resume(run: Path, cfg: TrainConfig | None, overrides: dict[str, Any]):
-    """(model config, train config, checkpoint directory) to resume from; repairs the run first."""
+def _open_for_resume(run: Path, cfg: TrainConfig | None, overrides: dict[str, Any], check=None):
+    """(model config, train config, checkpoint directory, trainer state) to resume from; ``check(model_cfg,
+    batch_size)`` (the process layout's) runs before anything on disk is repaired."""
     if not (run / "config.json").exists():
         raise RunError(f"cannot resume {run}: it is not a moekit run directory (no config.json)")
     saved = json.loads((run / "config.json").read_text())
@@ -375,13 +382,15 @@ def _open_for_resume(run: Path, cfg: TrainConfig | None, overrides: dict[str, An
         raise RunError(f"cannot change {', '.join(frozen)} when resuming {run} (it would change the data order or "
                        f"the math of the steps taken); changeable: {', '.join(sorted(RESUMABLE_CHANGES))}")
     new_cfg = TrainConfig(**{**saved_train.to_dict(), **changes})
+    if check is not None:
+        check(model_cfg, new_cfg.batch_size)
     changed = set(changes)
     remove_partial_checkpoints(run)
     found = find_checkpoints(run)
     while found:
         step, ckpt = found[-1]
         try:
-            load_trainer_state(ckpt)  # validate both files before trusting the checkpoint
+            state = load_trainer_state(ckpt)
             load_weights(Transformer(model_cfg), ckpt / "model.safetensors")  # validate before trusting it
             break
         except CheckpointError as e:
@@ -396,7 +405,7 @@ def _open_for_resume(run: Path, cfg: TrainConfig | None, overrides: dict[str, An
         atomic_write_text(run / "config.json", json.dumps({"model": model_cfg.to_dict(), "train": new_cfg.to_dict()},
                                                          indent=2) + "\n")
     _truncate_metrics(run, step)
-    return model_cfg, new_cfg, ckpt
+    return model_cfg, new_cfg, ckpt, state
 
 
 def _load_init(path: Path, model_cfg: ModelConfig | None):
