@@ -618,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"\ninterrupted{_interrupt_hint(args)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; one says so
+            print(f"\ninterrupted{_interrupt_hint(args)}", file=sys.stderr)
         return 130
     finally:
         _close_parallel(args)
@@ -642,6 +643,9 @@ def _interrupt_hint(args: argparse.Namespace) -> str:
 
     run = args.resume or args.out
     if run and find_checkpoints(Path(run)):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return (f"; continue from the last checkpoint on any number of processes: torchrun --nproc-per-node N "
+                    f"-m moekit train --resume {run} [--expert-parallel EP], or moekit train --resume {run}")
         return f"; continue from the last checkpoint with: moekit train --resume {run}"
     return "; no checkpoint had been written, so nothing was kept: run the same command again"
 

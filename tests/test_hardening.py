@@ -127,6 +127,18 @@ def test_ctrl_c_says_what_to_do_for_each_verb(tmp_path, capsys, monkeypatch):
     assert "nothing was kept: run the same command again" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--max-steps", "4", "--quiet"]) == 130
     assert f"continue from the last checkpoint with: moekit train --resume {run}" in capsys.readouterr().err
+    # under torchrun (the layout faked: no process group here) rank 0 alone says it, naming torchrun
+    import moekit.cli
+    from moekit.parallel import Parallel
+
+    monkeypatch.setattr(moekit.cli, "_parallel", lambda args: Parallel.single())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--resume", str(run), "--max-steps", "4", "--quiet"]) == 130
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--resume", str(run), "--max-steps", "4", "--quiet"]) == 130
+    assert f"torchrun --nproc-per-node N -m moekit train --resume {run}" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- 4. files get plain permissions
