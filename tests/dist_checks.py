@@ -1,9 +1,10 @@
 """Checks of moekit.parallel against the one-process model, run by tests/test_parallel.py under
-``torchrun --nproc-per-node 2`` (real processes, gloo). Each rank computes the one-process reference
+``torchrun --nproc-per-node 2`` and ``4`` (real processes, gloo; with 4, EP=2 groups are replicated
+twice, so expert gradients are also reduced over the replicas of each shard). Each rank computes the one-process reference
 itself (the whole model on the whole batch, no collective), then the distributed version, and compares.
 Exits non-zero with a message on the first mismatch; prints "rank R: ok" at the end.
 
-    torchrun --nproc-per-node 2 tests/dist_checks.py
+    torchrun --nproc-per-node 2 tests/dist_checks.py   # or 4
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def check(par: Parallel, name: str, cfg: ModelConfig, skewed: bool = False, bf16
     expected = 0
     for stats in out.router_stats if par.ep > 1 else []:  # EP=1: every expert is local, nothing is exchanged
         local = stats.tokens_per_expert.clone()
-        total = par.all_reduce_sum(local.clone())
+        total = local.clone()
+        dist.all_reduce(total, group=par.ep_group)  # rows only travel inside an EP group
         sent_off = int(local.sum() - local[mine].sum())  # my rows for other ranks' experts
         recv_off = int((total[mine] - local[mine]).sum())  # other ranks' rows for my experts
         # dispatch rows (float32) go out and their gradients come back, and the combine's rows (the experts'

@@ -67,10 +67,12 @@ def assert_same_curves(a: Path, b: Path) -> None:
             assert x == pytest.approx(y, rel=REL, abs=1e-7), (a.name, key, step)
 
 
-def test_sharded_step_equals_one_process_step():
-    done = torchrun(str(HERE / "dist_checks.py"), module=False, timeout=180)
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_sharded_step_equals_one_process_step(nproc):
+    """2 processes: EP=2. 4 processes: two EP=2 groups, each expert shard held twice."""
+    done = torchrun(str(HERE / "dist_checks.py"), nproc=nproc, module=False, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "rank 0: ok" in done.stdout and "rank 1: ok" in done.stdout
+    assert all(f"rank {r}: ok" in done.stdout for r in range(nproc))
 
 
 def test_compare_under_torchrun_matches_one_process(tmp_path):
@@ -86,16 +88,19 @@ def test_compare_under_torchrun_matches_one_process(tmp_path):
 
 
 def test_resume_across_world_sizes_with_switch(tmp_path):
-    """2 processes (EP=2) for 4 steps, 1 process to 8, 2 processes to 12: the curve and the final
-    weights of one uninterrupted one-process run. Switch, dropless, top-1."""
+    """2 processes (EP=2) for 4 steps, 1 process to 8, 2 processes to 12, 4 processes (EP=2, each shard
+    twice) to 16: the curve and the final weights of one uninterrupted one-process run. Switch,
+    dropless, top-1."""
     model = ["--router", "switch", "--top-k", "1", "--save-every", "4", "--eval-every", "4", *FLAGS]
-    assert main(["train", "--out", str(tmp_path / "ref"), "--max-steps", "12", *model]) == 0
+    assert main(["train", "--out", str(tmp_path / "ref"), "--max-steps", "16", *model]) == 0
     run = tmp_path / "run"
     first = torchrun("train", "--out", str(run), "--max-steps", "4", "--expert-parallel", "2", *model)
     assert first.returncode == 0, first.stderr[-3000:]
     assert main(["train", "--resume", str(run), "--max-steps", "8", "--quiet"]) == 0  # 2 -> 1
     last = torchrun("train", "--resume", str(run), "--max-steps", "12", "--expert-parallel", "2", "--quiet")  # 1 -> 2
     assert last.returncode == 0, last.stderr[-3000:]
+    four = torchrun("train", "--resume", str(run), "--max-steps", "16", "--expert-parallel", "2", "--quiet", nproc=4)
+    assert four.returncode == 0, four.stderr[-3000:]
     assert_same_curves(run, tmp_path / "ref")
     a, _ = moekit.load(run)  # the 2-process checkpoint loads in one process
     b, _ = moekit.load(tmp_path / "ref")
