@@ -128,6 +128,24 @@ def check(par: Parallel, name: str, cfg: ModelConfig, skewed: bool = False, bf16
             close(f"{name} gathered {n}", state[n], v, 0.0)
 
 
+def check_runs(par: Parallel, name: str, cfg: ModelConfig) -> None:
+    """A router whose noise is drawn per rank (noisy_topk): no one-process equal, but a finite loss and
+    a gradient for every parameter, through the sharded experts."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    parallelize(model, par)
+    ddp = wrap_data_parallel(model, par)
+    x = torch.randint(0, cfg.vocab_size, (B // par.world, T), generator=torch.Generator().manual_seed(par.rank))
+    out = ddp(x, labels=x)
+    (out.loss + out.aux_loss).backward()
+    reduce_expert_grads(model, par)
+    if not torch.isfinite(out.loss + out.aux_loss):
+        fail(f"{name}: loss {out.loss.item()}, aux {out.aux_loss.item()}")
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    if missing:
+        fail(f"{name}: no finite gradient for {missing}")
+
+
 def main() -> None:
     par = Parallel.from_env(expert_parallel=2)
     torch.set_num_threads(1)
@@ -138,6 +156,7 @@ def main() -> None:
     # bf16: the rank whose experts get nothing must send its (empty) combine in the experts' dtype
     check(par, "skewed bf16", dataclasses.replace(BASE, router="sigmoid_bias", aux_loss_coef=0.0), skewed=True,
           bf16=True)
+    check_runs(par, "noisy_topk", dataclasses.replace(BASE, router="noisy_topk"))
     # plain data parallelism (EP=1): experts replicated, all gradients through DDP
     check(Parallel.from_env(expert_parallel=1), "topk data-parallel", BASE)
     print(f"rank {par.rank}: ok", flush=True)
