@@ -74,8 +74,8 @@ class Parallel:
             raise ParallelError(f"--expert-parallel {expert_parallel} must be >= 1")
         if world == 1:
             if expert_parallel > 1:
-                raise ParallelError(f"--expert-parallel {expert_parallel} needs {expert_parallel} or a multiple of "
-                                    f"it processes: launch with torchrun --nproc-per-node {expert_parallel} -m moekit ...")
+                raise ParallelError(f"--expert-parallel {expert_parallel} needs a multiple of {expert_parallel} processes: "
+                                    f"launch with torchrun --nproc-per-node {expert_parallel} -m moekit ...")
             return cls.single()
         if world % expert_parallel:
             raise ParallelError(f"--expert-parallel {expert_parallel} does not divide the {world} processes; "
