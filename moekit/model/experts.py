@@ -124,6 +124,26 @@ def grouped_swiglu(x_AD: torch.Tensor, w1_E2FD: torch.Tensor, w2_EDF: torch.Tens
         return GroupedSwiGLU.apply(x_AD.to(dtype), w1_E2FD.to(dtype), w2_EDF.to(dtype), counts)
 
 
+def gather_by_expert(x_TD: torch.Tensor, token_ids_A: torch.Tensor, expert_ids_A: torch.Tensor, num_experts: int):
+    """Assignments sorted by expert: (order [A], rows per expert [E], their tokens [A], their rows [A, D])."""
+    # Unstable sort (half the time of a stable one): rows within an expert group may come in any
+    # order, the GEMMs are per row, and the permutation is still a pure function of the input.
+    order_A = torch.sort(expert_ids_A).indices
+    counts_E = torch.bincount(expert_ids_A, minlength=num_experts)
+    tok_A = token_ids_A[order_A]
+    # Gather: each expert's tokens become one contiguous slice. NOTE: index_select, not x[tok]:
+    # the backward of advanced indexing is index_put_(accumulate=True), several times slower on CPU.
+    return order_A, counts_E, tok_A, x_TD.index_select(0, tok_A)
+
+
+def combine(y_AD: torch.Tensor, weights_A: torch.Tensor, order_A: torch.Tensor, tok_A: torch.Tensor,
+            x_TD: torch.Tensor) -> torch.Tensor:
+    """Expert outputs (in :func:`gather_by_expert` order) times their gate weights, added into [T, D]."""
+    y_AD = y_AD * weights_A[order_A, None].to(y_AD.dtype)
+    out = torch.zeros(x_TD.shape, dtype=y_AD.dtype, device=x_TD.device)
+    return out.index_add_(0, tok_A, y_AD).to(x_TD.dtype)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights."""
 
@@ -143,18 +163,9 @@ class Experts(nn.Module):
             # Gradient anchor: keep every expert weight in the graph so that data/expert-parallel
             # gradient hooks still fire when no token was routed here (NeMo-Automodel PR #935).
             return x_TD.new_zeros(T, D) + 0.0 * (self.gate_up_proj.sum() + self.down_proj.sum()).to(x_TD.dtype)
-        # Unstable sort (half the time of a stable one): rows within an expert group may come in any
-        # order, the GEMMs are per row, and the permutation is still a pure function of the input.
-        order_A = torch.sort(expert_ids_A).indices
-        counts_E = torch.bincount(expert_ids_A, minlength=self.num_experts)
-        tok_A = token_ids_A[order_A]
-        # Gather: each expert's tokens become one contiguous slice. NOTE: index_select, not x[tok]:
-        # the backward of advanced indexing is index_put_(accumulate=True), several times slower on CPU.
-        x_AD = x_TD.index_select(0, tok_A)
+        order_A, counts_E, tok_A, x_AD = gather_by_expert(x_TD, token_ids_A, expert_ids_A, self.num_experts)
         y_AD = grouped_swiglu(x_AD, self.gate_up_proj, self.down_proj, counts_E)
-        y_AD = y_AD * weights_A[order_A, None].to(y_AD.dtype)
-        out = torch.zeros(T, D, dtype=y_AD.dtype, device=x_TD.device)
-        return out.index_add_(0, tok_A, y_AD).to(x_TD.dtype)
+        return combine(y_AD, weights_A, order_A, tok_A, x_TD)
 
     def reference(self, x_TD: torch.Tensor, token_ids_A: torch.Tensor, expert_ids_A: torch.Tensor,
                   weights_A: torch.Tensor) -> torch.Tensor:

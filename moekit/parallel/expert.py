@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from moekit.model.experts import Experts, grouped_swiglu, swiglu_dtype
+from moekit.model.experts import Experts, combine, gather_by_expert, grouped_swiglu, swiglu_dtype
 from moekit.parallel.mesh import Parallel, Traffic
 
 
@@ -96,13 +96,9 @@ class ExpertParallelExperts(nn.Module):
                 weights_A: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        T, D = x_TD.shape
         EP, L = self.ep, self.local
         # 1. this rank's assignments, sorted by (global) expert: rank j's experts form one block
-        order_A = torch.sort(expert_ids_A).indices
-        counts_E = torch.bincount(expert_ids_A, minlength=self.num_experts)
-        tok_A = token_ids_A[order_A]
-        x_AD = x_TD.index_select(0, tok_A)
+        order_A, counts_E, tok_A, x_AD = gather_by_expert(x_TD, token_ids_A, expert_ids_A, self.num_experts)
         # 2. counts: recv_counts[j, l] = rows rank j sends to my local expert l
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
@@ -126,9 +122,7 @@ class ExpertParallelExperts(nn.Module):
         y_RD = torch.empty_like(y_RD).index_copy(0, by_expert, y_RD)  # back to source-major order
         # 4. combine
         y_AD = all_to_all(y_RD, send_splits, recv_splits, self.group, self.ep_rank, self.traffic)
-        y_AD = y_AD * weights_A[order_A, None].to(y_AD.dtype)
-        out = torch.zeros(T, D, dtype=y_AD.dtype, device=x_TD.device)
-        return out.index_add_(0, tok_A, y_AD).to(x_TD.dtype)
+        return combine(y_AD, weights_A, order_A, tok_A, x_TD)
 
     # The MoE layer's "reference" dispatch mode runs the same exchange: there is one path under EP.
     reference = forward
