@@ -224,7 +224,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     import time
 
     from moekit.infer import Engine
-    from moekit.infer.chat import chat_stops, render_chat
+    from moekit.infer.chat import chat_prompt
     from moekit.utils import tune_cpu_allocator
 
     _check_sampling_flags(args)
@@ -242,8 +242,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     stops = ()
     if args.chat:
         messages = [[{"role": "system", "content": args.system}] if args.system else [] for _ in prompts]
-        texts = [render_chat(m + [{"role": "user", "content": p}], engine.special, tokenizer) for m, p in zip(messages, prompts)]
-        stops = chat_stops(engine.special)
+        built = [chat_prompt(m + [{"role": "user", "content": p}], engine.special, tokenizer)
+                 for m, p in zip(messages, prompts)]
+        texts, stops = [t for t, _ in built], built[0][1]
     else:
         texts = prompts
     params = _sampling_params(args, stops)
@@ -316,7 +317,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from moekit.serve import create_app
+        from moekit.serve import begin_shutdown, create_app
     except ImportError as e:
         raise ConfigError(f"moekit serve needs the serve extra (pip install 'moekit[serve]'): {e}") from None
     import os
@@ -345,7 +346,14 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(engine, name, api_key=api_key, cors_origins=args.cors_origin or None)
     print(f"serving {args.checkpoint} as {name!r} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # requests in flight fail now (503), not after the graceful timeout
+            begin_shutdown(app)
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                          timeout_graceful_shutdown=10)).run()
 
 
 def _cmd_info(args: argparse.Namespace) -> None:

@@ -69,14 +69,20 @@ def chat_stops(special: SpecialTokens) -> tuple[str, ...]:
     return () if special.chat_template is not None else PLAIN_STOPS
 
 
+def chat_prompt(messages: list[dict[str, str]], special: SpecialTokens, tokenizer=None) -> tuple[str, tuple[str, ...]]:
+    """The prompt text that asks for the next assistant turn of ``messages``, and the stop strings its
+    answer needs besides the model's end tokens. The one place that builds a chat request: the CLI's
+    ``generate --chat``, :func:`chat_loop` and the server all call it, so none of them can forget the
+    stops of a model without a template."""
+    return render_chat(messages, special, tokenizer), chat_stops(special)
+
+
 def chat_loop(engine: Engine, params: SamplingParams, lines: Iterable[str], write: Callable[[str], None],
               status: TextIO | None = None, system: str | None = None, prompt_marker: str = "") -> int:
     """Multi-turn chat: each line read is a user turn; ``/reset`` forgets the conversation and
     ``/exit`` (or end of input) ends it. Answers stream through ``write``; after each, tokens/s go
     to ``status``. Returns the number of answered turns."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    stops = tuple(params.stop) + chat_stops(engine.special)
-    turn_params = dataclasses.replace(params, stop=stops)
     turns = 0
     write(prompt_marker)
     for line in lines:
@@ -93,8 +99,8 @@ def chat_loop(engine: Engine, params: SamplingParams, lines: Iterable[str], writ
             write(prompt_marker)
             continue
         history.append({"role": "user", "content": text})
-        prompt = render_chat(history, engine.special, engine.tokenizer)
-        rid = engine.add_request(prompt, turn_params)
+        prompt, stops = chat_prompt(history, engine.special, engine.tokenizer)
+        rid = engine.add_request(prompt, dataclasses.replace(params, stop=tuple(params.stop) + stops))
         req = engine.request(rid)
         if req.notice and status is not None:
             print(f"note: {req.notice}", file=status, flush=True)

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server (``moekit serve``; the ``serve`` extra: FastAPI, uvicorn,
-prometheus-client). :func:`create_app` builds the ASGI app around an :class:`~moekit.infer.Engine`."""
+prometheus-client). :func:`create_app` builds the ASGI app around an :class:`~moekit.infer.Engine`;
+:func:`begin_shutdown` fails the requests in flight when a shutdown starts."""
 
-from moekit.serve.app import create_app
+from moekit.serve.app import begin_shutdown, create_app
 
-__all__ = ["create_app"]
+__all__ = ["begin_shutdown", "create_app"]
