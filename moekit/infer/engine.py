@@ -18,8 +18,9 @@ Plan of one step:
   2. decode: one batched forward of every request that has a token to feed (T = 1 per row);
   3. prefill: chunks of admitted prompts, oldest first, until the step's token budget is spent; a
      request whose prompt is complete samples its first token from the chunk's last logits;
-  4. sample each row with its own settings and its own ``torch.Generator`` (so a request's output
-     never depends on what else is in the batch), apply stop rules, free finished slots.
+  4. sample every row in one batch-wide pass (:mod:`moekit.infer.sampling`) with each row's own settings
+     and one uniform number from its own ``torch.Generator`` (so a request's output never depends on
+     what else is in the batch), apply stop rules, free finished slots.
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ from tokenizers import Tokenizer
 
 from moekit.data.special import prepend_bos, special_tokens_of
 from moekit.infer.runner import Runner
-from moekit.infer.sampling import check_sampling_args, sample_next
+from moekit.infer.sampling import apply_logit_bias, apply_penalties, check_sampling_args, sample
 from moekit.infer.text import Detokenizer
 
 if TYPE_CHECKING:
     from moekit.infer.offload import ExpertOffload, OffloadStats
+
+TOP_LOGPROBS_MAX = 20  # as OpenAI's API
+LOGIT_BIAS_MAX = 100.0
+
 
 class EngineError(ValueError):
     """A request the engine cannot take; the message names the value and what would be valid."""
@@ -52,25 +57,47 @@ class EngineFull(EngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is generated. ``temperature == 0`` is greedy argmax."""
+    """How one request is generated. ``temperature == 0`` is greedy argmax (after bias and penalties).
+
+    Applied in vLLM's order: ``logit_bias``, then the repetition, presence and frequency penalties, then
+    temperature, top-k and top-p. Reported log-probabilities (``logprobs``, ``prompt_logprobs``,
+    ``top_logprobs``) are always the model's own: log_softmax of the raw logits, before any of these.
+    """
 
     max_new_tokens: int = 64  # tokens to generate at most (0: only read the prompt, e.g. for its logprobs)
     temperature: float = 0.8
     top_k: int = 50  # 0 = off
     top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; CTRL-style, on the tokens of the prompt and the answer
+    presence_penalty: float = 0.0  # in [-2, 2], 0 = off; OpenAI: logit -= p for each token already generated
+    frequency_penalty: float = 0.0  # in [-2, 2], 0 = off; OpenAI: logit -= f * times the token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits
     seed: int | None = None  # None: drawn from torch's global RNG when the request is added
     stop_ids: tuple[int, ...] | None = None  # token ids that end the answer; None = the model's own end tokens
     stop: tuple[str, ...] = ()  # strings that end the answer (not included in the text)
-    logprobs: bool = False  # log-probability of each generated token under the model (before filters)
+    logprobs: bool = False  # log-probability of each generated token under the model (raw logits: before bias,
+    #                         penalties, temperature and filters)
     prompt_logprobs: bool = False  # log-probability of each prompt token given the ones before it
+    top_logprobs: int = 0  # 0..20: with logprobs / prompt_logprobs, also the k most likely tokens at each position
     routing: bool = False  # record which experts each token went to, with gate weights
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (the engine then counts this request's tokens)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def check(self, vocab_size: int, max_len: int) -> None:
         try:
-            check_sampling_args(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+            check_sampling_args(self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                                self.presence_penalty, self.frequency_penalty)
         except ValueError as e:
             raise EngineError(str(e)) from None
+        k = self.top_logprobs
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= TOP_LOGPROBS_MAX:
+            raise EngineError(f"top_logprobs={k!r} must be an integer in [0, {TOP_LOGPROBS_MAX}]")
+        if k and not (self.logprobs or self.prompt_logprobs):
+            raise EngineError(f"top_logprobs={k} needs logprobs=True or prompt_logprobs=True")
+        self._check_logit_bias(vocab_size)
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise EngineError(f"max_new_tokens={n!r} must be an integer >= 0")
@@ -86,6 +113,23 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise EngineError(f"stop string {s!r} must be a non-empty string")
 
+    def _check_logit_bias(self, vocab_size: int) -> None:
+        if not isinstance(self.logit_bias, (tuple, list)):
+            raise EngineError(f"logit_bias={self.logit_bias!r} must be a tuple of (token id, bias) pairs")
+        seen = set()
+        for pair in self.logit_bias:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise EngineError(f"logit_bias entry {pair!r} must be a (token id, bias) pair")
+            t, b = pair
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise EngineError(f"logit_bias token id {t!r} is not a token id in [0, {vocab_size})")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -LOGIT_BIAS_MAX <= b <= LOGIT_BIAS_MAX:
+                raise EngineError(f"logit_bias for token {t}: {b!r} must be a number in "
+                                  f"[-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]")
+            if t in seen:
+                raise EngineError(f"logit_bias names token id {t} twice: give one bias per token")
+            seen.add(t)
+
 
 @dataclass
 class Event:
@@ -97,7 +141,11 @@ class Event:
     finished: bool = False
     finish_reason: str | None = None  # "stop" (end token or stop string), "length", "cancelled"
     logprob: float | None = None  # log-probability of token_id, with SamplingParams.logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # with logprobs and top_logprobs=k: k (token id, logprob),
+    #                                                      most likely first
     prompt_logprobs: list[float | None] | None = None  # with prompt_logprobs, on the event that ends the prefill
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # with prompt_logprobs and top_logprobs,
+    #                                                      aligned with prompt_logprobs (None for the first token)
     routing: list[list[tuple[list[int], list[float]]]] | None = None  # tokens fed this step -> per MoE layer (ids, gates)
 
 
@@ -116,7 +164,9 @@ class Request:
     prefilled: int = 0  # prompt tokens already in the cache
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     routing: list[list[tuple[list[int], list[float]]]] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -156,6 +206,8 @@ class Completion:
     prompt_logprobs: list[float | None] = field(default_factory=list)
     routing: list[list[tuple[list[int], list[float]]]] = field(default_factory=list)
     notice: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with top_logprobs, per logprob
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
 
 
 class Engine:
@@ -193,6 +245,10 @@ class Engine:
         if offload is not None:
             self.stats.offload = offload.attach(self.runner)
         self._ids = itertools.count()
+        # Token counts of penalized requests, by cache slot, kept up to date as tokens are sampled (one
+        # scatter per step, never rebuilt from the history). Allocated at the first penalized request.
+        self._counts_SV: torch.Tensor | None = None  # [max_batch, V] int32: times each token was generated
+        self._prompt_SV: torch.Tensor | None = None  # [max_batch, V] bool: tokens of the prompt (repetition penalty)
         self._pending: list[Event] = []  # finish events of cancelled requests, returned by the next step
 
     # ------------------------------------------------------------------ requests
@@ -273,6 +329,8 @@ class Engine:
             req = self.waiting.popleft()
             req.slot = self.free_slots.pop(0)
             self.running.append(req)
+            if req.params.penalized:
+                self._reset_counts(req)
         with torch.inference_mode():
             events += self._forward()  # 2., 3. and 4.
         self.stats.steps += 1
@@ -329,7 +387,7 @@ class Engine:
                 self._finish(req, "length")
                 events.append(Event(req.id, None, "", True, "length",
                                     prompt_logprobs=req.prompt_logprobs if req.params.prompt_logprobs else None,
-                                    routing=chunk_fed))
+                                    prompt_top_logprobs=_prompt_top(req), routing=chunk_fed))
                 continue
             sample_rows.append(req)
             sample_idx.append(last)
@@ -340,46 +398,63 @@ class Engine:
             events += self._sample(sample_rows, logits.index_select(0, idx), sample_fed, n_decoding=len(decoding))
         return events
 
+    def _reset_counts(self, req: Request) -> None:
+        """Start a penalized request's token counts in its slot: none generated, its prompt's tokens seen."""
+        if self._counts_SV is None:
+            self._counts_SV = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.int32, device=self.device)
+            self._prompt_SV = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.bool, device=self.device)
+        self._counts_SV[req.slot] = 0
+        self._prompt_SV[req.slot] = False
+        if req.params.repetition_penalty != 1:
+            self._prompt_SV[req.slot, torch.tensor(req.prompt_ids, device=self.device)] = True
+
     def _score_prompt(self, req: Request, logits_TV: torch.Tensor, n: int) -> None:
-        """Log-probability of each prompt token given the ones before it (the first has none)."""
+        """Log-probability of each prompt token given the ones before it (the first has none), and with
+        ``top_logprobs`` the most likely tokens at each position."""
         start = req.prefilled
         if start == 0:
             req.prompt_logprobs.append(None)
+            if req.params.top_logprobs:
+                req.prompt_top_logprobs.append(None)
         targets = req.prompt_ids[start + 1:start + n + 1]  # the next prompt token after each position
         if targets:
             logp = logits_TV[:len(targets)].float().log_softmax(-1)
             req.prompt_logprobs += logp.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+            if req.params.top_logprobs:
+                req.prompt_top_logprobs += _top(logp, [req.params.top_logprobs] * len(targets))
 
     def _sample(self, rows: list[Request], logits_BV: torch.Tensor, fed_routing, n_decoding: int) -> list[Event]:
         """Sample one token per row; the rows after the first ``n_decoding`` just finished their prompt
         (their events carry the prompt's log-probabilities, and their routing is already recorded)."""
-        simple = all(r.params.temperature == 0 and r.params.repetition_penalty == 1 for r in rows)
-        if simple:  # all greedy: one argmax for the batch
-            tokens = logits_BV.argmax(-1).tolist()
-        else:
-            tokens = []
-            for b, r in enumerate(rows):
-                p = r.params
-                prev = None
-                if p.repetition_penalty != 1:
-                    prev = torch.tensor([r.prompt_ids + r.output_ids], device=self.device)
-                tokens.append(int(sample_next(logits_BV[b:b + 1], p.temperature, p.top_k, p.top_p, r.generator,
-                                              repetition_penalty=p.repetition_penalty, prev_ids_BT=prev)[0]))
+        tokens_B = self._sample_tokens(rows, logits_BV)
+        penalized = [b for b, r in enumerate(rows) if r.params.penalized]
+        if penalized:  # count this step's tokens (a finished row's slot is reset before its next use)
+            idx = torch.tensor(penalized, device=self.device)
+            slots = torch.tensor([rows[b].slot for b in penalized], device=self.device)
+            self._counts_SV.index_put_((slots, tokens_B.index_select(0, idx)),
+                                       torch.ones(len(penalized), dtype=torch.int32, device=self.device), accumulate=True)
+        tokens = tokens_B.tolist()  # NOTE: host sync, once per step
         want_logp = [b for b, r in enumerate(rows) if r.params.logprobs]
-        logps = {}
-        if want_logp:
+        logps, tops = {}, {}
+        if want_logp:  # the model's own distribution: the raw logits, before bias, penalties and filters
             idx = torch.tensor(want_logp, device=self.device)
             lp = logits_BV.index_select(0, idx).float().log_softmax(-1)
-            chosen = torch.tensor([tokens[b] for b in want_logp], device=self.device)
-            logps = dict(zip(want_logp, lp.gather(1, chosen[:, None])[:, 0].tolist()))
+            logps = dict(zip(want_logp, lp.gather(1, tokens_B.index_select(0, idx)[:, None])[:, 0].tolist()))
+            ks = [rows[b].params.top_logprobs for b in want_logp]
+            if any(ks):
+                tops = {b: top for b, k, top in zip(want_logp, ks, _top(lp, ks)) if k}
         events = []
         for b, (r, t) in enumerate(zip(rows, tokens)):
             self.stats.generated_tokens += 1
-            ev = Event(r.id, t, "", logprob=logps.get(b), routing=fed_routing[b] if fed_routing else None)
+            ev = Event(r.id, t, "", logprob=logps.get(b), top_logprobs=tops.get(b),
+                       routing=fed_routing[b] if fed_routing else None)
             if b >= n_decoding and r.params.prompt_logprobs:
                 ev.prompt_logprobs = r.prompt_logprobs
+                ev.prompt_top_logprobs = _prompt_top(r)
             if r.params.logprobs:
                 r.logprobs.append(logps[b])
+                if b in tops:
+                    r.top_logprobs.append(tops[b])
             if fed_routing is not None and b < n_decoding:
                 r.routing += fed_routing[b]
             if t in r.stop_ids:
@@ -401,6 +476,41 @@ class Engine:
                 ev.finished, ev.finish_reason = True, r.finish_reason
             events.append(ev)
         return events
+
+    def _sample_tokens(self, rows: list[Request], logits_BV: torch.Tensor) -> torch.Tensor:
+        """This step's token of every row, LongTensor [B]: one batch-wide pass of :mod:`moekit.infer.sampling`."""
+        params = [r.params for r in rows]
+        modified = any(p.logit_bias or p.penalized for p in params)
+        greedy = all(p.temperature == 0 for p in params)
+        if greedy and not modified:  # the common fast path: one argmax for the batch
+            return logits_BV.argmax(-1)
+        dev = self.device
+        logits_BV = logits_BV.float()  # NOTE: a copy for bf16 models; the ops below never write into it
+        if any(p.logit_bias for p in params):
+            pairs = [(b, t, x) for b, p in enumerate(params) for t, x in p.logit_bias]
+            rows_N, ids_N, bias_N = zip(*pairs)
+            logits_BV = apply_logit_bias(logits_BV, torch.tensor(rows_N, device=dev), torch.tensor(ids_N, device=dev),
+                                         torch.tensor(bias_N, dtype=torch.float32, device=dev))
+        if any(p.penalized for p in params):
+            # Rows without penalties read their slot's stale counts, and off values (0, 0, 1) ignore them.
+            slots = torch.tensor([r.slot for r in rows], device=dev)
+            repetition = [p.repetition_penalty for p in params]
+            logits_BV = apply_penalties(
+                logits_BV, self._counts_SV.index_select(0, slots),
+                torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev),
+                torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev),
+                torch.tensor(repetition, dtype=torch.float32, device=dev),
+                self._prompt_SV.index_select(0, slots) if any(x != 1 for x in repetition) else None)
+        if greedy:
+            return logits_BV.argmax(-1)
+        # One uniform number per sampled row, from the row's own generator (greedy rows draw nothing).
+        zero = torch.zeros(1, device=dev)
+        uniform_B = torch.cat([torch.rand(1, generator=r.generator, device=dev) if r.params.temperature > 0 else zero
+                               for r in rows])
+        filters = any(p.top_k != 0 or p.top_p != 1 for p in params)
+        return sample(logits_BV, torch.tensor([float(p.temperature) for p in params], device=dev), uniform_B,
+                      torch.tensor([p.top_k for p in params], device=dev) if filters else None,
+                      torch.tensor([float(p.top_p) for p in params], device=dev) if filters else None)
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
@@ -425,7 +535,7 @@ class Engine:
         for i in ids:
             r = self.requests.pop(i)
             out.append(Completion(r.text, r.output_ids, r.finish_reason, len(r.prompt_ids), r.logprobs,
-                                  r.prompt_logprobs, r.routing, r.notice))
+                                  r.prompt_logprobs, r.routing, r.notice, r.top_logprobs, r.prompt_top_logprobs))
         return out
 
 
@@ -446,6 +556,17 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_len: int) -> tuple[list[
     return ids[-keep:], (f"the prompt ({len(ids)} tokens) does not fit the context of {max_len} tokens with "
                          f"max_new_tokens={max_new_tokens}: keeping its last {keep} tokens"
                          + (f"; the answer stops after {max_len - keep} tokens" if max_len - keep < max_new_tokens else ""))
+
+
+def _top(logp_BV: torch.Tensor, ks: list[int]) -> list[list[tuple[int, float]]]:
+    """The ``ks[b]`` most likely (token id, logprob) of each row of log-probabilities, most likely first."""
+    values, ids = logp_BV.topk(min(max(ks), logp_BV.shape[-1]), dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    return [list(zip(ids[b][:k], values[b][:k])) for b, k in enumerate(ks)]
+
+
+def _prompt_top(req: Request) -> list[list[tuple[int, float]] | None] | None:
+    return req.prompt_top_logprobs if req.params.prompt_logprobs and req.params.top_logprobs else None
 
 
 def _split_routing(routing: list | None, lengths: list[int]):

@@ -1,10 +1,25 @@
 """Sampling: next-token logits -> token ids, as pure functions (unit-testable without a model).
 
-Legend: B batch, T sequence, V vocabulary, K kept tokens.
+Legend: B batch (rows sampled together), T sequence, V vocabulary, K kept tokens, N (row, token) pairs.
 
-The order follows Hugging Face's logits processors and gpt-fast's ``logits_to_probs``: repetition
-penalty -> temperature -> top-k -> top-p -> softmax -> draw. ``temperature == 0`` means greedy
-argmax (the filters cannot change the argmax, so they are skipped).
+The order follows vLLM's ``Sampler`` (and, for the last steps, Hugging Face's logits processors and
+gpt-fast's ``logits_to_probs``): logit bias -> repetition penalty (tokens of the prompt and the answer)
+-> presence and frequency penalties (tokens of the answer) -> temperature -> top-k -> top-p -> softmax
+-> draw. ``temperature == 0`` means greedy argmax after the bias and penalties (the filters cannot
+change the argmax, so they are skipped).
+
+Two forms of the same math:
+
+- the batch path, used by the engine: every setting is a tensor with one value per row, so a batch of
+  requests with different settings is one pass of tensor ops (:func:`apply_logit_bias`,
+  :func:`apply_penalties`, :func:`top_k_top_p_filter`, :func:`sample`, :func:`draw`);
+- the scalar reference filters (:func:`apply_repetition_penalty`, :func:`apply_temperature`,
+  :func:`top_k_filter`, :func:`top_p_filter`), one setting for every row, which the tests hold the
+  batch path to. :func:`sample_next` is the scalar front end of the batch path.
+
+The draw is by inverse CDF from one uniform number per row (:func:`draw`): the engine takes each row's
+number from that request's own ``torch.Generator``, so a request's tokens never depend on what else is
+in the batch, and the rest of the draw is batch-wide.
 """
 
 from __future__ import annotations
@@ -13,8 +28,11 @@ import math
 
 import torch
 
+PENALTY_RANGE = 2.0  # presence and frequency penalties lie in [-2, 2], as in OpenAI's API
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float, repetition_penalty: float = 1.0) -> None:
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float, repetition_penalty: float = 1.0,
+                        presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
     """Raise a ValueError naming the bad value and the valid range; called once before generating."""
     if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy argmax)")
@@ -25,6 +43,10 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float, repetition
     if not _is_number(repetition_penalty) or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a finite number > 0 "
                          "(1 = off, > 1 discourages repeats)")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not _is_number(value) or not -PENALTY_RANGE <= value <= PENALTY_RANGE:
+            raise ValueError(f"{name}={value!r} must be a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}] "
+                             "(0 = off, > 0 discourages repeats)")
 
 
 def _is_number(x: object) -> bool:
@@ -89,25 +111,111 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, prev_ids_BT: torch.Tensor,
     return logits_BV.scatter(-1, prev_ids_BT, seen_BT)  # repeated ids write the same value
 
 
+# ------------------------------------------------------------------------------ the batch path
+def apply_logit_bias(logits_BV: torch.Tensor, rows_N: torch.Tensor, ids_N: torch.Tensor,
+                     bias_N: torch.Tensor) -> torch.Tensor:
+    """Add ``bias_N[n]`` to the logit of token ``ids_N[n]`` in row ``rows_N[n]`` (OpenAI's ``logit_bias``:
+    +100 all but forces a token, -100 all but bans it). A new tensor; pairs that repeat add up."""
+    return logits_BV.index_put((rows_N, ids_N), bias_N.to(logits_BV.dtype), accumulate=True)
+
+
+def apply_penalties(logits_BV: torch.Tensor, counts_BV: torch.Tensor, presence_B: torch.Tensor,
+                    frequency_B: torch.Tensor, repetition_B: torch.Tensor,
+                    prompt_mask_BV: torch.Tensor | None = None) -> torch.Tensor:
+    """Penalize tokens already used, each row with its own settings (vLLM's ``apply_penalties``).
+
+    ``counts_BV``: how often each token was generated so far in this row's answer (not its prompt).
+    1. repetition penalty (CTRL, as :func:`apply_repetition_penalty`) on every token of the prompt
+       (``prompt_mask_BV``, None = no prompt tokens) or the answer: positive logits / p, negative x p;
+    2. OpenAI's presence and frequency penalties on the answer's tokens:
+       ``logits[t] -= presence * (count[t] > 0) + frequency * count[t]``.
+    Off values (1, 0, 0) leave a row unchanged. A new tensor.
+    """
+    used_BV = counts_BV > 0
+    seen_BV = used_BV if prompt_mask_BV is None else used_BV | prompt_mask_BV
+    rep_B1 = repetition_B.to(logits_BV.dtype)[:, None]
+    penalized_BV = torch.where(logits_BV > 0, logits_BV / rep_B1, logits_BV * rep_B1)
+    logits_BV = torch.where(seen_BV, penalized_BV, logits_BV)
+    return (logits_BV - frequency_B.to(logits_BV.dtype)[:, None] * counts_BV
+            - presence_B.to(logits_BV.dtype)[:, None] * used_BV)
+
+
+def top_k_top_p_filter(logits_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
+    """:func:`top_k_filter` then :func:`top_p_filter`, each row with its own ``k`` (0 = off) and ``p``
+    (1 = off), from one sort of the batch. Dropped tokens -> -inf; a new tensor.
+
+    NOTE: like :func:`top_k_filter`, keeps exactly ``k`` tokens even when several tie at the k-th value
+    (by rank in a stable sort: the lower token id wins a tie).
+    """
+    V = logits_BV.shape[-1]
+    sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True, stable=True)
+    k_B = torch.where(top_k_B > 0, top_k_B, V)
+    drop_sorted_BV = torch.arange(V, device=logits_BV.device)[None] >= k_B[:, None]
+    probs_BV = sorted_BV.masked_fill(drop_sorted_BV, float("-inf")).float().softmax(dim=-1)
+    # A token is dropped when the tokens ranked above it already reach p (exclusive cumulative sum);
+    # rows with p = 1 skip this, as rounding can bring the sum to 1 before the last kept token.
+    top_p_B1 = top_p_B.to(probs_BV.dtype)[:, None]
+    drop_sorted_BV |= ((probs_BV.cumsum(dim=-1) - probs_BV) >= top_p_B1) & (top_p_B1 < 1)
+    drop_sorted_BV[:, 0] = False
+    drop_BV = torch.zeros_like(drop_sorted_BV).scatter_(-1, order_BV, drop_sorted_BV)  # back to vocab order
+    return logits_BV.masked_fill(drop_BV, float("-inf"))
+
+
+def draw(probs_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse CDF: the first token whose cumulative probability exceeds
+    ``uniform_B[b]`` (in [0, 1)) times the row's total. ``probs_BV`` need not be normalized.
+
+    A token of probability 0 is never drawn: its interval is empty, and the index is capped at the last
+    token of nonzero probability in case rounding puts the target at the very end.
+    """
+    cdf_BV = probs_BV.float().cumsum(dim=-1)
+    target_B1 = uniform_B.to(cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]
+    idx_B = torch.searchsorted(cdf_BV, target_B1, right=True)[:, 0]
+    return torch.minimum(idx_B, cdf_BV.argmax(dim=-1))  # argmax: the first index where the cdf is complete
+
+
+def sample(logits_BV: torch.Tensor, temperature_B: torch.Tensor, uniform_B: torch.Tensor,
+           top_k_B: torch.Tensor | None = None, top_p_B: torch.Tensor | None = None) -> torch.Tensor:
+    """One token id per row, LongTensor [B], from (biased, penalized) logits [B, V].
+
+    Row b is greedy argmax when ``temperature_B[b] == 0``; otherwise it draws ``uniform_B[b]`` through
+    the CDF of softmax(top-k/top-p filtered logits / temperature). ``top_k_B`` / ``top_p_B`` None: off
+    for every row (saves the sort).
+    """
+    logits_BV = logits_BV.float()  # filters and softmax in float32, whatever the model dtype
+    greedy_B = temperature_B == 0
+    scaled_BV = logits_BV / torch.where(greedy_B, 1.0, temperature_B.to(logits_BV.dtype))[:, None]
+    if top_k_B is not None or top_p_B is not None:
+        B = logits_BV.shape[0]
+        top_k_B = top_k_B if top_k_B is not None else torch.zeros(B, dtype=torch.long, device=logits_BV.device)
+        top_p_B = top_p_B if top_p_B is not None else torch.ones(B, device=logits_BV.device)
+        scaled_BV = top_k_top_p_filter(scaled_BV, top_k_B, top_p_B)
+    drawn_B = draw(scaled_BV.softmax(dim=-1), uniform_B)
+    return torch.where(greedy_B, logits_BV.argmax(dim=-1), drawn_B)
+
+
 def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None, *, repetition_penalty: float = 1.0,
                 prev_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """One token id per row, LongTensor [B], from next-token logits [B, V].
+    """One token id per row, LongTensor [B], from next-token logits [B, V], every row with the same settings.
 
     ``temperature == 0`` is greedy argmax; otherwise draw from softmax(filtered logits / temperature)
-    with ``generator`` (None: torch's global RNG). ``prev_ids_BT`` (the tokens so far) is needed only
-    when ``repetition_penalty != 1``.
+    with one uniform number per row from ``generator`` (None: torch's global RNG). ``prev_ids_BT`` (the
+    tokens so far) is needed only when ``repetition_penalty != 1``.
     """
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     if logits_BV.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits_BV.shape)}")
-    logits_BV = logits_BV.float()  # filters and softmax in float32, whatever the model dtype
+    logits_BV = logits_BV.float()
     if repetition_penalty != 1:
         if prev_ids_BT is None:
             raise ValueError(f"repetition_penalty={repetition_penalty} needs prev_ids_BT, the tokens so far")
         logits_BV = apply_repetition_penalty(logits_BV, prev_ids_BT, repetition_penalty)
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits_BV = top_p_filter(top_k_filter(apply_temperature(logits_BV, temperature), top_k), top_p)
-    probs_BV = logits_BV.softmax(dim=-1)
-    return torch.multinomial(probs_BV, num_samples=1, generator=generator).squeeze(-1)
+    B, device = logits_BV.shape[0], logits_BV.device
+    uniform_B = torch.rand(B, generator=generator, device=device)
+    filters = top_k != 0 or top_p != 1
+    return sample(logits_BV, torch.full((B,), float(temperature), device=device), uniform_B,
+                  torch.full((B,), top_k, device=device) if filters else None,
+                  torch.full((B,), float(top_p), device=device) if filters else None)
