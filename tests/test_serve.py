@@ -4,16 +4,13 @@ raw HTTP for what an SDK would never send)."""
 import concurrent.futures
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
+from serve_util import Server
 
 import moekit
 from moekit.cli import main
@@ -24,62 +21,12 @@ from moekit.model import Transformer
 openai = pytest.importorskip("openai")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny-moe", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, expert_ffn_dim=64,
                                   max_seq_len=128, init_std=0.05)
     return moekit.save(Transformer(cfg), load_tokenizer(), tmp_path_factory.mktemp("serve") / "tiny")
-
-
-class Server:
-    def __init__(self, ckpt, *flags, env=None):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(ckpt), "--port", str(self.port),
-                                      "--model-name", "tiny", "--threads", "1", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                urllib.request.urlopen(self.base + "/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not come up")
-
-    def raw(self, method, path, body=None, headers=None, raw_body=None):
-        data = raw_body if raw_body is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, r.read().decode(), {k.lower(): v for k, v in r.headers.items()}
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode(), {k.lower(): v for k, v in e.headers.items()}
-
-    def client(self, key="none"):
-        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def stop(self) -> bool:
-        """SIGTERM; True if the server shut down cleanly (uvicorn re-raises the signal after its graceful
-        shutdown, so the exit status is -SIGTERM) and printed no traceback."""
-        self.proc.terminate()
-        try:
-            rc = self.proc.wait(timeout=30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        return rc in (0, -signal.SIGTERM) and "Traceback" not in self.proc.stderr.read()
 
 
 @pytest.fixture(scope="module")

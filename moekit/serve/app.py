@@ -58,6 +58,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     completion = CompletionServing(engine, lambda: app.state.client, metrics, model_name)
     chat = ChatServing(engine, lambda: app.state.client, metrics, model_name)
     completion.retry_after_s = chat.retry_after_s = retry_after_s
+    app.state.serving = {"completions": completion, "chat": chat}
 
     # Middleware, inner to outer: the guard (auth, body size, counting, 500s), then CORS outermost, so
     # that preflights never need the key and every answer, a 401 included, carries the CORS headers.

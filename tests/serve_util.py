@@ -1,0 +1,101 @@
+"""Servers for the serve tests: ``moekit serve`` as a real process, or the app in this process on a
+real socket (uvicorn in a thread) when a test must reach into the engine to inject a fault."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, ckpt, *flags, env=None):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(ckpt), "--port", str(self.port),
+                                      "--model-name", "tiny", "--threads", "1", *flags],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                urllib.request.urlopen(self.base + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not come up")
+
+    def raw(self, method, path, body=None, headers=None, raw_body=None):
+        data = raw_body if raw_body is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read().decode(), {k.lower(): v for k, v in r.headers.items()}
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), {k.lower(): v for k, v in e.headers.items()}
+
+    def client(self, key="none"):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def stop(self) -> bool:
+        """SIGTERM; True if the server shut down cleanly (uvicorn re-raises the signal after its graceful
+        shutdown, so the exit status is -SIGTERM) and printed no traceback."""
+        self.proc.terminate()
+        try:
+            rc = self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return rc in (0, -signal.SIGTERM) and "Traceback" not in self.proc.stderr.read()
+
+
+
+
+class InProcessServer(Server):
+    """``create_app(engine, ...)`` served by uvicorn on a thread of this process."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("in-process server did not come up")
+            time.sleep(0.05)
+
+    def stop(self) -> bool:
+        self.server.should_exit = True
+        self.thread.join(30)
+        return not self.thread.is_alive()
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    """One sample of ``/metrics`` (0 when absent)."""
+    _, text, _ = server.raw("GET", "/metrics", headers=getattr(server, "auth", None))
+    for line in text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.split()[-1])
+    return 0.0
