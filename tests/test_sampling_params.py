@@ -92,6 +92,12 @@ def test_top_k_top_p_per_row_matches_the_scalar_filters():
         expected = top_p_filter(top_k_filter(logits[b:b + 1], k), p)[0]
         assert torch.equal(got[b], expected), (k, p)
     assert [(row > INF).sum().item() for row in got][:3] == [40, 1, 5]
+    # top-k alone: by one topk when every row has a k, by the sort when some row has none
+    for ks in ([3, 1, 5, 7, 12, 39], [3, 0, 5, 7, 12, 40]):
+        got = top_k_top_p_filter(logits, torch.tensor(ks))
+        for b, k in enumerate(ks):
+            assert torch.equal(got[b], top_k_filter(logits[b:b + 1], k)[0]), ks
+        assert [(row > INF).sum().item() for row in got] == [k or 40 for k in ks]
 
 
 def test_draw_by_hand():
@@ -106,24 +112,31 @@ def test_draw_by_hand():
     assert draw(torch.tensor([[0.2, 0.8, 0.0, 0.0]]), torch.tensor([1.0])).tolist() == [1]  # never a zero token
 
 
+def sample_reference(logits, temps, ks, ps, uniform):
+    """The plain loop: each row through the scalar filters, then the first token past its uniform in the CDF."""
+    out = []
+    for b, (t, k, p) in enumerate(zip(temps, ks, ps)):
+        if t == 0:
+            out.append(int(logits[b].argmax()))
+            continue
+        row = top_p_filter(top_k_filter(apply_temperature(logits[b:b + 1], t), k), p)[0].softmax(-1)
+        cdf = row.double().cumsum(0)
+        out.append(next(i for i in range(len(cdf)) if cdf[i] > uniform[b] * cdf[-1]))
+    return out
+
+
 def test_sample_matches_the_per_row_loop():
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(7, 30, generator=gen) * 3
     temps, ks, ps = [0.0, 1.0, 0.5, 2.0, 1.0, 0.0, 0.8], [0, 0, 5, 3, 0, 2, 10], [1.0, 1.0, 1.0, 0.5, 0.7, 0.2, 0.9]
     uniform = torch.rand(7, generator=gen)
     got = sample(logits, torch.tensor(temps), uniform, torch.tensor(ks), torch.tensor(ps))
-    expected = []
-    for b, (t, k, p) in enumerate(zip(temps, ks, ps)):
-        if t == 0:
-            expected.append(int(logits[b].argmax()))
-            continue
-        row = top_p_filter(top_k_filter(apply_temperature(logits[b:b + 1], t), k), p)[0].softmax(-1)
-        cdf = row.cumsum(0)
-        expected.append(next(i for i in range(30) if cdf[i] > uniform[b] * cdf[-1]))
-    assert got.tolist() == expected
-    unfiltered = sample(logits, torch.tensor(temps), uniform)  # None: no row filters, no sort
-    assert unfiltered.tolist() == sample(logits, torch.tensor(temps), uniform, torch.zeros(7, dtype=torch.long),
-                                         torch.ones(7)).tolist()
+    assert got.tolist() == sample_reference(logits, temps, ks, ps, uniform)
+    top_k_only = sample(logits, torch.tensor(temps), uniform, torch.tensor([4, 1, 5, 3, 9, 2, 10]))
+    assert top_k_only.tolist() == sample_reference(logits, temps, [4, 1, 5, 3, 9, 2, 10], [1.0] * 7, uniform)
+    unfiltered = sample(logits, torch.tensor(temps), uniform)  # None: no row filters
+    assert unfiltered.tolist() == sample_reference(logits, temps, [0] * 7, [1.0] * 7, uniform)
+    assert len(set(got.tolist())) > 3 and got.tolist() != unfiltered.tolist()  # not vacuous
 
 
 # ------------------------------------------------------------------------- what a request may ask
