@@ -507,10 +507,9 @@ class Engine:
         zero = torch.zeros(1, device=dev)
         uniform_B = torch.cat([torch.rand(1, generator=r.generator, device=dev) if r.params.temperature > 0 else zero
                                for r in rows])
-        filters = any(p.top_k != 0 or p.top_p != 1 for p in params)
-        return sample(logits_BV, torch.tensor([float(p.temperature) for p in params], device=dev), uniform_B,
-                      torch.tensor([p.top_k for p in params], device=dev) if filters else None,
-                      torch.tensor([float(p.top_p) for p in params], device=dev) if filters else None)
+        top_k_B = torch.tensor([p.top_k for p in params], device=dev) if any(p.top_k for p in params) else None
+        top_p_B = torch.tensor([float(p.top_p) for p in params], device=dev) if any(p.top_p != 1 for p in params) else None
+        return sample(logits_BV, torch.tensor([float(p.temperature) for p in params], device=dev), uniform_B, top_k_B, top_p_B)
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason

@@ -140,22 +140,32 @@ def apply_penalties(logits_BV: torch.Tensor, counts_BV: torch.Tensor, presence_B
             - presence_B.to(logits_BV.dtype)[:, None] * used_BV)
 
 
-def top_k_top_p_filter(logits_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
+def top_k_top_p_filter(logits_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor | None = None,
+                       ) -> torch.Tensor:
     """:func:`top_k_filter` then :func:`top_p_filter`, each row with its own ``k`` (0 = off) and ``p``
-    (1 = off), from one sort of the batch. Dropped tokens -> -inf; a new tensor.
+    (1 = off; ``top_p_B`` None: off for every row). Dropped tokens -> -inf; a new tensor.
 
-    NOTE: like :func:`top_k_filter`, keeps exactly ``k`` tokens even when several tie at the k-th value
-    (by rank in a stable sort: the lower token id wins a tie).
+    One sort of the batch; without top-p, when every row has a top-k, one ``topk`` of the largest k
+    instead (much cheaper than sorting the vocabulary). NOTE: like :func:`top_k_filter`, keeps exactly
+    ``k`` tokens even when several tie at the k-th value.
     """
     V = logits_BV.shape[-1]
+    k_B = torch.where(top_k_B > 0, top_k_B.clamp(max=V), V)
+    if top_p_B is None:
+        k_max = int(k_B.max())  # NOTE: host sync (one per step, and only for top-k without top-p)
+        if k_max < V:
+            order_BK = logits_BV.topk(k_max, dim=-1).indices  # most likely first
+            keep_BK = torch.arange(k_max, device=logits_BV.device)[None] < k_B[:, None]
+            keep_BV = torch.zeros_like(logits_BV, dtype=torch.bool).scatter_(-1, order_BK, keep_BK)
+            return logits_BV.masked_fill(~keep_BV, float("-inf"))
     sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True, stable=True)
-    k_B = torch.where(top_k_B > 0, top_k_B, V)
     drop_sorted_BV = torch.arange(V, device=logits_BV.device)[None] >= k_B[:, None]
-    probs_BV = sorted_BV.masked_fill(drop_sorted_BV, float("-inf")).float().softmax(dim=-1)
-    # A token is dropped when the tokens ranked above it already reach p (exclusive cumulative sum);
-    # rows with p = 1 skip this, as rounding can bring the sum to 1 before the last kept token.
-    top_p_B1 = top_p_B.to(probs_BV.dtype)[:, None]
-    drop_sorted_BV |= ((probs_BV.cumsum(dim=-1) - probs_BV) >= top_p_B1) & (top_p_B1 < 1)
+    if top_p_B is not None:
+        probs_BV = sorted_BV.masked_fill(drop_sorted_BV, float("-inf")).float().softmax(dim=-1)
+        # A token is dropped when the tokens ranked above it already reach p (exclusive cumulative sum);
+        # rows with p = 1 skip this, as rounding can bring the sum to 1 before the last kept token.
+        top_p_B1 = top_p_B.to(probs_BV.dtype)[:, None]
+        drop_sorted_BV |= ((probs_BV.cumsum(dim=-1) - probs_BV) >= top_p_B1) & (top_p_B1 < 1)
     drop_sorted_BV[:, 0] = False
     drop_BV = torch.zeros_like(drop_sorted_BV).scatter_(-1, order_BV, drop_sorted_BV)  # back to vocab order
     return logits_BV.masked_fill(drop_BV, float("-inf"))
@@ -166,9 +176,10 @@ def draw(probs_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
     ``uniform_B[b]`` (in [0, 1)) times the row's total. ``probs_BV`` need not be normalized.
 
     A token of probability 0 is never drawn: its interval is empty, and the index is capped at the last
-    token of nonzero probability in case rounding puts the target at the very end.
+    token of nonzero probability in case rounding puts the target at the very end. The cumulative sum is
+    in float64, so that a long vocabulary's rounding does not shift the tail tokens' intervals.
     """
-    cdf_BV = probs_BV.float().cumsum(dim=-1)
+    cdf_BV = probs_BV.double().cumsum(dim=-1)
     target_B1 = uniform_B.to(cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]
     idx_B = torch.searchsorted(cdf_BV, target_B1, right=True)[:, 0]
     return torch.minimum(idx_B, cdf_BV.argmax(dim=-1))  # argmax: the first index where the cdf is complete
@@ -180,15 +191,14 @@ def sample(logits_BV: torch.Tensor, temperature_B: torch.Tensor, uniform_B: torc
 
     Row b is greedy argmax when ``temperature_B[b] == 0``; otherwise it draws ``uniform_B[b]`` through
     the CDF of softmax(top-k/top-p filtered logits / temperature). ``top_k_B`` / ``top_p_B`` None: off
-    for every row (saves the sort).
+    for every row (saves the topk or the sort).
     """
     logits_BV = logits_BV.float()  # filters and softmax in float32, whatever the model dtype
     greedy_B = temperature_B == 0
     scaled_BV = logits_BV / torch.where(greedy_B, 1.0, temperature_B.to(logits_BV.dtype))[:, None]
     if top_k_B is not None or top_p_B is not None:
-        B = logits_BV.shape[0]
-        top_k_B = top_k_B if top_k_B is not None else torch.zeros(B, dtype=torch.long, device=logits_BV.device)
-        top_p_B = top_p_B if top_p_B is not None else torch.ones(B, device=logits_BV.device)
+        if top_k_B is None:
+            top_k_B = torch.zeros(logits_BV.shape[0], dtype=torch.long, device=logits_BV.device)
         scaled_BV = top_k_top_p_filter(scaled_BV, top_k_B, top_p_B)
     drawn_B = draw(scaled_BV.softmax(dim=-1), uniform_B)
     return torch.where(greedy_B, logits_BV.argmax(dim=-1), drawn_B)
@@ -215,7 +225,6 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int = 
         return logits_BV.argmax(dim=-1)
     B, device = logits_BV.shape[0], logits_BV.device
     uniform_B = torch.rand(B, generator=generator, device=device)
-    filters = top_k != 0 or top_p != 1
     return sample(logits_BV, torch.full((B,), float(temperature), device=device), uniform_B,
-                  torch.full((B,), top_k, device=device) if filters else None,
-                  torch.full((B,), float(top_p), device=device) if filters else None)
+                  torch.full((B,), top_k, device=device) if top_k != 0 else None,
+                  torch.full((B,), float(top_p), device=device) if top_p != 1 else None)
