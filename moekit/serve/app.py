@@ -30,13 +30,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moekit.infer import Engine
 from moekit.serve.engine_client import EngineClient
 from moekit.serve.metrics import Metrics
-from moekit.serve.protocol import APIError, ChatRequest, CompletionRequest, ErrorResponse, error_responses
+from moekit.serve.protocol import (
+    UNSUPPORTED,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    ErrorResponse,
+    error_responses,
+    narrow_schema,
+)
 from moekit.serve.serving_chat import ChatServing
 from moekit.serve.serving_completion import CompletionServing
 
 log = logging.getLogger("moekit.serve")
 
-_STREAM = {"text/event-stream": {"schema": {"type": "string"}, "example": "data: {...}\n\ndata: [DONE]\n\n"}}
+_STREAM = {"text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}}}}}
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
@@ -111,6 +119,18 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def chat_completions(body: ChatRequest, request: Request):
         return await chat.create(body, request)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            max_choices = None if engine.max_queue is None else engine.max_batch + engine.max_queue
+            app.openapi_schema = narrow_schema(get_openapi(title=app.title, version=app.version, routes=app.routes),
+                                               model_name, engine.max_len, max_choices,
+                                               engine.vocab_size,
+                                               engine.max_len - chat.max_tokens_limit)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
@@ -128,9 +148,19 @@ def validation_error(e: RequestValidationError) -> APIError:
     if err.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {err.get('msg')}", code="invalid_json")
     # a union's failed branch names itself in the location (str, list[int]...): keep the field's path
+    roles = ("system", "developer", "user", "assistant", "tool", "function")
     loc = [x for x in loc if not x.startswith(("str", "list[", "function-", "int", "float", "bool", "dict["))
-           and x not in ("TextPart", "ImagePart")] or loc
+           and x not in ("TextPart",) and not (x in roles and "messages" in loc)] or loc
     param = ".".join(loc) or None
+    if "content" in loc and err.get("type") == "literal_error" and loc[-1] == "type":
+        where = ".".join(loc[:loc.index("content") + 1])
+        return APIError(400, f"{where}: {err.get('input')!r} parts are not supported: this model reads text only",
+                        param=where, code="unsupported")
+    if err.get("type") == "union_tag_invalid" and "messages" in loc:
+        return APIError(400, f"{'.'.join(loc)}: role {err.get('ctx', {}).get('tag')!r} is not supported (no tools "
+                        "here); roles: system, developer, user, assistant", param=".".join(loc), code="unsupported")
+    if loc and loc[0] in UNSUPPORTED:
+        return APIError(400, UNSUPPORTED[loc[0]], param=loc[0], code="unsupported")
     if err.get("type") == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unrecognized_argument")

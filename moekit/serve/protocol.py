@@ -12,9 +12,9 @@ official clients send.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints, field_validator
 
 MAX_N = 8  # choices per request
 MAX_STOPS = 4  # OpenAI's limit
@@ -54,6 +54,48 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def below(n: int) -> str:
+    """A regular expression for the decimal integers 0 .. n-1 (no leading zeros); n >= 1."""
+    top = str(n - 1)
+    k = len(top)
+    alts = ["0"] if k == 1 else ["0", f"[1-9][0-9]{{0,{k - 2}}}"]
+    for i, d in enumerate(top):
+        low = 1 if i == 0 else 0
+        if int(d) > low:
+            alts.append(f"{top[:i]}[{low}-{int(d) - 1}][0-9]{{{k - i - 1}}}")
+    alts.append(top)
+    return "^(" + "|".join(dict.fromkeys(alts)) + ")$"
+
+
+def narrow_schema(schema: dict[str, Any], model_name: str, max_len: int, max_choices: int | None,
+                  vocab_size: int, min_chat_prompt: int = 1) -> dict[str, Any]:
+    """What this server accepts, in ``/openapi.json``: its one model name, ``max_tokens`` within its
+    context (less the shortest prompt: one token, or a chat template around one empty message), at most
+    as many prompts as it can hold, ``logit_bias`` keys that are token ids of its
+    vocabulary (client generators and schemathesis read it)."""
+    for name in ("CompletionRequest", "ChatRequest"):
+        props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+        if "model" in props:
+            props["model"] = {**props["model"], "enum": [model_name]}
+        for branch in props.get("logit_bias", {}).get("anyOf", []):
+            if branch.get("type") == "object":  # pydantic writes patternProperties, which let any other key through
+                (value,) = branch.pop("patternProperties", {"": {"type": "number"}}).values()
+                branch.update(propertyNames={"pattern": below(vocab_size)}, additionalProperties=value)
+        for key in ("max_tokens", "max_completion_tokens"):
+            for branch in props.get(key, {}).get("anyOf", []):
+                if branch.get("type") == "integer":
+                    branch["maximum"] = max_len - (min_chat_prompt if name == "ChatRequest" else 1)
+        for branch in props.get("prompt", {}).get("anyOf", []):
+            if branch.get("type") == "array":
+                if max_choices is not None and branch.get("items", {}).get("type") != "integer":
+                    branch["maxItems"] = max_choices
+                items = branch.get("items", {})
+                for ints in (items, items.get("items", {})):
+                    if ints.get("type") == "integer":
+                        ints["maximum"] = vocab_size - 1
+    return schema
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the error statuses an endpoint can answer."""
     what = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or path",
@@ -65,67 +107,66 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):  # JSON's true is not an integer (pydantic would take it as 1)
+        raise ValueError("Input should be a number, not a boolean")
+    return v
+
+
+def Int(**limits: Any) -> Any:  # noqa: N802 - used as a type: an integer (not a boolean) within limits
+    return Annotated[int, Field(**limits), BeforeValidator(_not_bool)]
+
+
+def Float(**limits: Any) -> Any:  # noqa: N802 - a number (not a boolean) within limits
+    return Annotated[float, Field(**limits), BeforeValidator(_not_bool)]
+TokenKey = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")]  # logit_bias keys: token ids as strings
+Bias = Float(ge=-100.0, le=100.0)
+TokenId = Int(ge=0)  # below the vocabulary size too (narrow_schema; checked when served)
+Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class _Strict(BaseModel):
     # Unknown fields are refused (OpenAI: "Unrecognized request argument supplied"); see the module docstring.
     model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(_Strict):
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class _Common(_Strict):
     model: str
-    max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int | None = Field(default=None, ge=1, le=MAX_N)
-    stream: bool | None = None
+    max_tokens: Int(ge=0) | None = None
+    temperature: Float(ge=0.0, le=2.0) | None = None
+    top_p: Float(gt=0.0, le=1.0) | None = None
+    n: Int(ge=1, le=MAX_N) | None = None
+    stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    seed: Int() | None = None  # any integer (OpenAI: int64); reduced modulo 2**63 for torch
+    presence_penalty: Float(ge=-2.0, le=2.0) | None = None
+    frequency_penalty: Float(ge=-2.0, le=2.0) | None = None
+    logit_bias: dict[TokenKey, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     # accepted, no effect on a single-machine text model
     user: str | None = None
     metadata: dict[str, str] | None = None
-    store: bool | None = None
+    store: StrictBool | None = None
     service_tier: str | None = None
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
-        for s in stops:
-            if not s or len(s) > MAX_STOP_CHARS:
-                raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
-        return stops
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v):
-        if v is None:
-            return v
-        if len(v) > MAX_LOGIT_BIAS:
-            raise ValueError(f"at most {MAX_LOGIT_BIAS} token ids, got {len(v)}")
-        for k, b in v.items():
-            if not k.isdigit():
-                raise ValueError(f"keys must be token ids (digits), got {k!r}")
-            if not -100 <= b <= 100:
-                raise ValueError(f"bias {b} for token {k} must be in [-100, 100]")
-        return v
+        return [v] if isinstance(v, str) else (v or [])
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=0)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool | None = None
-    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
-    suffix: str | None = None
+    prompt: str | Annotated[list[TokenId], Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] | \
+        Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+    max_tokens: Int(ge=0) | None = 16
+    logprobs: Int(ge=0, le=MAX_COMPLETION_LOGPROBS) | None = None
+    echo: StrictBool | None = None
+    best_of: Int(ge=1, le=1) | None = None  # best_of > 1 (rerank by logprob) is not supported
+    suffix: Annotated[str, StringConstraints(max_length=0)] | None = None
 
 
 class TextPart(_Strict):
@@ -133,41 +174,70 @@ class TextPart(_Strict):
     text: str
 
 
-class ImagePart(BaseModel):
-    """Parsed only to refuse it with a clear message (the models read text)."""
-
-    model_config = ConfigDict(extra="allow")
-    type: Literal["image_url", "input_audio", "file", "refusal"]
+Content = str | list[TextPart]  # image, audio and file parts are refused: the models read text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, refusal...: checked in the serving code
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart | ImagePart] | None = None
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
 
     def text(self) -> str:
-        if self.content is None:
+        content = getattr(self, "content", None)
+        if content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content
-                                                                          if isinstance(p, TextPart))
+        return content if isinstance(content, str) else "".join(p.text for p in content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Content | None = None  # null: the official clients send it for a turn that only called tools
+    refusal: str | None = None
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None  # no tools here
+    function_call: None = None
+
+
+# tool / function messages are refused (no tools here): the discriminator names the valid roles
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]  # json_object / json_schema (structured output) are not supported
+
+
+#: Fields of features this server does not have; a request that uses them gets this 400.
+UNSUPPORTED = {
+    "tools": "tools and function calling are not supported by this server",
+    "functions": "tools and function calling are not supported by this server",
+    "tool_choice": "tool_choice is not supported by this server (only 'none')",
+    "function_call": "function_call is not supported by this server (only 'none')",
+    "response_format": "response_format: only {'type': 'text'} is supported (no structured output)",
+    "modalities": "only text output is supported (modalities: ['text'])",
+    "audio": "audio output is not supported",
+    "suffix": "suffix (insertion) is not supported by this server",
+}
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # refused unless empty / default (see serving_chat.check_unsupported)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    max_completion_tokens: Int(ge=0) | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    # what a text model here cannot do: only the empty / default values are valid (UNSUPPORTED says why)
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    function_call: Literal["none"] | None = None
     response_format: ResponseFormat | None = None
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
+    modalities: list[Literal["text"]] | None = None
+    audio: None = None

@@ -121,7 +121,8 @@ class OpenAIServing:
                                param="logit_bias", code="invalid_value")
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature, top_k=0,
-            top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=tuple(body.stop or ()) + stop,
+            top_p=1.0 if body.top_p is None else body.top_p, seed=None if seed is None else seed % 2**63,
+            stop=tuple(body.stop or ()) + stop,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             logit_bias=bias, logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
 
@@ -134,7 +135,7 @@ class OpenAIServing:
                            f"{engine.max_batch + engine.max_queue} at once ({engine.max_batch} running + "
                            f"{engine.max_queue} waiting): send fewer", param="n" if n > 1 else param,
                            code="too_many_choices")
-        longest = max(len(p.ids) for p in prompts)
+        longest = max(max(len(p.ids), 1) for p in prompts)  # an empty prompt starts from one token (Engine)
         if longest >= engine.max_len:
             raise APIError(400, f"This model's maximum context length is {engine.max_len} tokens. However, your "
                            f"{param} has {longest} tokens, leaving no room for an answer. Please shorten it.",
@@ -165,7 +166,7 @@ class OpenAIServing:
                 if p.seed is not None:  # each choice its own stream of random numbers, reproducibly
                     import dataclasses
 
-                    p = dataclasses.replace(p, seed=p.seed + k)
+                    p = dataclasses.replace(p, seed=(p.seed + k) % 2**63)
                 c.request_id = (await client.submit(group, c.prompt.ids, p)).request_id
                 if p.logprobs and self.tokenizer is not None:
                     c.pieces = Detokenizer(self.tokenizer)

@@ -9,43 +9,21 @@ as well. Tools, structured output and non-text inputs are refused with a 400 tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from typing import Any
 
 from fastapi import Request
 
 from moekit.infer.chat import ChatTemplateError, chat_prompt
 from moekit.infer.engine import Event
-from moekit.serve.protocol import APIError, ChatRequest, TextPart
+from moekit.serve.protocol import APIError, ChatRequest
 from moekit.serve.serving import Choice, OpenAIServing, Prompt
 
 
 def check_unsupported(body: ChatRequest) -> None:
     """Refuse, with a clear 400, what a text model served here cannot do."""
-    if body.tools or body.functions:
-        raise APIError(400, "tools and function calling are not supported by this server", param="tools",
-                       code="unsupported")
-    if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
-        raise APIError(400, "tool_choice is not supported by this server (only 'none')", param="tool_choice",
-                       code="unsupported")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format {body.response_format.type!r} is not supported (only 'text')",
-                       param="response_format", code="unsupported")
-    if body.modalities not in (None, ["text"]) or body.audio is not None:
-        raise APIError(400, "only text output is supported (modalities: ['text'])", param="modalities",
-                       code="unsupported")
-    if body.top_logprobs is not None and not body.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     for i, m in enumerate(body.messages):
-        if isinstance(m.content, list):
-            for j, part in enumerate(m.content):
-                if not isinstance(part, TextPart):
-                    raise APIError(400, f"messages[{i}].content[{j}]: {part.type!r} parts are not supported: this "
-                                   "model reads text only", param=f"messages.{i}.content", code="unsupported")
-        if m.content is None and m.role != "assistant":
-            raise APIError(400, f"messages[{i}]: content may be null only in an assistant message",
-                           param=f"messages.{i}.content")
         if getattr(m, "tool_calls", None) or getattr(m, "function_call", None):
             raise APIError(400, f"messages[{i}]: tool calls are not supported by this server",
                            param=f"messages.{i}", code="unsupported")
@@ -54,6 +32,18 @@ def check_unsupported(body: ChatRequest) -> None:
 class ChatServing(OpenAIServing):
     object_name = "chat.completion"
     id_prefix = "chatcmpl-"
+
+    @functools.cached_property
+    def max_tokens_limit(self) -> int:
+        """The largest ``max_tokens`` any conversation can take: the context less the shortest prompt
+        (the template around one empty message). Declared in ``/openapi.json`` and enforced."""
+        shortest = 1
+        if self.tokenizer is not None:
+            with contextlib.suppress(Exception):  # a template that cannot render one message: no narrowing
+                shortest = min(len(self.engine.encode(chat_prompt([{"role": r, "content": ""}], self.engine.special,
+                                                                  self.tokenizer)[0]))
+                               for r in ("system", "developer", "user", "assistant"))
+        return self.engine.max_len - max(shortest, 1)
 
     async def create(self, body: ChatRequest, request: Request):
         self.check_model(body.model)
@@ -66,11 +56,18 @@ class ChatServing(OpenAIServing):
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         prompt = Prompt((await self.tokenize([text]))[0], text)
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(body, name)
+            if value is not None and value > self.max_tokens_limit:
+                raise APIError(400, f"{name}={value} leaves no room for a conversation in this model's context of "
+                               f"{self.engine.max_len} tokens: at most {self.max_tokens_limit}", param=name,
+                               code="context_length_exceeded")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         room = self.fit([prompt], max_tokens, body.n or 1, "messages", max_param)
-        k = body.top_logprobs or 0
-        params = self.sampling_params(body, room, body.seed, logprobs=bool(body.logprobs), top_logprobs=k, stop=stops)
+        k = body.top_logprobs or 0  # top_logprobs > 0 asks for logprobs even without logprobs: true
+        params = self.sampling_params(body, room, body.seed, logprobs=bool(body.logprobs) or k > 0, top_logprobs=k,
+                                      stop=stops)
         return await self.serve(request, body, [prompt], [params])
 
     # ------------------------------------------------------------------ formatting

@@ -24,15 +24,7 @@ class CompletionServing(OpenAIServing):
 
     async def create(self, body: CompletionRequest, request: Request):
         self.check_model(body.model)
-        if body.suffix:
-            raise APIError(400, "suffix (insertion) is not supported by this server", param="suffix",
-                           code="unsupported")
         n = body.n or 1
-        if body.best_of is not None and body.best_of != n:
-            raise APIError(400, f"best_of={body.best_of} is not supported (only best_of equal to n)", param="best_of",
-                           code="unsupported")
-        if body.stream_options is not None and not body.stream:
-            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
         prompts = await self._prompts(body.prompt)
         echo = bool(body.echo)
         max_tokens = self.fit(prompts, body.max_tokens, n, "prompt", "max_tokens")
