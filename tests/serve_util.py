@@ -99,3 +99,35 @@ def metric(server, name: str, labels: str = "") -> float:
         if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
             return float(line.split()[-1])
     return 0.0
+
+
+def scripted_model(successor: dict[int, int], max_seq_len: int = 128):
+    """A real model whose greedy answer is scripted: after token ``t`` it predicts ``successor[t]``.
+
+    Attention and expert outputs are zeroed, so the last hidden state is the token's embedding; each
+    scripted token gets its own embedding axis, and the (untied) output head maps that axis to the
+    successor's logit. Everything else is an ordinary tiny-moe model, served by the ordinary code."""
+    import torch
+
+    from moekit.config import ModelConfig
+    from moekit.data.special import SpecialTokens
+    from moekit.model import Transformer
+
+    cfg = ModelConfig.from_preset("tiny-moe", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, expert_ffn_dim=64,
+                                  max_seq_len=max_seq_len, tie_embeddings=False)
+    model = Transformer(cfg)
+    tokens = sorted(set(successor) | set(successor.values()))
+    assert len(tokens) <= cfg.dim
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj")):
+                p.zero_()
+        head = dict(model.named_parameters())["lm_head.weight"]
+        head.zero_()
+        for axis, t in enumerate(tokens):
+            model.embed.weight[t].zero_()
+            model.embed.weight[t, axis] = 1.0
+        for t, nxt in successor.items():
+            head[nxt, tokens.index(t)] = 10.0
+    model.special_tokens = SpecialTokens()  # no end token: only the script and the stops end an answer
+    return model

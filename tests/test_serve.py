@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from serve_util import Server
+from serve_util import Server, metric, scripted_model
 
 import moekit
 from moekit.cli import main
@@ -41,6 +41,19 @@ def _generate_cli(ckpt, prompt, n, capsys):
     return capsys.readouterr().out[len(prompt):].rstrip("\n")
 
 
+def assert_same_greedy(a, b, tie=1e-3):
+    """Greedy answers from two batch layouts: the same tokens, except that from a position where the
+    first run's two best tokens are within ``tie`` (float sums in another order may pick either) on,
+    nothing can be compared; every token before it must agree, and such a tie must be real."""
+    for i, (ta, tb) in enumerate(zip(a.tokens, b.tokens)):
+        if ta != tb:
+            top = sorted(a.top_logprobs[i].values(), reverse=True)
+            assert top[0] - top[1] < tie, f"token {i}: {ta!r} alone vs {tb!r} in a batch, not a tie: {top}"
+            return
+        assert abs(a.token_logprobs[i] - b.token_logprobs[i]) < 1e-3
+    assert len(a.tokens) == len(b.tokens)
+
+
 def test_completion_and_chat_with_the_openai_client_equal_moekit_generate(server, ckpt, capsys):
     client = server.client()
     assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -49,8 +62,15 @@ def test_completion_and_chat_with_the_openai_client_equal_moekit_generate(server
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
     assert r.choices[0].finish_reason == "length"
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
-                                          max_tokens=8, temperature=0)
-    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+                                          max_tokens=8, temperature=0, logprobs=True)
+    assert chat.choices[0].message.role == "assistant"
+    tokens = chat.choices[0].logprobs.content
+    assert chat.usage.completion_tokens == len(tokens) and "".join(t.token for t in tokens).startswith(
+        chat.choices[0].message.content)
+    if chat.choices[0].finish_reason == "length":
+        assert chat.usage.completion_tokens == 8
+    else:  # the model's end token, or the plain template's next "User:" turn
+        assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens <= 8
     again = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
                                            max_tokens=8, temperature=0)
     assert again.choices[0].message.content == chat.choices[0].message.content
@@ -85,24 +105,26 @@ def test_sampling_options_n_seed_stop_and_logprobs(server):
     lp = client.completions.create(model="tiny", prompt="To be", max_tokens=5, temperature=0, logprobs=0)
     assert len(lp.choices[0].logprobs.token_logprobs) == 5
     assert all(x <= 0 for x in lp.choices[0].logprobs.token_logprobs)
-    text = client.completions.create(model="tiny", prompt="To be", max_tokens=20, temperature=0).choices[0].text
-    if len(text.strip()) > 2:
-        stop = text.strip()[1:3]
-        cut = client.completions.create(model="tiny", prompt="To be", max_tokens=20, temperature=0, stop=[stop])
-        assert stop not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
+    no_end = {"0": -100}  # <|endoftext|> banned: the answer is 20 tokens of text, long enough to cut
+    text = client.completions.create(model="tiny", prompt="To be", max_tokens=20, temperature=0,
+                                     logit_bias=no_end).choices[0].text
+    assert len(text) >= 6
+    stop = text[3:6]
+    cut = client.completions.create(model="tiny", prompt="To be", max_tokens=20, temperature=0, stop=[stop],
+                                    logit_bias=no_end)
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
 def test_32_clients_at_once_are_batched_and_all_answered(server):
     client = server.client()
     prompts = [f"Line {i}:" for i in range(32)]
-    alone = {p: client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text
-             for p in prompts[:4]}
+    ask = dict(model="tiny", max_tokens=24, temperature=0, logprobs=2, logit_bias={"0": -100})
+    alone = {p: client.completions.create(prompt=p, **ask).choices[0] for p in prompts[:4]}
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=24,
-                                                                    temperature=0), prompts))
-    assert all(r.usage.completion_tokens >= 1 for r in results)
+        results = list(pool.map(lambda p: client.completions.create(prompt=p, **ask), prompts))
+    assert all(r.usage.completion_tokens == 24 for r in results)
     for p, r in zip(prompts[:4], results[:4]):
-        assert r.choices[0].text.startswith(alone[p][:3])  # the same greedy start inside a batch
+        assert_same_greedy(alone[p].logprobs, r.choices[0].logprobs)
     _, metrics, _ = server.raw("GET", "/metrics")
     batch = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
              if line.startswith("moekit_batch_size_bucket")}
@@ -247,12 +269,149 @@ def test_serve_binds_loopback_by_default_and_checks_flags(ckpt, capsys):
     assert "default 127.0.0.1" in " ".join(capsys.readouterr().out.split())
 
 
-def test_schemathesis_finds_no_server_error(server, tmp_path):
-    """Property-based requests generated from the server's own OpenAPI schema (bounded): no 5xx."""
+def test_schemathesis_all_checks_pass(tmp_path):
+    """Requests generated from the server's own OpenAPI document, valid and invalid, with every check:
+    no 5xx, every answer as declared (status, content type, schema, headers), valid requests taken,
+    invalid ones refused. A 1024-token context, so that generated prompts fit."""
     pytest.importorskip("schemathesis")
-    st = os.path.join(os.path.dirname(sys.executable), "st")
-    r = subprocess.run([st, "run", server.base + "/openapi.json", "--checks", "not_a_server_error",
-                        "--max-examples", "15", "--request-timeout", "30", "--seed", "1"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its .schemathesis/ cache goes there
-    assert r.returncode == 0, r.stdout[-3000:]
-    assert "passed" in r.stdout
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-moe", dim=32, n_layers=1, n_heads=2, n_kv_heads=1, expert_ffn_dim=32,
+                                  max_seq_len=1024)
+    s = Server(moekit.save(Transformer(cfg), load_tokenizer(), tmp_path / "ctx"))
+    try:
+        st = os.path.join(os.path.dirname(sys.executable), "st")
+        r = subprocess.run([st, "run", s.base + "/openapi.json", "--checks", "all", "--max-examples", "15",
+                            "--request-timeout", "60", "--seed", "1"],
+                           capture_output=True, text=True, timeout=400, cwd=tmp_path)  # its cache goes there
+        assert r.returncode == 0, r.stdout[-4000:]
+        assert "No issues found" in r.stdout
+    finally:
+        assert s.stop()
+
+
+# --------------------------------------------------------------------------- limits and fault-free edges
+def test_a_request_too_large_for_the_server_is_a_400_not_a_retry(server):
+    code, text, headers = server.raw("POST", "/v1/completions", {"model": "tiny", "prompt": ["a"] * 10, "n": 8,
+                                                                 "max_tokens": 1})
+    err = json.loads(text)["error"]
+    assert code == 400 and "retry-after" not in headers and err["code"] == "too_many_choices" and "72" in err["message"]
+
+
+def test_max_tokens_beyond_the_context_is_a_400_and_prompt_tokens_count_once(server):
+    code, text, _ = server.raw("POST", "/v1/completions", {"model": "tiny", "prompt": "word " * 60, "max_tokens": 100})
+    err = json.loads(text)["error"]
+    assert code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
+    code, text, _ = server.raw("POST", "/v1/chat/completions", {"model": "tiny", "max_completion_tokens": 127,
+                                                                "messages": [{"role": "user", "content": "hi"}]})
+    assert code == 400 and json.loads(text)["error"]["param"] == "max_completion_tokens"
+    client = server.client()
+    one = client.completions.create(model="tiny", prompt="To be", max_tokens=3)
+    two = client.completions.create(model="tiny", prompt="To be", max_tokens=3, n=2, logit_bias={"0": -100})
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens > 0
+    assert two.usage.completion_tokens == 6 and two.usage.total_tokens == two.usage.prompt_tokens + 6
+    chat1 = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    chat2 = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                           n=2)
+    assert chat2.usage.prompt_tokens == chat1.usage.prompt_tokens
+
+
+def test_stop_strings_and_logit_bias_are_bounded(server):
+    for body, param in [({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": "x" * 257}, "stop"),
+                        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+                        ({"logit_bias": {"99999": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias")]:
+        code, text, _ = server.raw("POST", "/v1/completions", {"model": "tiny", "prompt": "x", **body})
+        assert code == 400 and json.loads(text)["error"]["param"].startswith(param), text
+
+
+def test_models_created_is_stable(server):
+    a = server.client().models.list().data[0].created
+    time.sleep(1.1)
+    assert server.client().models.list().data[0].created == a
+
+
+def test_plain_template_chat_stops_at_the_next_user_turn(tmp_path):
+    """A model without a chat template answers in plain ``User:``/``Assistant:`` turns: the server stops
+    where the model starts the user's next line, as ``moekit chat`` does (one function builds both).
+    The model is scripted to answer " Hello" and then write the user's next turn itself."""
+    tokenizer = load_tokenizer()
+    loop = tokenizer.encode(" Hello\nUser:", add_special_tokens=False).ids  # ends with ":", as the prompt does
+    model = scripted_model({t: loop[(i + 1) % len(loop)] for i, t in enumerate(loop)})
+    s = Server(moekit.save(model, tokenizer, tmp_path / "plain"))
+    try:
+        chat = s.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=30, temperature=0)
+        assert chat.choices[0].message.content == " Hello" and chat.choices[0].finish_reason == "stop"
+        streamed = s.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                      max_tokens=30, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == " Hello"
+        text = s.client().completions.create(model="tiny", prompt="User: Hi\nAssistant:", max_tokens=12,
+                                             temperature=0).choices[0].text
+        assert text.startswith(" Hello\nUser:")  # a plain completion has no chat stops
+    finally:
+        assert s.stop()
+
+
+def test_cors_preflight_passes_with_an_api_key(ckpt):
+    s = Server(ckpt, "--cors-origin", "http://page.example", env={"MOEKIT_API_KEY": "k"})
+    try:
+        code, _, headers = s.raw("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://page.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert code == 200 and headers["access-control-allow-origin"] == "http://page.example"
+        code, _, headers = s.raw("GET", "/v1/models", headers={"Origin": "http://page.example"})
+        assert code == 401 and headers["access-control-allow-origin"] == "http://page.example"  # the page can read why
+        code, _, _ = s.raw("GET", "/v1/models", headers={"Origin": "http://page.example", "Authorization": "Bearer k"})
+        assert code == 200
+    finally:
+        assert s.stop()
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slot_at_once(tmp_path):
+    import http.client
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-moe", dim=32, n_layers=1, n_heads=2, n_kv_heads=1, expert_ffn_dim=32,
+                                  max_seq_len=4096)
+    model = Transformer(cfg)
+    from moekit.data.special import SpecialTokens
+
+    model.special_tokens = SpecialTokens()
+    s = Server(moekit.save(model, load_tokenizer(), tmp_path / "long"))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 4000}),
+                     {"Content-Type": "application/json"})
+        deadline = time.time() + 30
+        while time.time() < deadline and metric(s, "moekit_generated_tokens_total") < 20:
+            time.sleep(0.05)
+        conn.sock.close()  # hang up without reading anything
+        deadline = time.time() + 10
+        while time.time() < deadline and metric(s, "moekit_running_requests") != 0:
+            time.sleep(0.02)
+        assert metric(s, "moekit_running_requests") == 0
+        left_at = metric(s, "moekit_generated_tokens_total")
+        assert left_at < 4000  # not generated to the end (the old server polled, then finished the answer)
+        time.sleep(0.5)
+        assert metric(s, "moekit_generated_tokens_total") == left_at
+    finally:
+        assert s.stop()
+
+
+def test_sigterm_with_requests_in_flight_answers_503_and_exits_cleanly(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-moe", dim=32, n_layers=1, n_heads=2, n_kv_heads=1, expert_ffn_dim=32,
+                                  max_seq_len=4096)
+    model = Transformer(cfg)
+    from moekit.data.special import SpecialTokens
+
+    model.special_tokens = SpecialTokens()
+    s = Server(moekit.save(model, load_tokenizer(), tmp_path / "long"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(s.raw, "POST", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4000})
+        deadline = time.time() + 30
+        while time.time() < deadline and metric(s, "moekit_generated_tokens_total") < 10:
+            time.sleep(0.05)
+        clean = s.stop()
+        code, text, _ = answer.result(timeout=30)
+    assert clean
+    assert code == 503 and json.loads(text)["error"]["message"] == "the server is shutting down"
