@@ -143,7 +143,15 @@ def begin_shutdown(app: FastAPI) -> None:
 
 
 def validation_error(e: RequestValidationError) -> APIError:
-    err = e.errors()[0] if e.errors() else {}
+    errors = e.errors()
+    for err in errors:  # a non-text content part fails every branch of the union: say that, not "not a str"
+        loc = [str(x) for x in err.get("loc", []) if x != "body"]
+        if "content" in loc and err.get("type") == "literal_error" and loc[-1] == "type":
+            where = ".".join(x for x in loc[:loc.index("content") + 1] if x not in ("user", "system", "developer",
+                                                                                     "assistant"))
+            return APIError(400, f"{where}: {err.get('input')!r} parts are not supported: this model reads text only",
+                            param=where, code="unsupported")
+    err = errors[0] if errors else {}
     loc = [str(x) for x in err.get("loc", []) if x != "body"]
     if err.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {err.get('msg')}", code="invalid_json")
@@ -152,10 +160,6 @@ def validation_error(e: RequestValidationError) -> APIError:
     loc = [x for x in loc if not x.startswith(("str", "list[", "function-", "int", "float", "bool", "dict["))
            and x not in ("TextPart",) and not (x in roles and "messages" in loc)] or loc
     param = ".".join(loc) or None
-    if "content" in loc and err.get("type") == "literal_error" and loc[-1] == "type":
-        where = ".".join(loc[:loc.index("content") + 1])
-        return APIError(400, f"{where}: {err.get('input')!r} parts are not supported: this model reads text only",
-                        param=where, code="unsupported")
     if err.get("type") == "union_tag_invalid" and "messages" in loc:
         return APIError(400, f"{'.'.join(loc)}: role {err.get('ctx', {}).get('tag')!r} is not supported (no tools "
                         "here); roles: system, developer, user, assistant", param=".".join(loc), code="unsupported")
