@@ -77,3 +77,15 @@ def test_serve_builds_its_engine_on_quantized_offloaded_experts(checkpoint, monk
     store = engine.runner.blocks[1][2].experts
     assert engine.stats.offload is not None and store.slots == 2
     assert all(isinstance(w, QuantizedWeight) and w.bits == 8 for pair in store._pairs for w in pair)
+
+
+def test_an_int4_checkpoints_offloaded_experts_hold_what_the_loaded_model_holds(checkpoint, tmp_path):
+    """Each expert read from an int4 checkpoint takes the kernel layout only (it kept the portable
+    nibbles too, half as many bytes again, when read_quantized got its arguments shifted)."""
+    model, tok = serve_load(checkpoint, "--bits", "4")
+    path = moekit.save(model, tok, tmp_path / "int4")
+    loaded, _ = moekit.load(path)
+    _, _, offload = moekit.infer.offload.load_offloaded(path, max_resident_experts=2)
+    experts = loaded.layers[1].ffn.experts
+    assert offload.bytes_per_expert == experts.gate_up_proj[0].nbytes() + experts.down_proj[0].nbytes()
+    assert offload.sources[1][0][3].nibbles is None
