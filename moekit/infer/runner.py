@@ -175,9 +175,10 @@ def _share_quantized(layers: list[QuantizedLinear]) -> QuantizedWeight | None:
     first, rows = ws[0], [w.shape[0] for w in ws]
     shape = (sum(rows), first.shape[1])
     names = [f for f in _QUANT_ROW_DIM if all(getattr(w, f) is not None for w in ws)]  # nibbles: if all keep them
+    unshared = {} if "nibbles" in names else {"nibbles": None}
     joined = {f: _joined([getattr(w, f) for w in ws], _QUANT_ROW_DIM[f]) for f in names}
     if all(j is not None for j in joined.values()):
-        return dataclasses.replace(first, shape=shape, **joined)
+        return dataclasses.replace(first, shape=shape, **joined, **unshared)
     if first.bits == 4 and not (all(n % 64 == 0 for n in rows[:-1]) and _int4_row_blocks_of_64_pack_apart(shape[1])):
         return None
     fused, blocks = {}, {}
@@ -187,8 +188,7 @@ def _share_quantized(layers: list[QuantizedLinear]) -> QuantizedWeight | None:
         return None
     for i, (layer, w) in enumerate(zip(layers, ws)):
         layer.qweight = dataclasses.replace(w, **{f: blocks[f][i] for f in names})
-    return dataclasses.replace(first, shape=shape, **{f: fused[f] for f in names},
-                               **({} if "nibbles" in names else {"nibbles": None}))
+    return dataclasses.replace(first, shape=shape, **fused, **unshared)
 
 
 def _fuse(layers: list[nn.Module]) -> tuple[torch.Tensor | QuantizedWeight, torch.Tensor | None] | None:
