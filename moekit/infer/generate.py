@@ -6,7 +6,8 @@
 Both reuse one engine per model between calls (:func:`_lease`): its runner, KV cache and fused weights
 are built once, and later calls see the model's weights as they are then (the runner shares them, so
 training in place between calls is seen). A call that needs more slots, or finds the weights replaced,
-cast or moved, builds a new engine.
+cast or moved, builds a new engine. NOTE: the engine, and the KV-cache pages its longest answer
+touched, stay with the model until the model is freed.
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ class _IdleEngine:
 
 
 _IDLE = "_moekit_idle_engine"
-
-
 _LOCK = threading.Lock()  # taking and returning the idle engine (two threads must not share one)
 
 
