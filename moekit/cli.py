@@ -202,19 +202,25 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _load_for_generation(path: str, args: argparse.Namespace):
-    """(model, tokenizer); with --max-resident-experts / --expert-memory the experts stay in the file."""
+def _load_for_generation(path: str, args: argparse.Namespace, bits: int | None = None):
+    """(model, tokenizer); with --max-resident-experts / --expert-memory the experts stay in the file.
+    ``bits`` (serve --bits): quantize a float checkpoint on load (int4 in groups of 64), offloaded
+    experts included (each quantized as it is read into memory)."""
     from moekit.checkpoint import load
+    from moekit.quant import quantize_model, quantized_weights
 
+    group_size = 64 if bits == 4 else None
     if args.max_resident_experts is not None and args.expert_memory is not None:
         raise ConfigError("give --max-resident-experts N or --expert-memory GB, not both")
     if args.max_resident_experts is not None or args.expert_memory is not None:
         from moekit.infer.offload import load_offloaded
 
         model, tokenizer, _ = load_offloaded(path, max_resident_experts=args.max_resident_experts,
-                                             expert_memory_gb=args.expert_memory)
+                                             expert_memory_gb=args.expert_memory, bits=bits, group_size=group_size)
     else:
         model, tokenizer = load(path)
+        if bits is not None and not quantized_weights(model):
+            quantize_model(model.float(), bits, group_size)
     if tokenizer is None:
         raise ConfigError(f"{path} has no tokenizer; cannot turn text into tokens")
     return model, tokenizer
@@ -334,12 +340,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = _load_for_generation(args.checkpoint, args)
-    if args.bits is not None:
-        from moekit.quant import quantize_model, quantized_weights
-
-        if not quantized_weights(model):
-            quantize_model(model.float(), args.bits, 64 if args.bits == 4 else None)
+    model, tokenizer = _load_for_generation(args.checkpoint, args, bits=args.bits)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
     api_key = args.api_key or os.environ.get("MOEKIT_API_KEY") or None
     name = args.model_name or Path(args.checkpoint).name

@@ -148,7 +148,9 @@ class QuantizedWeight:
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.q, self.group_size, self.scale_zero)
+            # NOTE: the kernel reads scale_zero as contiguous (a strided view, e.g. a block of rows of a
+            # fused weight, gives wrong results silently); .contiguous() copies only such a view.
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.q, self.group_size, self.scale_zero.contiguous())
         return y.to(x.dtype).reshape(*lead, self.shape[-2])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -2,18 +2,90 @@
 
 - :func:`generate`: text in, continuation text out, optionally streamed piece by piece;
 - :func:`generate_tokens`: a batch of prompt ids in, one token per row yielded per step.
+
+Both reuse one engine per model between calls (:func:`_lease`): its runner, KV cache and fused weights
+are built once, and later calls see the model's weights as they are then (the runner shares them, so
+training in place between calls is seen). A call that needs more slots, or finds the weights replaced,
+cast or moved, builds a new engine. NOTE: the engine, and the KV-cache pages its longest answer
+touched, stay with the model until the model is freed.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Generator, Sequence
 
 import torch
 from tokenizers import Tokenizer
 
+from moekit.data.special import special_tokens_of
 from moekit.infer.engine import Engine, EngineError, SamplingParams
 from moekit.model.transformer import Transformer
+
+
+# --------------------------------------------------------------------------- one engine per model
+class _IdleEngine:
+    """The engine a model's last generate call left idle, with what it was built for. Kept as an
+    attribute of the model (so it goes with the model); a deepcopy or pickle of the model leaves it
+    behind."""
+
+    def __init__(self):
+        self.engine: Engine | None = None
+        self.offload = None  # the model's expert_offload the engine attached
+
+    def __deepcopy__(self, memo):
+        return _IdleEngine()
+
+    def __reduce__(self):
+        return _IdleEngine, ()
+
+
+_IDLE = "_moekit_idle_engine"
+_LOCK = threading.Lock()  # taking and returning the idle engine (two threads must not share one)
+
+
+def _lease(model: Transformer, tokenizer: Tokenizer | None, slots: int, any_tokenizer: bool = False) -> Engine:
+    """An idle engine on ``model`` with at least ``slots`` slots, taken out of the model's cache (a call
+    running meanwhile, e.g. a second live generator, builds its own): the cached one if it still fits,
+    else a new one. ``any_tokenizer``: the caller gives ids and its own stops, so any tokenizer will do."""
+    with _LOCK:
+        idle = model.__dict__.get(_IDLE)
+        engine, offload = (None, None) if idle is None else (idle.engine, idle.offload)
+        if idle is not None:
+            idle.engine = None
+    current = engine is not None and engine.runner.is_current() and offload is getattr(model, "expert_offload", None)
+    if current and engine.max_batch >= slots and (any_tokenizer or engine.tokenizer is tokenizer):
+        engine.special = special_tokens_of(model, engine.tokenizer)  # as the model's are now
+        return engine
+    if current:  # grow: at least the slots the last engine had, so that calls do not flip between sizes
+        slots = max(slots, engine.max_batch)
+        if any_tokenizer:
+            tokenizer = engine.tokenizer
+    return Engine(model, tokenizer, max_batch=slots)
+
+
+def _give_back(model: Transformer, engine: Engine, request_ids: Sequence[str], keep: bool) -> None:
+    """Cancel and forget ``request_ids`` (a caller that stopped early leaves some running) and keep the
+    engine for the next call. Not when ``keep`` is False: an exception inside a step (Ctrl-C) may have
+    left it half-updated, so it is dropped (the next call builds another)."""
+    if not keep:
+        return
+    for rid in request_ids:
+        engine.cancel(rid)
+    if engine.has_work():  # the cancelled requests' finish events; nothing is left to run
+        engine.step()
+    for rid in request_ids:
+        engine.release(rid)
+    if engine.has_work() or engine.requests:
+        return
+    with _LOCK:
+        idle = model.__dict__.get(_IDLE)
+        if idle is None:
+            idle = _IdleEngine()
+            object.__setattr__(model, _IDLE, idle)  # a plain attribute (not a submodule, parameter or buffer)
+        if idle.engine is None or idle.engine.max_batch <= engine.max_batch:
+            idle.engine, idle.offload = engine, getattr(model, "expert_offload", None)
 
 
 def generate_tokens(model: Transformer, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int,
@@ -37,27 +109,40 @@ def generate_tokens(model: Transformer, input_ids: torch.Tensor | Sequence[int],
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < vocab):
         raise ValueError(f"eos_id={eos_id!r} must be a token id in [0, {vocab}) or None")
     was_training = model.training
-    engine = Engine(model, None, max_batch=max(1, ids_BT.shape[0]))  # NOTE: puts the model in eval mode
-    model.train(was_training)  # until the first next(): the caller may never start the generator
+    try:
+        engine = _lease(model, None, max(1, ids_BT.shape[0]), any_tokenizer=True)
+    finally:  # (a new engine sets eval mode) until the first next(): the caller may never start the generator
+        model.train(was_training)
     stop_ids = (eos_id,) if eos_id is not None and stop_at_eos else ()
     requests = []
-    for b, row in enumerate(ids_BT.tolist()):
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=None if seed is None else seed + b,
-                                stop_ids=stop_ids)
-        requests.append(engine.add_request(row, params))
-        notice = engine.request(requests[-1]).notice
-        if notice:
-            warnings.warn(notice, stacklevel=2)
+    try:
+        for b, row in enumerate(ids_BT.tolist()):
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, seed=None if seed is None else seed + b,
+                                    stop_ids=stop_ids)
+            requests.append(engine.add_request(row, params))
+            notice = engine.request(requests[-1]).notice
+            if notice:
+                warnings.warn(notice, stacklevel=2)
+    except EngineError:
+        _give_back(model, engine, requests, keep=True)
+        raise
     return _lockstep(engine, requests, max_new_tokens, eos_id, was_training)
 
 
 def _lockstep(engine: Engine, requests: list[str], max_new_tokens: int, eos_id: int | None, was_training: bool):
-    engine.model.eval()
+    model = engine.model
+    model.eval()
+    keep = False  # whether the engine is whole at the end: finished, or stopped by the caller between steps
     try:
         yield from _rows_in_step(engine, requests, max_new_tokens, eos_id)
+        keep = True
+    except GeneratorExit:
+        keep = True
+        raise
     finally:
-        engine.model.train(was_training)
+        _give_back(model, engine, requests, keep)
+        model.train(was_training)
 
 
 def _rows_in_step(engine: Engine, requests: list[str], max_new_tokens: int, eos_id: int | None):
@@ -106,19 +191,29 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_toke
     Special tokens are not part of the text. An empty prompt starts from the end-of-text token.
     """
     was_training = model.training
+    engine, rids, keep = None, [], False
     try:
-        engine = Engine(model, tokenizer, max_batch=1)
+        engine = _lease(model, tokenizer, 1)
+        model.eval()
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
-        rid = engine.add_request(prompt, params)
-        if engine.request(rid).notice:
-            warnings.warn(engine.request(rid).notice, stacklevel=2)
-        while not engine.request(rid).finished:
+        try:
+            rids.append(engine.add_request(prompt, params))
+        except EngineError:
+            keep = True  # refused before any step
+            raise
+        req = engine.request(rids[0])
+        if req.notice:
+            warnings.warn(req.notice, stacklevel=2)
+        while not req.finished:
             for ev in engine.step():
                 if stream is not None and ev.text:
                     stream(ev.text)
-        return engine.request(rid).text
+        keep = True
+        return req.text
     finally:
+        if engine is not None:
+            _give_back(model, engine, rids, keep)
         model.train(was_training)
 
 

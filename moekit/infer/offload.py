@@ -6,7 +6,8 @@ The expert weights stay memory-mapped in the checkpoint's ``model.safetensors``:
 on the file, read only when the router picks it. Each MoE layer keeps at most N experts in
 preallocated slots (one ``w1 [2F, D]``, ``w2 [D, F]`` pair each); a miss copies the expert's slices
 from the file into the least recently used slot (bytes copied = bytes read). Quantized checkpoints (int8/int4)
-work the same way, one expert converted to the kernels' layout on each miss.
+work the same way, one expert converted to the kernels' layout on each miss; a float checkpoint loaded
+with ``bits`` (``serve --bits``) has each expert quantized on its miss, so the slots hold int8/int4.
 
 Why the outputs are bit-identical to the resident model: the runner's MoE plan reads expert weights
 only through ``experts.get(e) -> (w1 [2F, D], w2 [D, F])`` (:class:`moekit.infer.runner.ResidentExperts`),
@@ -198,7 +199,22 @@ class MappedQuantizedWeight:
     def __getitem__(self, e: int) -> QuantizedWeight:
         from moekit.quant import read_quantized
 
-        return read_quantized({f"w.{k}": t[e] for k, t in self.parts.items()}, "w", self.bits, "an offloaded expert")
+        return read_quantized({f"w.{k}": t[e] for k, t in self.parts.items()}, "w", "an offloaded expert")
+
+
+class QuantizedOnRead:
+    """A stacked float weight [E, N, K] (a view on the checkpoint) that is quantized one expert at a time
+    as it is read: ``[e]`` is ``QuantizedWeight.quantize(w[e], bits, group_size)``. Rows (int8) and
+    groups (int4) are quantized independently, so these are the bits ``quantize_model`` gives the whole
+    stack; a miss pays the quantization besides the read."""
+
+    def __init__(self, w: torch.Tensor, bits: int, group_size: int | None):
+        self.w, self.bits, self.group_size = w, bits, group_size
+        self.shape = tuple(w.shape)
+        self.read_bytes = w[0].numel() * w.element_size()
+
+    def __getitem__(self, e: int) -> QuantizedWeight:
+        return QuantizedWeight.quantize(self.w[e], self.bits, self.group_size)
 
 
 class OffloadedExperts:
@@ -323,7 +339,7 @@ class ExpertOffload:
 
 def load_offloaded(path: str | os.PathLike, *, max_resident_experts: int | None = None,
                    expert_memory_gb: float | None = None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None):
+                   dtype: torch.dtype | None = None, bits: int | None = None, group_size: int | None = None):
     """Load ``(model, tokenizer, offload)`` from a moekit checkpoint without reading the expert weights.
 
     Give ``max_resident_experts`` (per layer) or ``expert_memory_gb`` (all layers). Everything but the
@@ -333,6 +349,12 @@ def load_offloaded(path: str | os.PathLike, *, max_resident_experts: int | None 
     ``Transformer.forward`` still works, reading them through the page cache. ``model.expert_offload``
     is the returned :class:`ExpertOffload`, which :class:`moekit.infer.Engine` attaches (resident
     copies in ``dtype``). NOTE: ``model.to(...)`` would copy the full float expert weights into memory.
+
+    ``bits`` (8 or 4, with ``group_size`` for 4) quantizes a float checkpoint on load, as
+    ``quantize_model(model.float(), bits, group_size)`` does for a resident one (the rest of the model
+    in float32 unless ``dtype`` says otherwise): the experts as they are read (:class:`QuantizedOnRead`),
+    so the resident slots and the memory budget hold quantized experts. A checkpoint that is already
+    quantized is loaded as it is.
     """
     from moekit.checkpoint import QUANTIZATION_FILE, detect_format, read_model_config
     from moekit.data.special import read_hf_special_tokens
@@ -351,9 +373,17 @@ def load_offloaded(path: str | os.PathLike, *, max_resident_experts: int | None 
         model = Transformer(cfg)
     moe_blocks = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
     settings = read_json(directory / QUANTIZATION_FILE) if (directory / QUANTIZATION_FILE).exists() else None
+    quantize = bits is not None and settings is None
+    if quantize:
+        from moekit.quant import check_settings
+
+        check_settings(bits, group_size)
+        dtype = torch.float32 if dtype is None else dtype
     if settings is None:
         sources = _float_experts(file, model)
-        per_expert = sum(_nbytes(w[0], dtype) for w in sources[moe_blocks[0]])
+        if quantize:
+            sources = {i: tuple(QuantizedOnRead(w, bits, group_size) for w in pair) for i, pair in sources.items()}
+        per_expert = sum(_nbytes(w[0], dtype) for w in sources[moe_blocks[0]])  # quantizes one expert if asked
     else:
         sources = _quantized_experts(file, model, moe_blocks, settings.get("bits"))
         per_expert = sum(_nbytes(w[0]) for w in sources[moe_blocks[0]])  # converts one expert
@@ -361,13 +391,21 @@ def load_offloaded(path: str | os.PathLike, *, max_resident_experts: int | None 
     state = {}
     for name in file.entries:
         if name.endswith(EXPERT_SUFFIXES):
-            state[name] = file.tensor(name)  # a view on the file
+            if not quantize:  # (quantized on read: the sources hold the views)
+                state[name] = file.tensor(name)  # a view on the file
         elif not name.startswith(tuple(f"layers.{i}{s}." for i in moe_blocks for s in EXPERT_SUFFIXES)):
             t = file.tensor(name)
             quant_part = name.endswith((".qweight", ".scales", ".zeros"))
             state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() and not quant_part else None,
                                copy=True)
-    if settings is None:
+    if quantize:
+        from moekit.quant import QuantizedExperts, quantize_model
+
+        for i in moe_blocks:
+            model.layers[i].ffn.experts = QuantizedExperts(*sources[i])
+        model.load_state_dict(state, strict=True, assign=True)
+        quantize_model(model, bits, group_size)  # the rest (experts are QuantizedExperts already: skipped)
+    elif settings is None:
         model.load_state_dict(state, strict=True, assign=True)
     else:
         from moekit.quant import QuantizationError, load_quantized_model

@@ -1,29 +1,46 @@
 """The inference forward pass: a model's weights run over a slot KV cache, built for decoding.
 
 Legend: S cache slots, L cache length per slot, B rows this call, T tokens per row, N = B*T tokens,
-D model dim, H query heads, G kv heads, Dh head dim, K experts per token, V vocabulary.
+D model dim, H query heads, G kv heads, Dh head dim, K experts per token, V vocabulary;
+multi-head latent attention: R latent width (``kv_lora_rank``), r rotary key width, Dn the query/key
+width without rotary embedding, Dv value width.
 
 Why a second forward pass beside ``Transformer.forward`` (which stays the training path and the
 reference the tests compare against): at batch 1 and width 512 a decode step is ~40 small operations
 per layer, so per-operation overhead, not arithmetic, decides the speed. This path
-- fuses q/k/v and the dense gate/up projections into one matmul each (weights concatenated once);
+- fuses q/k/v and the dense gate/up projections into one matmul each;
 - reads rotary cos/sin from a table built once, writes keys/values in place into a preallocated
   ``[S, G, L, Dh]`` cache where every sequence has its own slot and its own position (ragged rows);
 - routes with ``Router.select`` (the eval-mode choice, no losses or statistics) and, for a handful of
   tokens, runs only the chosen experts' weight slices, one small matmul pair each, with no sort,
-  bincount or index bookkeeping; larger chunks (prefill) use the training path's grouped dispatch.
-The model's own modules are never patched: norms, routers and expert weights are read from them.
+  bincount or index bookkeeping; larger chunks (prefill) use the training path's grouped dispatch;
+- caches multi-head latent attention's latent, not per-head keys and values (see :class:`_LatentPlan`).
+
+One copy of the weights: the runner copies none. A fused q/k/v (or gate/up) weight is one tensor
+whose row blocks *are* the model's q, k and v weights: the first runner on a model concatenates them
+once and points the model's parameters at the blocks (``param.data``, so the Parameter objects,
+optimizers and hooks stay; quantized weights get views of the fused rows), later runners find them
+already adjacent and reuse the storage. The model trains and saves as before, and an in-place update
+(an optimizer step) is seen by the runner. Where the blocks cannot be views (quantized rows whose
+kernel layout does not split at the block boundaries), the runner calls the model's layers one by one.
+Norms, routers and expert weights are read from the model's modules.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, rope_frequencies
+from moekit.config import ModelConfig
+from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, apply_rope, rope_frequencies
 from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
-from moekit.quant import QuantizedWeight, cat_rows, head_logits, linear, select_rows
+from moekit.quant import QuantizedLinear, QuantizedWeight, head_logits, linear, quantized_weights
 
 #: Up to this many tokens in one call, the MoE groups tokens by expert in Python; above it, by a sort.
 SMALL_BATCH_TOKENS = 16
@@ -35,8 +52,21 @@ def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of :class:`SlotCache` per cached token, all layers: keys and values of each kv head, or for
+    multi-head latent attention the latent and the rotary key (one of each, shared by all heads)."""
+    if cfg.attention == "mla":
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    else:
+        width = 2 * cfg.n_kv_heads * cfg.head_dim
+    return cfg.n_layers * width * dtype.itemsize
+
+
 class SlotCache:
     """Keys and values of every layer for ``slots`` independent sequences of up to ``max_len`` tokens.
+
+    Grouped-query attention: ``k[i]``, ``v[i]`` [S, G, L, Dh]. Multi-head latent attention: ``k[i]``
+    [S, 1, L, R + r] holds the latent and the rotary key, and ``v[i]`` is a view of its first R columns.
 
     NOTE: ``torch.empty``: pages of slots never written are never touched, so a large cache costs
     memory only as sequences grow.
@@ -44,22 +74,25 @@ class SlotCache:
 
     def __init__(self, model: Transformer, slots: int, max_len: int):
         c, p = model.cfg, model.norm.weight  # (the embedding may be quantized: no dtype of its own)
-        if c.attention == "mla":
-            heads, k_dim, v_dim = c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
-        else:
-            heads, k_dim, v_dim = c.n_kv_heads, c.head_dim, c.head_dim
         self.slots, self.max_len = slots, max_len
         # Positions 0..clean[s]-1 of slot s hold finite values (written or zeroed). A batched decode reads
         # keys past a short row's end (masked out), and masked-out garbage can still be NaN: 0 * NaN = NaN.
         self.clean = [0] * slots
-        self.k = [torch.empty(slots, heads, max_len, k_dim, dtype=p.dtype, device=p.device) for _ in model.layers]
-        self.v = [torch.empty(slots, heads, max_len, v_dim, dtype=p.dtype, device=p.device) for _ in model.layers]
+        new = lambda heads, width: torch.empty(slots, heads, max_len, width, dtype=p.dtype, device=p.device)  # noqa: E731
+        if c.attention == "mla":
+            self.k = [new(1, c.kv_lora_rank + c.qk_rope_head_dim) for _ in model.layers]
+            self.v = [k[..., :c.kv_lora_rank] for k in self.k]
+            self._owned = self.k
+        else:
+            self.k = [new(c.n_kv_heads, c.head_dim) for _ in model.layers]
+            self.v = [new(c.n_kv_heads, c.head_dim) for _ in model.layers]
+            self._owned = self.k + self.v
 
     def ensure_clean(self, slot: int, length: int) -> None:
         """Zero positions ``clean[slot] .. length - 1`` of ``slot`` in every layer (each at most once)."""
         start = self.clean[slot]
         if start < length:
-            for t in self.k + self.v:
+            for t in self._owned:
                 t[slot, :, start:length].zero_()
             self.clean[slot] = length
 
@@ -67,77 +100,165 @@ class SlotCache:
         self.clean[slot] = max(self.clean[slot], end)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self._owned)
 
 
-def _interleave_perm(head_dim: int) -> torch.Tensor:
-    """Row order that makes rotate-half pairs (i, i + Dh/2) adjacent: 0, Dh/2, 1, Dh/2 + 1, ..."""
-    half = head_dim // 2
-    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+# --------------------------------------------------------------------------- one copy of the weights
+#: The dimension of the rows (N) in each tensor of a 2-D QuantizedWeight [N, K].
+_QUANT_ROW_DIM = {"q": 0, "scale": 0, "scale_zero": 1, "nibbles": 0}
 
 
-def _permute_heads(t: torch.Tensor | None, heads: int, head_dim: int) -> torch.Tensor | None:
-    """Apply :func:`_interleave_perm` within each head of a [heads * Dh, ...] weight (or bias, or norm)."""
-    if t is None:
+def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    """The contiguous tensor whose consecutive slices along ``dim`` are ``parts``, if they already are
+    views of one (an earlier runner fused them), else None."""
+    first = parts[0]
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    stride = torch.empty(shape, device="meta").stride()
+    offset = first.storage_offset()
+    for p in parts:
+        if (p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or p.dtype != first.dtype
+                or p.stride() != stride or p.storage_offset() != offset
+                or p.shape[:dim] != first.shape[:dim] or p.shape[dim + 1:] != first.shape[dim + 1:]):
+            return None
+        offset += p.shape[dim] * stride[dim]
+    return first.detach().as_strided(shape, stride, first.storage_offset())
+
+
+def _concatenated(parts: list[torch.Tensor], dim: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A new tensor joining ``parts`` along ``dim``, and its slices (views) in their places."""
+    fused = torch.cat([p.detach() for p in parts], dim)
+    return fused, list(fused.split([p.shape[dim] for p in parts], dim))
+
+
+def _share_params(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor whose row blocks are ``params``, which become views of it (``p.data = block``: the same
+    Parameter objects, so optimizers, hooks and in-place updates act on the one copy). None if they
+    cannot be joined (different dtypes, devices or widths)."""
+    if len({(p.dtype, p.device, tuple(p.shape[1:])) for p in params}) != 1:
         return None
-    return t.reshape(heads, head_dim, *t.shape[1:])[:, _interleave_perm(head_dim)].reshape(t.shape)
+    joined = _joined(params, 0)
+    if joined is not None:
+        return joined
+    # NOTE: normal tensors even when the runner is built under inference_mode: the model trains on them.
+    with torch.inference_mode(False), torch.no_grad():
+        fused, blocks = _concatenated(params, 0)
+        for p, block in zip(params, blocks):
+            p.data = block
+    return fused
 
 
+@functools.cache
+def _int4_row_blocks_of_64_pack_apart(K: int) -> bool:
+    """Whether PyTorch's int4 CPU layout packs rows in independent blocks of 64, so that packing row
+    blocks of a multiple of 64 one by one and concatenating gives the layout of the concatenation. The
+    layout is PyTorch's private one (see moekit.quant), so it is checked on a probe, once per width."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, 16, (n, K), generator=gen, dtype=torch.int32) for n in (64, 16))
+    pack = lambda w: torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)  # noqa: E731
+    try:
+        return torch.equal(pack(torch.cat([a, b])), torch.cat([pack(a), pack(b)]))
+    except RuntimeError:
+        return False
+
+
+def _share_quantized(layers: list[QuantizedLinear]) -> QuantizedWeight | None:
+    """A quantized weight whose row blocks are the layers' weights, which become views of it (each
+    layer gets a new QuantizedWeight over the same rows). None where the kernels cannot run a block of
+    the fused tensors: int8 rows of a block must start 64-byte aligned (see ``QuantizedWeight.from_int8``),
+    int4 blocks must pack apart (every block but the last a multiple of 64 rows)."""
+    ws = [m.qweight for m in layers]
+    if not all(isinstance(w, QuantizedWeight) and len(w.shape) == 2 for w in ws):
+        return None
+    if len({(w.bits, w.group_size, w.shape[1], w.q.dtype, w.q.device) for w in ws}) != 1:
+        return None
+    first, rows = ws[0], [w.shape[0] for w in ws]
+    shape = (sum(rows), first.shape[1])
+    names = [f for f in _QUANT_ROW_DIM if all(getattr(w, f) is not None for w in ws)]  # nibbles: if all keep them
+    unshared = {} if "nibbles" in names else {"nibbles": None}
+    joined = {f: _joined([getattr(w, f) for w in ws], _QUANT_ROW_DIM[f]) for f in names}
+    if all(j is not None for j in joined.values()):
+        return dataclasses.replace(first, shape=shape, **joined, **unshared)
+    if first.bits == 4 and not (all(n % 64 == 0 for n in rows[:-1]) and _int4_row_blocks_of_64_pack_apart(shape[1])):
+        return None
+    fused, blocks = {}, {}
+    for f in names:
+        fused[f], blocks[f] = _concatenated([getattr(w, f) for w in ws], _QUANT_ROW_DIM[f])
+    if first.bits == 8 and any(b.data_ptr() % 64 for b in blocks["q"]):
+        return None
+    for i, (layer, w) in enumerate(zip(layers, ws)):
+        layer.qweight = dataclasses.replace(w, **{f: blocks[f][i] for f in names})
+    return dataclasses.replace(first, shape=shape, **fused, **unshared)
+
+
+def _fuse(layers: list[nn.Module]) -> tuple[torch.Tensor | QuantizedWeight, torch.Tensor | None] | None:
+    """(weight, bias) of the layers stacked along their outputs, sharing the layers' storage (see the
+    module doc); None where that cannot be done without a copy: the caller runs the layers one by one."""
+    if all(isinstance(m, nn.Linear) for m in layers):
+        weight = _share_params([m.weight for m in layers])
+    elif all(isinstance(m, QuantizedLinear) for m in layers):
+        weight = _share_quantized(layers)
+    else:
+        return None
+    biases = [m.bias for m in layers]
+    if weight is None or (any(b is None for b in biases) and not all(b is None for b in biases)):
+        return None
+    if biases[0] is None:
+        return weight, None
+    bias = _share_params(biases)
+    return None if bias is None else (weight, bias)
+
+
+def _signature(model: nn.Module) -> list:
+    """Every parameter, buffer and quantized weight of ``model``: identity, address, dtype, device.
+    A runner built on the model stays valid while this is unchanged (see :meth:`Runner.is_current`)."""
+    sig = [(name, id(t), t.data_ptr(), t.dtype, t.device)
+           for name, t in itertools.chain(model.named_parameters(), model.named_buffers())]
+    for name, w in quantized_weights(model).items():
+        tensors = [getattr(w, f.name) for f in dataclasses.fields(w)] if dataclasses.is_dataclass(w) else []
+        sig.append((name, id(w), *(t.data_ptr() for t in tensors if isinstance(t, torch.Tensor))))
+    return sig
+
+
+# --------------------------------------------------------------------------- attention
 class _AttnPlan:
-    """One attention layer's weights arranged for inference.
+    """One grouped-query attention layer: q/k/v as one matmul over the fused weight (the model's own
+    q/k/v weights are its row blocks), the attention norm's weight applied by the fused ``rms_norm``.
 
-    Grouped-query attention: q/k/v fused into one matmul, with the attention RMSNorm's weight folded
-    into its columns (``norm(x) @ W^T == rms(x) @ (W * g)^T``). Query and key rows are permuted within
-    each head so that rotary pairs (i, i + Dh/2) sit side by side: rotation is then one complex
-    multiply for queries and keys together. Attention scores are unchanged (q and k share the
-    permutation; the cache holds permuted keys), values are untouched.
+    Rotary embedding for queries and keys together is one complex multiply on (i, i + Dh/2) pairs; its
+    output puts each pair side by side (rows 0, Dh/2, 1, Dh/2 + 1, ... of each head), the same fixed
+    permutation for queries and keys, so attention scores are unchanged (the cache holds keys in that
+    order). Values are untouched.
     """
 
-    def __init__(self, attn: Attention | LatentAttention, norm: RMSNorm):
+    mla = False
+
+    def __init__(self, attn: Attention, norm: RMSNorm):
         self.attn, self.norm = attn, norm
-        self.mla = isinstance(attn, LatentAttention)
-        if self.mla:
-            return
-        H, G, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        self.H, self.G, self.Dh = H, G, Dh
-        # NOTE: a copy of the attention weights (a few % of an MoE model); one matmul instead of three.
-        qw, kw, vw = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
-        if isinstance(qw, QuantizedWeight):  # rows move exactly; the norm weight cannot be folded in
-            rows = lambda heads: _permute_heads(torch.arange(heads * Dh), heads, Dh)  # noqa: E731
-            self.w_qkv = cat_rows([select_rows(qw, rows(H)), select_rows(kw, rows(G)), vw])
-            self.norm_weight = norm.weight.detach()
-        else:
-            w = torch.cat([_permute_heads(qw, H, Dh), _permute_heads(kw, G, Dh), vw]).detach()
-            self.w_qkv = (w * norm.weight.detach().to(w.dtype)).contiguous()
-            self.norm_weight = None
-        if attn.q_proj.bias is None:
-            self.b_qkv = None
-        else:
-            self.b_qkv = torch.cat([_permute_heads(attn.q_proj.bias, H, Dh), _permute_heads(attn.k_proj.bias, G, Dh),
-                                    attn.v_proj.bias]).detach()
+        self.H, self.G, self.Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        fused = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.w_qkv, self.b_qkv = (None, None) if fused is None else fused
+        self.norm_weight = norm.weight.detach()
         self.q_norm = self.k_norm = None
-        if attn.qk_norm == "head":
-            self.q_norm = (_permute_heads(attn.q_norm.weight, 1, Dh), attn.q_norm.eps)
-            self.k_norm = (_permute_heads(attn.k_norm.weight, 1, Dh), attn.k_norm.eps)
-        elif attn.qk_norm == "full":
-            self.q_norm = (_permute_heads(attn.q_norm.weight, H, Dh), attn.q_norm.eps)
-            self.k_norm = (_permute_heads(attn.k_norm.weight, G, Dh), attn.k_norm.eps)
-        self.w_o = _detach(attn.o_proj.weight)
+        if attn.qk_norm is not None:
+            self.q_norm = (attn.q_norm.weight.detach(), attn.q_norm.eps)
+            self.k_norm = (attn.k_norm.weight.detach(), attn.k_norm.eps)
 
     def project(self, x_BTD: torch.Tensor, freqs, cos, sin):
-        """q [B, H, T, Dk], k [B, G, T, Dk], v [B, G, T, Dv], rotated; ``x`` is not yet normalised."""
-        if self.mla:
-            return self.attn.project(_rms_norm(self.norm, x_BTD), cos, sin)
+        """q [B, H, T, Dh], k [B, G, T, Dh], v [B, G, T, Dh], rotated; ``x`` is not yet normalised."""
         B, T, _ = x_BTD.shape
         H, G, Dh = self.H, self.G, self.Dh
         h = F.rms_norm(x_BTD, (x_BTD.shape[-1],), self.norm_weight, self.norm.eps)
-        qkv = linear(h, self.w_qkv, self.b_qkv)
-        v = qkv[..., (H + G) * Dh:].view(B, T, G, Dh)
-        if self.q_norm is None:
+        if self.w_qkv is not None:
+            qkv = linear(h, self.w_qkv, self.b_qkv)
+            q, k, v = qkv.split([H * Dh, G * Dh, G * Dh], dim=-1)
+        else:
+            q, k, v = self.attn.q_proj(h), self.attn.k_proj(h), self.attn.v_proj(h)
+        v = v.view(B, T, G, Dh)
+        if self.q_norm is None and self.w_qkv is not None:
             qk = _rotate(qkv[..., :(H + G) * Dh].view(B, T, H + G, Dh), freqs)
             q, k = qk[:, :, :H], qk[:, :, H:]
         else:
-            q, k = qkv[..., :H * Dh], qkv[..., H * Dh:(H + G) * Dh]
             if self.attn.qk_norm == "full":
                 q, k = F.rms_norm(q, q.shape[-1:], *self.q_norm), F.rms_norm(k, k.shape[-1:], *self.k_norm)
             q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, G, Dh)
@@ -151,22 +272,84 @@ class _AttnPlan:
 
 
 def _rotate(x_BTHD: torch.Tensor, freqs_T1C: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on adjacent pairs as one complex multiply (Llama's reference code does the same)."""
+    """Rotary embedding of (i, i + Dh/2) pairs as one complex multiply (Llama's reference code does the
+    same on adjacent pairs); the result holds each rotated pair side by side (see :class:`_AttnPlan`)."""
     B, T, Hn, Dh = x_BTHD.shape
-    z = torch.view_as_complex(x_BTHD.float().reshape(B, T, Hn, Dh // 2, 2))
-    return torch.view_as_real(z * freqs_T1C).reshape(B, T, Hn, Dh).to(x_BTHD.dtype)
+    # One copy gathers the pairs (and casts to float32): [.., 2, Dh/2] -> [.., Dh/2, 2].
+    pairs = torch.empty(B, T, Hn, Dh // 2, 2, dtype=torch.float32, device=x_BTHD.device)
+    pairs.copy_(x_BTHD.unflatten(-1, (2, Dh // 2)).transpose(-1, -2))
+    return torch.view_as_real(torch.view_as_complex(pairs) * freqs_T1C).reshape(B, T, Hn, Dh).to(x_BTHD.dtype)
 
 
+class _LatentPlan:
+    """Multi-head latent attention with the latent cached, in the "absorbed" form (DeepSeek-V2 sec.
+    2.1.2; vLLM and SGLang run MLA this way).
+
+    Per token and layer the cache holds the normalised latent c [R] and the rotated shared key k_r [r]:
+    one key [c, k_r] for all H heads, and c as the value. With kv_b_proj split per head into W_UK [Dn, R]
+    and W_UV [Dv, R] (views of its weight, nothing copied):
+      score_h = q_h . (W_UK c) + q_r . k_r = (W_UK^T q_h) . c + q_r . k_r  -> queries [W_UK^T q_h, q_r]
+      out_h = sum_t p_t W_UV c_t = W_UV (sum_t p_t c_t)                   -> W_UV applied after attention
+    so a token costs R + r cached numbers per layer instead of H * (Dn + r + Dv) (DeepSeek-V3: 576
+    against 40,960, 71x). The same scores and outputs as ``LatentAttention.forward``, summed in another
+    order (tests/test_mla_cache.py: within float32 rounding). A quantized kv_b_proj is dequantized for
+    each call (transient; the weight stays quantized).
+    """
+
+    mla = True
+
+    def __init__(self, attn: LatentAttention, norm: RMSNorm):
+        self.attn, self.norm = attn, norm
+        self._w_uv = None  # this call's W_UV [H, Dv, R], set by project
+
+    def _absorbed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.attn
+        w = a.kv_b_proj.weight
+        w = w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w.detach()
+        w_HXR = w.view(a.n_heads, a.nope + a.v_dim, a.kv_rank)
+        return w_HXR[:, :a.nope], w_HXR[:, a.nope:]  # W_UK [H, Dn, R], W_UV [H, Dv, R]
+
+    def project(self, x_BTD: torch.Tensor, freqs, cos, sin):
+        """Absorbed queries [B, H, T, R + r], the new cache entries [B, 1, T, R + r], and None (the
+        values are the cached latent)."""
+        a, B, T = self.attn, x_BTD.shape[0], x_BTD.shape[1]
+        h = _rms_norm(self.norm, x_BTD)
+        q = a.q_proj(h) if hasattr(a, "q_proj") else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(h)))
+        q_nope, q_rot = q.view(B, T, a.n_heads, a.nope + a.rope).transpose(1, 2).split([a.nope, a.rope], dim=-1)
+        c_BTR, k_rot_BTr = a.kv_a_proj_with_mqa(h).split([a.kv_rank, a.rope], dim=-1)
+        c_BTR = a.kv_a_layernorm(c_BTR)
+        q_rot = apply_rope(q_rot, cos, sin, a.interleave)
+        k_rot_B1Tr = apply_rope(k_rot_BTr[:, None], cos, sin, a.interleave)
+        w_uk, self._w_uv = self._absorbed(q_nope.dtype)
+        q_lat_BHTR = torch.matmul(q_nope, w_uk)  # [B, H, T, Dn] @ [H, Dn, R]
+        return torch.cat([q_lat_BHTR, q_rot], dim=-1), torch.cat([c_BTR[:, None], k_rot_B1Tr], dim=-1), None
+
+    def out(self, y_BTX: torch.Tensor) -> torch.Tensor:
+        """Attention outputs in the latent [B, T, H * R] -> W_UV per head -> o_proj."""
+        a = self.attn
+        B, T, _ = y_BTX.shape
+        y_BHTR = y_BTX.view(B, T, a.n_heads, a.kv_rank).transpose(1, 2)
+        o_BHTV = torch.matmul(y_BHTR, self._w_uv.transpose(1, 2))  # [B, H, T, R] @ [H, R, Dv]
+        self._w_uv = None
+        return a.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, a.n_heads * a.v_dim))
+
+
+# --------------------------------------------------------------------------- feed-forward
 class _MLPPlan:
-    """A dense SwiGLU MLP with gate and up fused into one [2F, D] matmul."""
+    """A dense SwiGLU MLP with gate and up fused into one [2F, D] matmul (the model's gate and up
+    weights are its row blocks)."""
 
     def __init__(self, mlp: MLP):
-        gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
-        self.w_gate_up = cat_rows([gate, up]) if isinstance(gate, QuantizedWeight) else torch.cat([gate, up]).detach()
+        self.mlp = mlp
+        fused = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.w_gate_up = None if fused is None else fused[0]
         self.w_down = _detach(mlp.down_proj.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = linear(x, self.w_gate_up).chunk(2, dim=-1)
+        if self.w_gate_up is None:
+            g, u = self.mlp.gate_proj(x), self.mlp.up_proj(x)
+        else:
+            g, u = linear(x, self.w_gate_up).chunk(2, dim=-1)
         return linear(F.silu(g).mul_(u), self.w_down)
 
 
@@ -293,7 +476,16 @@ class Runner:
         self.blocks = []
         for block in model.layers:
             ffn = _MoEPlan(block.ffn) if block.is_moe else _MLPPlan(block.ffn)
-            self.blocks.append((_AttnPlan(block.attn, block.attn_norm), block.ffn_norm, ffn))
+            plan = _LatentPlan if isinstance(block.attn, LatentAttention) else _AttnPlan
+            attn = plan(block.attn, block.attn_norm)
+            self.blocks.append((attn, block.ffn_norm, ffn))
+        self._signature = _signature(model)
+
+    def is_current(self) -> bool:
+        """Whether the model still holds the weights this runner reads: False once a parameter, buffer or
+        quantized weight was replaced, cast or moved (``model.to``, ``load_state_dict(assign=True)``,
+        ``quantize_model``). In-place updates (an optimizer step) keep it current: they are seen."""
+        return _signature(self.model) == self._signature
 
     def __call__(self, tokens_BT: torch.Tensor, slots: list[int], starts: list[int], all_logits: bool = False,
                  routing: list | None = None) -> torch.Tensor:
@@ -388,15 +580,18 @@ class _AttentionPlan:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                scale: float | None) -> torch.Tensor:
-        """Write k/v [1, G, N, Dh] into the cache, attend, return y [1, N, H * Dv]."""
+        """Write k/v [1, G, N, Dh] into the cache (v None: the cache's values are a view of its keys),
+        attend, return y [1, N, H * Dv]."""
         if self.single is not None:
             s, p, n = self.single
             kc[s, :, p:p + n] = k[0]
-            vc[s, :, p:p + n] = v[0]
+            if v is not None:  # (None: the values are a view of the keys, the latent)
+                vc[s, :, p:p + n] = v[0]
             y = _attention(q, kc[s:s + 1, :, :p + n], vc[s:s + 1, :, :p + n], self.mask, scale)
             return y.transpose(1, 2).reshape(1, n, -1)
         kc[self.slot_t, :, self.pos_t] = k[0].transpose(0, 1)  # [N, G, Dh]
-        vc[self.slot_t, :, self.pos_t] = v[0].transpose(0, 1)
+        if v is not None:
+            vc[self.slot_t, :, self.pos_t] = v[0].transpose(0, 1)
         ys = []
         if self.n_decode:
             nd, L, slots = self.n_decode, self.dec_len, self.dec_slots
