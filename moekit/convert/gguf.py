@@ -600,22 +600,24 @@ def _export_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _quantized_qtype(w) -> GGMLQuantizationType | None:
+def _quantized_qtype(w: QuantizedWeight) -> GGMLQuantizationType | None:
     """The GGUF type that holds a quantized weight's integers exactly: int8 rows -> Q8_0 (the row's scale
-    in every block), int4 groups of 32 -> Q4_1 (``d`` = scale, ``m`` = zero - 8 scale); None otherwise."""
+    in every block), int8 in groups of 32 -> Q8_0 (the float16 scales are ``d``), int4 groups of 32 ->
+    Q4_1 (``d`` = scale, ``m`` = zero - 8 scale); None otherwise."""
     if w.bits == 8:
-        return GGMLQuantizationType.Q8_0 if w.shape[-1] % 32 == 0 else None
+        return GGMLQuantizationType.Q8_0 if w.shape[-1] % 32 == 0 and w.group_size in (None, 32) else None
     return GGMLQuantizationType.Q4_1 if w.group_size == 32 else None
 
 
-def _raw_quantized(w, qtype: GGMLQuantizationType) -> np.ndarray:
+def _raw_quantized(w: QuantizedWeight, qtype: GGMLQuantizationType) -> np.ndarray:
     """llama.cpp blocks (``ggml-common.h``) from a quantized weight's integers: uint8 [..., R, B * bytes]."""
     K = w.shape[-1]
     lead, B = w.shape[:-1], K // 32
     f16 = lambda t: t.to(torch.float16).numpy().view(np.uint8)  # noqa: E731 -- [..., 2] bytes after a reshape
     if qtype == GGMLQuantizationType.Q8_0:
-        d = f16(w.scale.float()[..., None].expand(*lead, B).reshape(-1, B, 1)).reshape(-1, B, 2)
-        qs = w.q.reshape(-1, B, 32).numpy().view(np.uint8)
+        scale = w.scale if w.grouped_int8 else w.scale.float()[..., None].expand(*lead, B)
+        d = f16(scale.reshape(-1, B, 1)).reshape(-1, B, 2)
+        qs = w.int8_values().reshape(-1, B, 32).numpy().view(np.uint8)
         blocks = np.concatenate([d, qs], axis=-1)
     else:
         scale, zero = w.scales_zeros()
