@@ -223,7 +223,9 @@ class QuantizedWeight:
         else:
             if self.bits == 8:
                 x2 = torch.cat([x2, x2], dim=-1)  # one copy of the input per nibble plane
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.q, self.group_size, self.scale_zero)
+            # NOTE: the kernel reads scale_zero as contiguous (a strided view, e.g. a block of rows of a
+            # fused weight, gives wrong results silently); .contiguous() copies only such a view.
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.q, self.group_size, self.scale_zero.contiguous())
             y = y[:, :N]  # drop the padding rows' outputs
         return y.to(x.dtype).reshape(*lead, N)
 
@@ -313,6 +315,10 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight, bias: torch.Tenso
 # in one fixed order. That order (BN numbers per tile size) is all that is kept, so unpacking needs
 # O(BN) memory, not a table per weight element.
 
+#: Values converted at a time by :meth:`QuantizedWeight.build` (and GGUF loading): the temporaries of a chunk
+#: (int32 for the packing op, the nibble planes) stay ~2 MB whatever the weight's size.
+CHUNK_VALUES = 1 << 18
+
 #: Tile orders kept, by (rows, width): a few hundred bytes each (bounded by the LRU below).
 _LAYOUT_CACHE = 64
 
@@ -371,8 +377,8 @@ def _tile_layout(rows: int, width: int) -> _Tiles | None:
 
 
 def _chunks(matrices: int, rows: int, width: int, tile: int):
-    """(matrix, start, stop) row ranges of about 2^20 values each, starting on whole tiles."""
-    step = max(tile, (1 << 20) // max(width, 1) // tile * tile)
+    """(matrix, start, stop) row ranges of about ``CHUNK_VALUES`` values each, starting on whole tiles."""
+    step = max(tile, CHUNK_VALUES // max(width, 1) // tile * tile)
     for m in range(matrices):
         for a in range(0, rows, step):
             yield m, a, min(rows, a + step)

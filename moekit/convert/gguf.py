@@ -56,7 +56,7 @@ from moekit.convert.gguf_file import GGUFFile, TensorInfo
 from moekit.data.special import SpecialTokens, fill_missing, special_tokens_of
 from moekit.errors import CheckpointError
 from moekit.model.transformer import Transformer
-from moekit.quant import QuantizedWeight, assign_weights, quantized_weights, select_rows
+from moekit.quant import CHUNK_VALUES, QuantizedWeight, assign_weights, quantized_weights, select_rows
 from moekit.utils import atomic_write, release_free_memory
 
 __all__ = ["EXPORT_DTYPES", "PRE_TOKENIZERS", "SUPPORTED_ARCHITECTURES", "check_export_dtype", "check_exportable",
@@ -308,7 +308,7 @@ class _TensorSource:
                                          group_size=32)
         R, K = (shape[-2], shape[-1]) if len(shape) > 1 else (1, shape[0])
         out = torch.empty(len(matrices), R, K, dtype=self.dtype)
-        step = max(1, (1 << 20) // K)
+        step = max(1, CHUNK_VALUES // K)
         for m, segments in enumerate(matrices):
             for a in range(0, R, step):
                 b = min(R, a + step)
@@ -344,7 +344,7 @@ class _TensorSource:
         """Q8_0 matrices whose rows each have one scale (see ``gguf_quant.row_scale``): those scales
         [matrices, R] (bfloat16); None as soon as one row does not."""
         out = torch.empty(len(matrices), R, dtype=torch.bfloat16)
-        step = max(1, (1 << 20) // matrices[0][0][0].row_bytes)
+        step = max(1, CHUNK_VALUES // matrices[0][0][0].row_bytes)
         for m, segments in enumerate(matrices):
             for a in range(0, R, step):
                 b = min(R, a + step)
