@@ -1,6 +1,6 @@
 """GGUF in and out: llama.cpp's single-file format, for the Llama family (dense and Mixtral-style MoE).
 
-    model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # dequantised to float32
+    model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # Q4/Q8 blocks stay quantized
     save_gguf(model, tokenizer, "tiny-moe.gguf", dtype="q8_0")          # llama.cpp runs it (or q4_0, f16, f32)
     inspect_gguf("model.gguf")                                          # metadata only, no weights read
 
@@ -14,7 +14,7 @@ Layout facts (llama.cpp, ``convert_hf_to_gguf.py`` and ``src/models/llama.cpp``)
   stacked ``ffn_gate_exps|ffn_up_exps`` [E, F, D] and ``ffn_down_exps`` [E, D, F]. Older Mixtral
   files store one tensor per expert (``blk.{i}.ffn_gate.{e}``); both are read.
 - GGUF lists dimensions fastest-first (``ne[0]`` is the row length), so a torch [out, in] weight is
-  stored as ne = [in, out]; ``gguf``'s reader hands it back in torch order.
+  stored as ne = [in, out]; ``GGUFFile`` (``gguf_file.py``) hands shapes back in torch order.
 - llama.cpp's ``llama`` graph rotates *adjacent* pairs (rope type NORM), while Hugging Face Llama and
   moekit rotate halves (pairs (i, i + Dh/2)). The converter therefore permutes the rows of q and k
   (``LlamaModel.permute``); :func:`unpermute_qk` undoes it on import, :func:`permute_qk` redoes it.
@@ -429,8 +429,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 
 def load_gguf_compact(path: str | os.PathLike, **kwargs) -> tuple[Transformer, Tokenizer | None]:
-    """:func:`load_gguf`, then the heap's free pages (the file's parsed metadata, unpacking temporaries:
-    about twice the file) go back to the OS, so the process holds what the model uses."""
+    """:func:`load_gguf`, then the heap's free pages (the last weights' chunk temporaries, the tokenizer's
+    Python lists: a few MB) go back to the OS, so the process holds what the model uses."""
     model, tokenizer = load_gguf(path, **kwargs)
     release_free_memory()
     return model, tokenizer
