@@ -213,6 +213,16 @@ def test_corrupt_truncated_and_missing_files_name_the_file(tmp_path, tok):
             load_gguf(path)
 
 
+def test_an_unknown_gguf_version_is_named_with_the_supported_ones(tmp_path, tok):
+    data = bytearray(save_gguf(tiny_model("dense"), tok, tmp_path / "good.gguf").read_bytes())
+    for version, hint in ((1, ""), (0x03000000, r" \(a big-endian file\?\)")):
+        data[4:8] = version.to_bytes(4, "little")
+        (tmp_path / "other.gguf").write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"other.gguf: GGUF version {version}{hint} is not supported; "
+                                                  r"supported: little-endian versions \[2, 3\]"):
+            load_gguf(tmp_path / "other.gguf")
+
+
 def test_inspect_reads_metadata_and_tensor_types(tmp_path, tok):
     model = tiny_model("moe")
     info = inspect_gguf(save_gguf(model, tok, tmp_path / "m.gguf", dtype="q8_0"))
@@ -434,8 +444,14 @@ def test_q8_0_import_keeps_the_block_scales(tmp_path, tok):
         assert torch.equal(w.dequantize(), ref[name]), name
     ids = encode(tok, TEXTS[-1])
     float_ref, _ = load_gguf(path, keep_quantized=False)  # gguf-py's dequantization, float32 kernels
-    # kernels: activations and scales rounded to bfloat16 (2^-9 each), bfloat16 output
-    assert rel_diff(logits(loaded, ids), logits(float_ref, ids)) < 1e-2
+    # kernels: activations and scales rounded to bfloat16 (2^-9 each), bfloat16 output; the same for the
+    # engine's runner (fused q/k/v and gate/up from grouped rows, the tied head's rows gathered)
+    from moekit.infer.runner import Runner
+
+    with torch.inference_mode():
+        ran = Runner(loaded, 1, len(ids))(torch.tensor([ids]), [0], [0], all_logits=True)[0]
+    ref = logits(float_ref, ids)
+    assert rel_diff(logits(loaded, ids), ref) < 1e-2 and rel_diff(ran, ref) < 1e-2
 
 
 def test_a_q8_0_import_saves_loads_offloads_and_exports_its_blocks_unchanged(tmp_path, tok, capsys):
