@@ -108,7 +108,7 @@ class QuantizedWeight:
       width 2K in PyTorch's packed layout (uint8 [.., Np, K]) and ``scale_zero`` bfloat16
       [.., 2K/G, Np, 2] gives the l groups (scale s, zero 8 s) and the h groups (16 s, zero 0), so
       the kernel's ``(l - 8) s + 8 s + (h + 8 - 8) 16 s`` is ``s q`` (with s rounded to bfloat16).
-      No per-group int8 kernel exists on the CPU, and dequantizing per call is ~10x slower.
+      No per-group int8 kernel exists on the CPU, and dequantizing per call measured over 10x slower.
     - int4 in groups of G: ``q`` in the packed layout (uint8 [.., Np, K/2], from
       ``aten._convert_weight_to_int4pack_for_cpu``) and ``scale_zero`` bfloat16 [.., K/G, Np, 2];
       ``nibbles`` (the portable form) is kept only when asked (embeddings, exports), see :meth:`build`.
@@ -421,12 +421,15 @@ def _kernel_rows(packed: torch.Tensor, width: int, ids: torch.Tensor) -> torch.T
     if tiles is None:
         return _unpack_kernel_layout(packed, width)[ids]
     full, tail = divmod(rows, tiles.rows)
-    slot_of = torch.empty(rows, dtype=torch.int64)  # the slot of each row within its tile's column
-    slot_of[:full * tiles.rows].view(full, tiles.rows)[:, tiles.order.long()] = torch.arange(tiles.rows)
-    slot_of[full * tiles.rows:][tiles.tail_order.long()] = torch.arange(tail)
-    tile, first = ids // tiles.rows, ids - ids % tiles.rows
-    stride = torch.where(tile < full, tiles.rows, tail)  # slots per column in the row's tile
-    slots = (first * width + slot_of[ids])[:, None] + torch.arange(width)[None, :] * stride[:, None]  # [n, W]
+    # the slot of each row of a tile within its column: the inverse of the tile's row order
+    in_full = torch.empty(tiles.rows, dtype=torch.int64).index_put_((tiles.order.long(),), torch.arange(tiles.rows))
+    in_tail = torch.empty(tail, dtype=torch.int64).index_put_((tiles.tail_order.long(),), torch.arange(tail))
+    first = ids - ids % tiles.rows  # the tile's first row
+    in_last = first >= full * tiles.rows
+    slot = torch.where(in_last, in_tail[(ids - first).clamp(max=max(tail - 1, 0))] if tail else 0,
+                       in_full[ids - first])
+    stride = torch.where(in_last, tail, tiles.rows)  # slots per column in the row's tile
+    slots = (first * width + slot)[:, None] + torch.arange(width)[None, :] * stride[:, None]  # [n, W]
     return (packed.reshape(-1)[slots >> 1] >> ((slots & 1) << 2).to(torch.uint8)) & 0x0F
 
 
