@@ -174,8 +174,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
     if fmt == "gguf":
         stored = gguf_type or "f16"
         check_export_dtype(stored)
-        # A quantized source keeps its integers in a quantized file: int4 groups of 32 -> Q4_1 and
-        # int8 rows -> Q8_0, exactly (moekit.convert.gguf); float files are written from float.
+        # A quantized source keeps its integers in a quantized file: int4 groups of 32 -> Q4_1 (the
+        # zero point rounded to float16 m) and int8 -> Q8_0 (moekit.convert.gguf); float files are
+        # written from float.
         model, tokenizer = load(src, quantized=stored in ("q8_0", "q4_0"))
         if tokenizer is None:
             raise ConfigError(f"{src} has no tokenizer; GGUF files must carry one")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -126,13 +127,21 @@ def tune_cpu_allocator() -> bool:
 def release_free_memory() -> bool:
     """Hand the heap's free pages back to the OS (glibc ``malloc_trim(0)``), e.g. after a load that
     built large temporaries: the process then holds what it uses, not its peak. False off glibc."""
-    import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+@functools.cache
+def _libc():
+    """The C library, found once (``find_library`` runs ldconfig in a subprocess: ~2 ms a call, and the
+    GGUF loader trims after every weight)."""
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -1,6 +1,6 @@
 """GGUF in and out: llama.cpp's single-file format, for the Llama family (dense and Mixtral-style MoE).
 
-    model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # dequantised to float32
+    model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # Q4/Q8 blocks stay quantized
     save_gguf(model, tokenizer, "tiny-moe.gguf", dtype="q8_0")          # llama.cpp runs it (or q4_0, f16, f32)
     inspect_gguf("model.gguf")                                          # metadata only, no weights read
 
@@ -14,7 +14,7 @@ Layout facts (llama.cpp, ``convert_hf_to_gguf.py`` and ``src/models/llama.cpp``)
   stacked ``ffn_gate_exps|ffn_up_exps`` [E, F, D] and ``ffn_down_exps`` [E, D, F]. Older Mixtral
   files store one tensor per expert (``blk.{i}.ffn_gate.{e}``); both are read.
 - GGUF lists dimensions fastest-first (``ne[0]`` is the row length), so a torch [out, in] weight is
-  stored as ne = [in, out]; ``gguf``'s reader hands it back in torch order.
+  stored as ne = [in, out]; ``GGUFFile`` (``gguf_file.py``) hands shapes back in torch order.
 - llama.cpp's ``llama`` graph rotates *adjacent* pairs (rope type NORM), while Hugging Face Llama and
   moekit rotate halves (pairs (i, i + Dh/2)). The converter therefore permutes the rows of q and k
   (``LlamaModel.permute``); :func:`unpermute_qk` undoes it on import, :func:`permute_qk` redoes it.
@@ -47,15 +47,16 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor, TokenType
+from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from moekit.config import ConfigError, ModelConfig
 from moekit.convert import gguf_quant
+from moekit.convert.gguf_file import GGUFFile, TensorInfo
 from moekit.data.special import SpecialTokens, fill_missing, special_tokens_of
 from moekit.errors import CheckpointError
 from moekit.model.transformer import Transformer
-from moekit.quant import assign_weights, quantized_weights, select_rows
+from moekit.quant import CHUNK_VALUES, QuantizedWeight, assign_weights, quantized_weights, select_rows
 from moekit.utils import atomic_write, release_free_memory
 
 __all__ = ["EXPORT_DTYPES", "PRE_TOKENIZERS", "SUPPORTED_ARCHITECTURES", "check_export_dtype", "check_exportable",
@@ -139,46 +140,12 @@ _LLAMA3_FAMILY = frozenset({"llama-bpe", "llama3", "llama-v3"})
 
 
 # --------------------------------------------------------------------------- reading
-class _Metadata:
-    """GGUF key/values, decoded on access (token lists are large; ``inspect_gguf`` never decodes them)."""
-
-    def __init__(self, reader: GGUFReader):
-        self.fields = reader.fields
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self.fields.get(key)
-        return default if field is None else field.contents()
-
-    def length(self, key: str) -> int:
-        """Number of items of an array field, without decoding it (0 when absent)."""
-        field = self.fields.get(key)
-        if field is None or not field.types or field.types[0] != GGUFValueType.ARRAY:
-            return 0
-        return len(field.data)
-
-
-def _open(path: str | os.PathLike) -> tuple[Path, GGUFReader]:
-    """Open a GGUF file; a missing or corrupt file raises :class:`CheckpointError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"GGUF file not found: {path}")
-    try:
-        return path, GGUFReader(path)
-    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a valid GGUF file or is truncated ({type(e).__name__}: {e})") from None
-
-
-def _torch_shape(t: ReaderTensor) -> tuple[int, ...]:
-    """A tensor's shape in torch order: GGUF lists ne[0], the row length, first."""
-    return tuple(int(n) for n in reversed(t.shape.tolist()))
-
-
 def _from_f32(value: float) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
     return float(str(np.float32(value)))
 
 
-def _uniform_int(meta: _Metadata, key: str, path: Path, default: int | None = None) -> int:
+def _uniform_int(meta: GGUFFile, key: str, path: Path, default: int | None = None) -> int:
     """An integer hyperparameter; llama.cpp allows per-layer arrays, accepted here when all equal."""
     value = meta.get(key, default)
     if value is None:
@@ -190,7 +157,7 @@ def _uniform_int(meta: _Metadata, key: str, path: Path, default: int | None = No
     return int(value)
 
 
-def _config_from_gguf(meta: _Metadata, tensor_shapes: dict[str, tuple[int, ...]], path: Path) -> ModelConfig:
+def _config_from_gguf(meta: GGUFFile, tensor_shapes: dict[str, tuple[int, ...]], path: Path) -> ModelConfig:
     """Translate llama.cpp hyperparameters to a :class:`ModelConfig`, refusing what moekit cannot run."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -234,7 +201,7 @@ def _config_from_gguf(meta: _Metadata, tensor_shapes: dict[str, tuple[int, ...]]
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _refuse_unsupported_features(meta: _Metadata, tensor_shapes: dict[str, tuple[int, ...]], a: str, path: Path) -> None:
+def _refuse_unsupported_features(meta: GGUFFile, tensor_shapes: dict[str, tuple[int, ...]], a: str, path: Path) -> None:
     """Settings the llama graph can carry but moekit's model does not compute: refuse, never ignore."""
     scaling = meta.get(f"{a}.rope.scaling.type", "none")
     factor = meta.get(f"{a}.rope.scaling.factor", 1.0)
@@ -267,94 +234,154 @@ def _expected_gguf_names(cfg: ModelConfig) -> dict[str, str]:
     return names
 
 
-class _TensorSource:
-    """Dequantises named GGUF tensors to torch (one at a time) and records which were used."""
+#: Rows of one file tensor inside a weight: (tensor, which matrix of a stacked tensor, row order or None).
+_Segment = tuple[TensorInfo, int, "torch.Tensor | None"]
 
-    def __init__(self, reader: GGUFReader, path: Path, dtype: torch.dtype, keep_quantized: bool = False):
-        self.tensors = {t.name: t for t in reader.tensors}
-        self.path, self.dtype, self.keep_quantized = path, dtype, keep_quantized
+
+class _TensorSource:
+    """Builds moekit weights from GGUF tensors a few rows at a time and records which tensors were used.
+
+    A weight is a list of matrices (one per expert, or one), each a list of segments: ``(tensor, which
+    matrix of a stacked tensor, row order or None)`` whose rows follow one another (gate then up for
+    the fused experts; q and k in llama.cpp's row order, undone by the order). Rows go from the file
+    into the weight's final layout (``QuantizedWeight.build``, or a float tensor) chunk by chunk, so a
+    load holds the model plus one chunk, never a float copy of a quantized tensor.
+    """
+
+    def __init__(self, file: GGUFFile, dtype: torch.dtype, keep_quantized: bool = False):
+        self.file, self.path, self.dtype, self.keep_quantized = file, file.path, dtype, keep_quantized
         self.used: set[str] = set()
 
-    def get_parts(self, name: str, shape: tuple[int, ...]):
-        """Tensor ``name`` as quantized parts (``moekit.convert.gguf_quant``) when kept quantized and its
-        type allows, else dequantised to torch."""
-        t = self._checked(name, shape)
-        if self.keep_quantized:
-            parts = gguf_quant.quantized_parts(t.data, t.tensor_type, tuple(shape))
-            if parts is not None:
-                self.used.add(name)
-                return parts
-        return self.get(name, shape)
-
-    def _checked(self, name: str, shape: tuple[int, ...]) -> ReaderTensor:
-        t = self.tensors.get(name)
+    def tensor(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
+        """Tensor ``name``, after checking it has the ``shape`` the config implies."""
+        t = self.file.tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
-        found = _torch_shape(t)
-        if found != tuple(shape):
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {found}, the file's hyperparameters "
+        if t.shape != tuple(shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {t.shape}, the file's hyperparameters "
                                   f"imply {tuple(shape)}")
+        self.used.add(name)
         return t
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """Tensor ``name`` dequantised to torch, after checking it has the ``shape`` the config implies."""
-        t = self._checked(name, shape)
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {t.tensor_type.name}, which the gguf "
-                                  "package cannot dequantise") from None
-        self.used.add(name)
-        # F32 comes back as a read-only view of the memory-mapped file: copy it out.
-        return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(self.dtype)
-
-    def experts(self, block: str, kind: str, shape_EXY: tuple[int, ...]):
-        """Stacked expert weight ``ffn_{kind}_exps`` [E, ...], or stack legacy ``ffn_{kind}.{e}`` tensors
-        (float; quantized parts only for the stacked form)."""
+    def experts(self, block: str, kind: str, shape_EXY: tuple[int, ...]) -> list[list[_Segment]]:
+        """Expert weight ``ffn_{kind}_exps`` [E, X, Y] as one matrix per expert, or the legacy
+        per-expert tensors ``ffn_{kind}.{e}`` of older Mixtral files."""
         stacked = f"{block}ffn_{kind}_exps.weight"
-        if stacked in self.tensors or f"{block}ffn_{kind}.0.weight" not in self.tensors:
-            return self.get_parts(stacked, shape_EXY)
-        return torch.stack([self.get(f"{block}ffn_{kind}.{e}.weight", shape_EXY[1:]) for e in range(shape_EXY[0])])
+        if stacked in self.file.tensors or f"{block}ffn_{kind}.0.weight" not in self.file.tensors:
+            t = self.tensor(stacked, shape_EXY)
+            return [[(t, e, None)] for e in range(shape_EXY[0])]
+        return [[(self.tensor(f"{block}ffn_{kind}.{e}.weight", shape_EXY[1:]), 0, None)] for e in range(shape_EXY[0])]
 
-    def as_float(self, value):
-        """Quantized parts dequantised (for weights whose partner is not quantized alike)."""
-        if isinstance(value, torch.Tensor):
-            return value
-        return gguf_quant.build(value).dequantize(self.dtype)
+    def kind(self, matrices: list[list[_Segment]]) -> str | None:
+        """"int4" (every segment Q4_0/Q4_1) or "int8" (every segment Q8_0) when kept quantized; None: float."""
+        types = {t.qtype for segments in matrices for t, _, _ in segments}
+        if not self.keep_quantized or matrices[0][0][0].shape[-1] % 32:
+            return None
+        if types <= set(gguf_quant.INT4_TYPES):
+            return "int4"
+        return "int8" if types == {GGMLQuantizationType.Q8_0} else None
+
+    def weight(self, matrices: list[list[_Segment]], shape: tuple[int, ...], kind: str | None,
+               keep_nibbles: bool = False) -> torch.Tensor | QuantizedWeight:
+        """The weight of ``shape`` [.., R, K] from ``matrices``: quantized as ``kind`` says, else float."""
+        try:
+            return self._weight(matrices, shape, kind, keep_nibbles)
+        finally:
+            # NOTE: the chunks' temporaries (a few MB) and the weights kept are allocated in turn, so the
+            # freed temporaries end up as holes between weights that glibc keeps (measured: +35% of the
+            # model at the peak); handing them back after each weight keeps the peak near the model.
+            release_free_memory()
+
+    def _weight(self, matrices: list[list[_Segment]], shape: tuple[int, ...], kind: str | None,
+                keep_nibbles: bool) -> torch.Tensor | QuantizedWeight:
+        read = self._read
+        if kind == "int4":
+            return QuantizedWeight.build(4, shape, lambda m, a, b: read(matrices[m], a, b, gguf_quant.int4_rows),
+                                         group_size=32, keep_nibbles=keep_nibbles)
+        if kind == "int8":
+            per_row = self._row_scales(matrices, shape[-2])
+            if per_row is not None:
+                return QuantizedWeight.build(8, shape, lambda m, a, b: (
+                    read(matrices[m], a, b, lambda raw, _: gguf_quant.int8_rows(raw)[:1])[0], per_row[m, a:b]))
+            return QuantizedWeight.build(8, shape, lambda m, a, b: read(matrices[m], a, b,
+                                                                        lambda raw, _: gguf_quant.int8_rows(raw)),
+                                         group_size=32)
+        R, K = (shape[-2], shape[-1]) if len(shape) > 1 else (1, shape[0])
+        out = torch.empty(len(matrices), R, K, dtype=self.dtype)
+        step = max(1, CHUNK_VALUES // K)
+        for m, segments in enumerate(matrices):
+            for a in range(0, R, step):
+                b = min(R, a + step)
+                out[m, a:b] = read(segments, a, b, lambda raw, qtype: (self._float_rows(raw, qtype, K),))[0]
+        return out.reshape(shape)
+
+    def _float_rows(self, raw: np.ndarray, qtype: GGMLQuantizationType, K: int) -> torch.Tensor:
+        try:
+            return gguf_quant.float_rows(raw, qtype, K)
+        except NotImplementedError:
+            raise CheckpointError(f"{self.path}: a tensor is stored as {qtype.name}, which the gguf package cannot "
+                                  "dequantise") from None
+
+    def _read(self, segments: list[_Segment], start: int, stop: int, decode: Callable) -> tuple[torch.Tensor, ...]:
+        """Rows [start, stop) of one matrix, each segment's raw rows passed through ``decode(raw, qtype)``
+        (which returns a tuple of per-row tensors), joined along the rows."""
+        pieces, first = [], 0
+        for t, j, order in segments:
+            n = t.shape[-2] if len(t.shape) > 1 else 1
+            lo, hi = max(start, first) - first, min(stop, first + n) - first
+            if lo < hi:
+                if order is None:
+                    raw = self.file.read_rows(t, j * n + lo, j * n + hi)
+                else:  # the rows are a local permutation (within heads): read their span, then reorder
+                    idx = order[lo:hi]
+                    low, high = int(idx.min()), int(idx.max()) + 1
+                    raw = self.file.read_rows(t, j * n + low, j * n + high)[(idx - low).numpy()]
+                pieces.append(decode(raw, t.qtype))
+            first += n
+        return pieces[0] if len(pieces) == 1 else tuple(torch.cat(p) for p in zip(*pieces))
+
+    def _row_scales(self, matrices: list[list[_Segment]], R: int) -> torch.Tensor | None:
+        """Q8_0 matrices whose rows each have one scale (see ``gguf_quant.row_scale``): those scales
+        [matrices, R] (bfloat16); None as soon as one row does not."""
+        out = torch.empty(len(matrices), R, dtype=torch.bfloat16)
+        step = max(1, CHUNK_VALUES // matrices[0][0][0].row_bytes)
+        for m, segments in enumerate(matrices):
+            for a in range(0, R, step):
+                b = min(R, a + step)
+                scale = gguf_quant.row_scale(self._read(segments, a, b, lambda raw, _: gguf_quant.int8_rows(raw)[1:])[0])
+                if scale is None:
+                    return None
+                out[m, a:b] = scale
+        return out
 
 
-def _state_from_gguf(source: _TensorSource, cfg: ModelConfig, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+def _state_from_gguf(source: _TensorSource, cfg: ModelConfig, shapes: dict[str, torch.Size]
+                     ) -> dict[str, torch.Tensor | QuantizedWeight]:
     """moekit state dict (``shapes``: the parameter shapes ``cfg`` gives) from GGUF tensors: renamed,
-    q/k un-permuted, gate and up experts fused."""
+    q/k un-permuted, gate and up experts fused, each weight built in its final layout."""
     state = {}
     for name, gguf_name in _expected_gguf_names(cfg).items():
-        quantizable = name.endswith("weight") and len(shapes[name]) == 2 and "norm" not in name
-        w = source.get_parts(gguf_name, shapes[name]) if quantizable else source.get(gguf_name, shapes[name])
+        shape = tuple(shapes[name])
+        order = None
         for suffix, heads in (("q_proj.weight", cfg.n_heads), ("k_proj.weight", cfg.n_kv_heads)):
-            if name.endswith(suffix):
-                if isinstance(w, torch.Tensor):
-                    w = unpermute_qk(w, heads)
-                else:  # the same row order, applied to every piece
-                    w = gguf_quant.rows(w, unpermute_qk(torch.arange(shapes[name][0])[:, None], heads)[:, 0])
-        if not isinstance(w, torch.Tensor):
-            w = gguf_quant.build(w, keep_nibbles=name in ("embed.weight", "lm_head.weight"))  # row access
-        state[name] = w
+            if name.endswith(suffix):  # row i of the weight is row order[i] of the file's
+                order = unpermute_qk(torch.arange(shape[0])[:, None], heads)[:, 0]
+        matrices = [[(source.tensor(gguf_name, shape), 0, order)]]
+        # routers select in float32 and norms are vectors: both stay float
+        quantizable = len(shape) == 2 and "norm" not in name and "router" not in name
+        state[name] = source.weight(matrices, shape, source.kind(matrices) if quantizable else None,
+                                    keep_nibbles=name in ("embed.weight", "lm_head.weight"))  # row access
     for i in range(cfg.n_layers):
         if cfg.is_moe_layer(i):
             b, p = f"blk.{i}.", f"layers.{i}.ffn.experts."
             E, F, D = cfg.num_experts, cfg.expert_ffn_dim, cfg.dim
-            gate_EFD, up_EFD = source.experts(b, "gate", (E, F, D)), source.experts(b, "up", (E, F, D))
-            down_EDF = source.experts(b, "down", (E, D, F))
-            fused = None
-            if not isinstance(gate_EFD, torch.Tensor) and not isinstance(down_EDF, torch.Tensor):
-                fused = gguf_quant.cat_rows(gate_EFD, up_EFD)
-            if fused is not None and fused[0] == down_EDF[0]:  # experts stay quantized, one kind for both
-                state[p + "gate_up_proj"], state[p + "down_proj"] = gguf_quant.build(fused), gguf_quant.build(down_EDF)
-            else:
-                gate_EFD, up_EFD, down_EDF = map(source.as_float, (gate_EFD, up_EFD, down_EDF))
-                state[p + "gate_up_proj"] = torch.cat([gate_EFD, up_EFD], dim=1)  # [E, 2F, D]: gate rows, then up
-                state[p + "down_proj"] = down_EDF
-    unused = sorted(n for n in set(source.tensors) - source.used if not _IGNORED_TENSOR.match(n))
+            gate_up = [g + u for g, u in zip(source.experts(b, "gate", (E, F, D)), source.experts(b, "up", (E, F, D)))]
+            down = source.experts(b, "down", (E, D, F))
+            kind = source.kind(gate_up)
+            kind = kind if kind == source.kind(down) else None  # both quantized alike, or both float
+            state[p + "gate_up_proj"] = source.weight(gate_up, (E, 2 * F, D), kind)  # [E, 2F, D]: gate rows, then up
+            state[p + "down_proj"] = source.weight(down, (E, D, F), kind)
+    unused = sorted(n for n in set(source.file.tensors) - source.used if not _IGNORED_TENSOR.match(n))
     if unused:
         raise CheckpointError(f"{source.path}: tensors moekit does not know how to use: {unused[:6]}"
                               f"{' ...' if len(unused) > 6 else ''}")
@@ -365,45 +392,51 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
               keep_quantized: bool = True) -> tuple[Transformer, Tokenizer | None]:
     """Load a Llama-family GGUF file as ``(model, tokenizer)``.
 
-    With ``keep_quantized`` (the default), Q4_0 / Q4_1 weights stay 4-bit and Q8_0 weights become
-    per-channel int8 (``moekit.convert.gguf_quant``; ``moekit.quant`` kernels, no float copy), so
-    the model needs about the file's size in memory; other tensor types are dequantised to ``dtype``.
+    With ``keep_quantized`` (the default), Q4_0 / Q4_1 weights stay 4-bit and Q8_0 weights stay int8
+    with their per-block scales (``moekit.convert.gguf_quant``; ``moekit.quant`` kernels, no float
+    copy), so the model needs about the file's size in memory; other tensor types are dequantised to
+    ``dtype``. Tensors are read from the file straight into their final layout a chunk of rows at a
+    time, and the metadata without gguf-py's reader (``moekit.convert.gguf_file``), so the load's peak
+    memory stays near the model's own.
 
     Dense Llama files and Mixtral-style MoE files (``ffn_*_exps``) load; other architectures raise
     :class:`CheckpointError` naming the supported ones. The tokenizer is rebuilt from the file's
     metadata (None, with a warning, for tokenizer kinds moekit cannot rebuild yet). The model carries
     ``model.special_tokens`` and ``model.chat_template`` from the file's ``tokenizer.*`` metadata.
     """
-    path, reader = _open(path)
-    meta = _Metadata(reader)
-    shapes = {t.name: _torch_shape(t) for t in reader.tensors}
-    cfg = _config_from_gguf(meta, shapes, path)
-    with torch.device("meta"):  # shapes only: no memory, no random init for weights about to be replaced
-        model = Transformer(cfg)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    state = _state_from_gguf(_TensorSource(reader, path, dtype, keep_quantized), cfg, expected)
-    if any(not isinstance(v, torch.Tensor) for v in state.values()):
-        assign_weights(model, state)
-        bits = sorted({w.bits for w in quantized_weights(model).values()})
-        model.quantization = {"bits": min(bits), "group_size": 32 if 4 in bits else None, "source": "gguf"}
-    else:
-        model.load_state_dict(state, strict=True, assign=True)
-    stated = _special_tokens_from_gguf(meta)
-    tokenizer = _tokenizer_from_gguf(meta, path, stated)
+    with GGUFFile(path) as file:
+        path = file.path
+        cfg = _config_from_gguf(file, {name: t.shape for name, t in file.tensors.items()}, path)
+        # The tokenizer first: building it takes ~3x the vocabulary's final size in Python lists, freed
+        # (and handed back) before the weights arrive, so that its peak and theirs do not add up.
+        stated = _special_tokens_from_gguf(file)
+        tokenizer = _tokenizer_from_gguf(file, path, stated)
+        release_free_memory()
+        with torch.device("meta"):  # shapes only: no memory, no random init for weights about to be replaced
+            model = Transformer(cfg)
+        expected = {name: p.shape for name, p in model.state_dict().items()}
+        state = _state_from_gguf(_TensorSource(file, dtype, keep_quantized), cfg, expected)
+        if any(not isinstance(v, torch.Tensor) for v in state.values()):
+            assign_weights(model, state)
+            weights = quantized_weights(model).values()
+            model.quantization = {"bits": min(w.bits for w in weights), "source": "gguf",
+                                  "group_size": 32 if any(w.group_size for w in weights) else None}
+        else:
+            model.load_state_dict(state, strict=True, assign=True)
     model.special_tokens = fill_missing(stated, tokenizer)
     model.chat_template = model.special_tokens.chat_template
     return model.eval(), tokenizer
 
 
 def load_gguf_compact(path: str | os.PathLike, **kwargs) -> tuple[Transformer, Tokenizer | None]:
-    """:func:`load_gguf`, then the heap's free pages (the file's parsed metadata, unpacking temporaries:
-    about twice the file) go back to the OS, so the process holds what the model uses."""
+    """:func:`load_gguf`, then the heap's free pages (the last weights' chunk temporaries, the tokenizer's
+    Python lists: a few MB) go back to the OS, so the process holds what the model uses."""
     model, tokenizer = load_gguf(path, **kwargs)
     release_free_memory()
     return model, tokenizer
 
 
-def _special_tokens_from_gguf(meta: _Metadata) -> SpecialTokens:
+def _special_tokens_from_gguf(meta: GGUFFile) -> SpecialTokens:
     """What the file says about its special tokens; ids outside the vocabulary are dropped (None)."""
     n_tokens = meta.length("tokenizer.ggml.tokens")
 
@@ -425,7 +458,7 @@ def _special_tokens_from_gguf(meta: _Metadata) -> SpecialTokens:
 
 
 # --------------------------------------------------------------------------- tokenizer import
-def _tokenizer_from_gguf(meta: _Metadata, path: Path, special: SpecialTokens) -> Tokenizer | None:
+def _tokenizer_from_gguf(meta: GGUFFile, path: Path, special: SpecialTokens) -> Tokenizer | None:
     """Rebuild a byte-level BPE ``tokenizers.Tokenizer`` from ``tokenizer.ggml.*`` metadata.
 
     Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain added
@@ -473,31 +506,30 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
     config's ``param_counts()``; None when unsupported), num_experts, experts_per_token, vocab_size,
     context_length, tokenizer ("gpt2/smollm"), config (dict or None).
     """
-    path, reader = _open(path)
-    meta = _Metadata(reader)
-    arch = meta.get("general.architecture")
-    file_type = meta.get("general.file_type")
-    shapes = {t.name: _torch_shape(t) for t in reader.tensors}
-    info: dict[str, Any] = {
-        "path": str(path),
-        "architecture": arch,
-        "name": meta.get("general.name"),
-        "tensors": len(reader.tensors),
-        "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors).most_common()),
-        "file_type": _file_type_name(file_type),
-        "params_in_file": sum(int(t.n_elements) for t in reader.tensors),
-        "num_experts": int(meta.get(f"{arch}.expert_count", 0) or 0),
-        "experts_per_token": int(meta.get(f"{arch}.expert_used_count", 0) or 0),
-        "vocab_size": meta.length("tokenizer.ggml.tokens") or None,
-        "context_length": meta.get(f"{arch}.context_length"),
-        "tokenizer": f"{meta.get('tokenizer.ggml.model')}/{meta.get('tokenizer.ggml.pre', 'default')}",
-        "supported": True, "params_total": None, "params_active": None, "config": None,
-    }
-    try:
-        cfg = _config_from_gguf(meta, shapes, path)
-    except (CheckpointError, ConfigError) as e:
-        info["supported"], info["error"] = False, str(e)
-        return info
+    with GGUFFile(path) as meta:
+        arch = meta.get("general.architecture")
+        tensors = meta.tensors.values()
+        shapes = {t.name: t.shape for t in tensors}
+        info: dict[str, Any] = {
+            "path": str(meta.path),
+            "architecture": arch,
+            "name": meta.get("general.name"),
+            "tensors": len(tensors),
+            "tensor_types": dict(Counter(t.qtype.name for t in tensors).most_common()),
+            "file_type": _file_type_name(meta.get("general.file_type")),
+            "params_in_file": sum(t.n_elements for t in tensors),
+            "num_experts": int(meta.get(f"{arch}.expert_count", 0) or 0),
+            "experts_per_token": int(meta.get(f"{arch}.expert_used_count", 0) or 0),
+            "vocab_size": meta.length("tokenizer.ggml.tokens") or None,
+            "context_length": meta.get(f"{arch}.context_length"),
+            "tokenizer": f"{meta.get('tokenizer.ggml.model')}/{meta.get('tokenizer.ggml.pre', 'default')}",
+            "supported": True, "params_total": None, "params_active": None, "config": None,
+        }
+        try:
+            cfg = _config_from_gguf(meta, shapes, meta.path)
+        except (CheckpointError, ConfigError) as e:
+            info["supported"], info["error"] = False, str(e)
+            return info
     total, active = cfg.param_counts()
     info |= {"params_total": total, "params_active": active, "config": cfg.to_dict()}
     return info
@@ -568,22 +600,24 @@ def _export_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _quantized_qtype(w) -> GGMLQuantizationType | None:
+def _quantized_qtype(w: QuantizedWeight) -> GGMLQuantizationType | None:
     """The GGUF type that holds a quantized weight's integers exactly: int8 rows -> Q8_0 (the row's scale
-    in every block), int4 groups of 32 -> Q4_1 (``d`` = scale, ``m`` = zero - 8 scale); None otherwise."""
+    in every block), int8 in groups of 32 -> Q8_0 (the float16 scales are ``d``), int4 groups of 32 ->
+    Q4_1 (``d`` = scale, ``m`` = zero - 8 scale); None otherwise."""
     if w.bits == 8:
-        return GGMLQuantizationType.Q8_0 if w.shape[-1] % 32 == 0 else None
+        return GGMLQuantizationType.Q8_0 if w.shape[-1] % 32 == 0 and w.group_size in (None, 32) else None
     return GGMLQuantizationType.Q4_1 if w.group_size == 32 else None
 
 
-def _raw_quantized(w, qtype: GGMLQuantizationType) -> np.ndarray:
+def _raw_quantized(w: QuantizedWeight, qtype: GGMLQuantizationType) -> np.ndarray:
     """llama.cpp blocks (``ggml-common.h``) from a quantized weight's integers: uint8 [..., R, B * bytes]."""
     K = w.shape[-1]
     lead, B = w.shape[:-1], K // 32
     f16 = lambda t: t.to(torch.float16).numpy().view(np.uint8)  # noqa: E731 -- [..., 2] bytes after a reshape
     if qtype == GGMLQuantizationType.Q8_0:
-        d = f16(w.scale.float()[..., None].expand(*lead, B).reshape(-1, B, 1)).reshape(-1, B, 2)
-        qs = w.q.reshape(-1, B, 32).numpy().view(np.uint8)
+        scale = w.scale if w.grouped_int8 else w.scale.float()[..., None].expand(*lead, B)
+        d = f16(scale.reshape(-1, B, 1)).reshape(-1, B, 2)
+        qs = w.int8_values().reshape(-1, B, 32).numpy().view(np.uint8)
         blocks = np.concatenate([d, qs], axis=-1)
     else:
         scale, zero = w.scales_zeros()

@@ -179,12 +179,13 @@ def _share_quantized(layers: list[QuantizedLinear]) -> QuantizedWeight | None:
     joined = {f: _joined([getattr(w, f) for w in ws], _QUANT_ROW_DIM[f]) for f in names}
     if all(j is not None for j in joined.values()):
         return dataclasses.replace(first, shape=shape, **joined, **unshared)
-    if first.bits == 4 and not (all(n % 64 == 0 for n in rows[:-1]) and _int4_row_blocks_of_64_pack_apart(shape[1])):
+    packed = first.scale_zero is not None  # int4, and grouped int8 (two nibble planes in the int4 layout)
+    if packed and not (all(n % 64 == 0 for n in rows[:-1]) and _int4_row_blocks_of_64_pack_apart(shape[1])):
         return None
     fused, blocks = {}, {}
     for f in names:
         fused[f], blocks[f] = _concatenated([getattr(w, f) for w in ws], _QUANT_ROW_DIM[f])
-    if first.bits == 8 and any(b.data_ptr() % 64 for b in blocks["q"]):
+    if not packed and any(b.data_ptr() % 64 for b in blocks["q"]):
         return None
     for i, (layer, w) in enumerate(zip(layers, ws)):
         layer.qweight = dataclasses.replace(w, **{f: blocks[f][i] for f in names})
