@@ -71,7 +71,7 @@ def test_serve_builds_its_engine_on_quantized_offloaded_experts(checkpoint, monk
     """The command itself (the HTTP server left out): its engine's expert slots hold int8 experts."""
     engines = []
     monkeypatch.setattr(moekit.serve, "create_app", lambda engine, *a, **kw: engines.append(engine))
-    monkeypatch.setattr("uvicorn.run", lambda app, **kw: None)
+    monkeypatch.setattr("uvicorn.Server.run", lambda self, *a, **kw: None)
     assert main(["serve", str(checkpoint), "--bits", "8", "--max-resident-experts", "2"]) == 0
     [engine] = engines
     store = engine.runner.blocks[1][2].experts
