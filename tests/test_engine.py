@@ -40,18 +40,57 @@ def greedy_reference(model: Transformer, prompt: list[int], steps: int) -> list[
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, stop_ids=())
 
 
+def greedy_gaps(model: Transformer, prompt: list[int], tokens: list[int]) -> list[float]:
+    """For each token of a continuation: how far its logit is below the top one (0.0: it is the argmax),
+    from the slow truth recomputed on the sequence up to it."""
+    gaps = []
+    with torch.no_grad():
+        for i, t in enumerate(tokens):
+            logits = model(torch.tensor([prompt + tokens[:i]])).logits[0, -1]
+            gaps.append((logits.max() - logits[t]).item())
+    return gaps
+
+
 def assert_same_greedy(model: Transformer, prompt: list[int], got: list[int], expected: list[int], tol: float = 1e-3):
     """``got == expected``, except that they may part at a near tie: batched and single-row matmuls sum in
-    different orders, so two logits within float rounding of each other may swap places. At the first
-    difference both tokens must be within ``tol`` of the top logit; after it the sequences are unrelated."""
-    for i, (a, b) in enumerate(zip(got, expected)):
-        if a != b:
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + expected[:i]])).logits[0, -1]
-            gap = (logits.max() - logits[[a, b]].min()).item()
-            assert gap < tol, f"token {i}: {a} vs {b}, logit gap {gap:.2e} is not a rounding tie"
-            return
-    assert len(got) == len(expected)
+    different orders (the runner's logits agree with the model's to 1e-4: test_runner_matches_the_model_*),
+    so two logits within rounding of each other may swap places.
+
+    Every token is checked: where the two agree, and past the first difference too. From the first
+    difference on, each sequence follows its own prefix, so each is checked on its own path against
+    the slow truth: every token must be the top logit or within ``tol`` of it (a tie rounding may break
+    either way). At the first difference both prefixes are the same, so both tokens are ties there.
+    """
+    assert len(got) == len(expected), (len(got), len(expected))
+    first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    if first is None:
+        return
+    for name, seq in (("got", got), ("expected", expected)):
+        for i, gap in enumerate(greedy_gaps(model, prompt, seq)[first:], start=first):
+            assert gap < tol, (f"{name} token {i} ({seq[i]}; the sequences part at token {first}) is "
+                               f"{gap:.2e} below the top logit: not a rounding tie")
+
+
+def test_assert_same_greedy_checks_every_token_past_a_tie():
+    """The helper itself: a real tie may send the two sequences apart, and what follows is still checked."""
+    model = model_for("topk")
+    prompt = torch.randint(0, VOCAB, (9,)).tolist()
+    before = greedy_reference(model, prompt, 10)
+    x = before[2]
+    y = next(t for t in range(VOCAB) if t not in before)
+    with torch.no_grad():
+        model.lm_head.weight[y] = model.lm_head.weight[x]  # y's logit is x's: a tie (to rounding) wherever x wins
+    expected = greedy_reference(model, prompt, 10)
+    assert expected[:2] == before[:2] and expected[2] in (x, y)
+    other = y if expected[2] == x else x  # the other side of the tie
+    got = expected[:2] + [other] + greedy_reference(model, prompt + expected[:2] + [other], 7)
+    assert got[3:] != expected[3:]  # the paths part for good
+    assert_same_greedy(model, prompt, got, expected)
+    wrong = got[:6] + [(got[6] + 1) % VOCAB] + got[7:]  # a wrong token after the tie
+    with pytest.raises(AssertionError, match="got token 6 .* not a rounding tie"):
+        assert_same_greedy(model, prompt, wrong, expected)
+    with pytest.raises(AssertionError, match="got token 1 "):  # and before it
+        assert_same_greedy(model, prompt, expected[:1] + [(expected[1] + 1) % VOCAB] + expected[2:], expected)
 
 
 # --------------------------------------------------------------------------- the fast forward pass
