@@ -46,13 +46,6 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 240, module: bool = Tr
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def records(run: Path, key: str) -> list[tuple[int, float]]:
     out = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
