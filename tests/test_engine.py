@@ -4,6 +4,7 @@ routing records, and the requests it must refuse."""
 
 import pytest
 import torch
+from greedy_check import assert_same_greedy
 from torch.testing import assert_close
 
 from moekit import ModelConfig, Transformer
@@ -40,18 +41,26 @@ def greedy_reference(model: Transformer, prompt: list[int], steps: int) -> list[
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, stop_ids=())
 
 
-def assert_same_greedy(model: Transformer, prompt: list[int], got: list[int], expected: list[int], tol: float = 1e-3):
-    """``got == expected``, except that they may part at a near tie: batched and single-row matmuls sum in
-    different orders, so two logits within float rounding of each other may swap places. At the first
-    difference both tokens must be within ``tol`` of the top logit; after it the sequences are unrelated."""
-    for i, (a, b) in enumerate(zip(got, expected)):
-        if a != b:
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + expected[:i]])).logits[0, -1]
-            gap = (logits.max() - logits[[a, b]].min()).item()
-            assert gap < tol, f"token {i}: {a} vs {b}, logit gap {gap:.2e} is not a rounding tie"
-            return
-    assert len(got) == len(expected)
+def test_assert_same_greedy_checks_every_token_past_a_tie():
+    """The helper itself: a real tie may send the two sequences apart, and what follows is still checked."""
+    model = model_for("topk")
+    prompt = torch.randint(0, VOCAB, (9,)).tolist()
+    before = greedy_reference(model, prompt, 10)
+    x = before[2]
+    y = next(t for t in range(VOCAB) if t not in before)
+    with torch.no_grad():
+        model.lm_head.weight[y] = model.lm_head.weight[x]  # y's logit is x's: a tie (to rounding) wherever x wins
+    expected = greedy_reference(model, prompt, 10)
+    assert expected[:2] == before[:2] and expected[2] in (x, y)
+    other = y if expected[2] == x else x  # the other side of the tie
+    got = expected[:2] + [other] + greedy_reference(model, prompt + expected[:2] + [other], 7)
+    assert got[3:] != expected[3:]  # the paths part for good
+    assert_same_greedy(model, prompt, got, expected)
+    wrong = got[:6] + [(got[6] + 1) % VOCAB] + got[7:]  # a wrong token after the tie
+    with pytest.raises(AssertionError, match="got token 6 .* not a rounding tie"):
+        assert_same_greedy(model, prompt, wrong, expected)
+    with pytest.raises(AssertionError, match="got token 1 "):  # and before it
+        assert_same_greedy(model, prompt, expected[:1] + [(expected[1] + 1) % VOCAB] + expected[2:], expected)
 
 
 # --------------------------------------------------------------------------- the fast forward pass
@@ -167,8 +176,14 @@ def test_stop_ids_end_a_request_and_are_not_in_its_tokens():
     model = model_for("topk")
     prompt = torch.randint(0, VOCAB, (6,)).tolist()
     free = greedy_reference(model, prompt, 10)
-    [done] = Engine(model).generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, stop_ids=(free[4],)))
-    assert done.finish_reason == "stop" and done.token_ids == free[:free.index(free[4])]
+    stop = free[4]
+    [done] = Engine(model).generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, stop_ids=(stop,)))
+    assert done.finish_reason == "stop" and stop not in done.token_ids
+    # the engine's tokens and the stop id are the no-cache loop's (up to rounding ties, as everywhere);
+    # where they agree, the engine stopped at the stop id's first place
+    n = len(done.token_ids)
+    assert_same_greedy(model, prompt, done.token_ids + [stop], free[:n + 1])
+    assert done.token_ids != free[:n] or n == free.index(stop)
 
 
 # --------------------------------------------------------------------------- scheduling

@@ -174,3 +174,41 @@ def test_fast_path_under_bf16_autocast_is_close(gemm_path):
     assert routing_bf16.weights_A.dtype == torch.float32  # the router stays float32 under autocast
     assert torch.equal(routing.expert_ids_A, routing_bf16.expert_ids_A)
     assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of ``t`` whose data starts ``offset`` elements past a 64-byte boundary (as a tensor packed
+    into a memory-mapped safetensors file can)."""
+    buf = torch.empty(t.numel() + 16, dtype=t.dtype)
+    assert buf.data_ptr() % 64 == 0  # torch's CPU allocator aligns to 64 bytes
+    view = buf[offset:offset + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_give_the_same_bits_wherever_their_weights_sit_in_memory(gemm_path, dtype):
+    """MKL picks its GEMM kernel by address alignment (seen: a one-row group with weights off a 16-byte
+    boundary rounds differently); the fast path must not let that change the result: offloaded
+    experts are views on a mapped file, at any 4-byte offset (tests/test_offload.py)."""
+    experts = init_(Experts(cfg_for("topk", dim=64, expert_ffn_dim=32))).to(dtype)
+    # 6 tokens x 2 experts; rows per expert 2, 2, 1, 1, 3, 1, 1, 1 (one-row groups are the sensitive ones)
+    tok = torch.arange(6).repeat_interleave(2)
+    ids = torch.tensor([0, 1, 1, 2, 3, 4, 4, 5, 4, 6, 7, 0])
+    gates = torch.rand(12)
+    x, dy = torch.randn(6, 64, dtype=dtype), torch.randn(6, 64, dtype=dtype)
+
+    def run(w1, w2):
+        experts.gate_up_proj, experts.down_proj = torch.nn.Parameter(w1), torch.nn.Parameter(w2)
+        xi = x.clone().requires_grad_(True)
+        y = experts(xi, tok, ids, gates)
+        y.backward(dy)
+        return y, xi.grad, experts.gate_up_proj.grad, experts.down_proj.grad
+
+    w1, w2 = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+    expected = run(w1, w2)
+    for offset in (1, 2, 3, 6, 9, 15):  # 4 to 60 bytes past the boundary
+        got = run(_at_offset(w1, offset), _at_offset(w2, offset))
+        assert experts.gate_up_proj.data_ptr() % 64 and experts.down_proj.data_ptr() % 64  # really misaligned
+        for name, a, b in zip(("y", "dx", "dw1", "dw2"), got, expected):
+            assert torch.equal(a, b), (offset, name, (a - b).abs().max())

@@ -126,11 +126,14 @@ def test_any_stacked_expert_weights_can_be_offloaded(checkpoints):
 
 
 def test_the_training_forward_reads_the_mapped_experts(checkpoints):
+    """Bit for bit although the mapped experts sit off MKL's preferred alignment in the file (moekit.model.experts._aligned)."""
     model, _ = moekit.load(checkpoints["topk"])
     off_model, _, _ = load_offloaded(checkpoints["topk"], max_resident_experts=2)
-    ids = torch.randint(0, 256, (2, 20))
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        assert torch.equal(off_model(ids).logits, model(ids).logits)
+        for shape in ((2, 20), (1, 3), (4, 7), (1, 1)):  # small batches leave one-row expert groups
+            ids = torch.randint(0, 256, shape, generator=gen)
+            assert torch.equal(off_model(ids).logits, model(ids).logits), shape
 
 
 # --------------------------------------------------------------------------- memory

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +136,27 @@ def _train_cmd(run, steps, extra=(), save_every=3, log_every=1):
             *SMALL_FLAGS, *extra]
 
 
+# Run the CLI, but SIGKILL the process in the middle of writing checkpoint step-N: its model files are in
+# the .tmp- folder, its trainer state is not. Deterministic, where polling for the .tmp- folder from
+# outside raced the write (a few ms) and could miss it on a loaded machine.
+_KILLED_MID_WRITE = """
+import os, signal, sys
+import moekit.checkpoint as checkpoint
+from moekit.cli import main
+
+step, write = sys.argv[1], checkpoint.atomic_write
+
+def dying_write(path, fn):
+    if os.path.basename(path) == "trainer_state.pt" and os.path.basename(os.path.dirname(path)).startswith(
+            f".tmp-step-{step}-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write(path, fn)
+
+checkpoint.atomic_write = dying_write
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     # save_every 7 is not a multiple of log_every 5: the first logged train_loss after the resume
     # averages steps from before and after the kill, so the averaging window must be restored too.
@@ -146,29 +166,15 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
                          timeout=300)
     assert ref.returncode == 0, ref.stderr
 
-    # Kill the second run with SIGKILL while it is writing a checkpoint (a .tmp-* directory exists),
-    # after at least one complete checkpoint.
+    # SIGKILL while checkpoint step-14 is being written, after one complete checkpoint (step-7).
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run, steps, **cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
-    killed_mid_write = False
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
-        ckdir = run / "checkpoints"
-        if ckdir.is_dir() and find_checkpoints(run):
-            if any(p.name.startswith(".tmp-") for p in ckdir.iterdir()):
-                proc.send_signal(signal.SIGKILL)
-                killed_mid_write = True
-                break
-        time.sleep(0.0005)
-    if proc.poll() is None and not killed_mid_write:
-        proc.kill()
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert killed_mid_write, "never saw a checkpoint being written"
-    assert any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())  # the torn write is there
-    done_before = max(s for s, _ in find_checkpoints(run))
-    assert done_before < steps
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, "14", *_train_cmd(run, steps, **cmd)[3:]],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    torn = [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert [p.name.startswith(".tmp-step-14-") for p in torn] == [True]  # the torn write is there
+    assert (torn[0] / "model.safetensors").exists() and not (torn[0] / "trainer_state.pt").exists()
+    assert [s for s, _ in find_checkpoints(run)] == [7]
 
     resumed = subprocess.run([sys.executable, "-m", "moekit", "train", "--resume", str(run), "--quiet"],
                              capture_output=True, text=True, env=env, timeout=300)

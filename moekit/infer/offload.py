@@ -13,6 +13,9 @@ Why the outputs are bit-identical to the resident model: the runner's MoE plan r
 only through ``experts.get(e) -> (w1 [2F, D], w2 [D, F])`` (:class:`moekit.infer.runner.ResidentExperts`),
 in one code path for every batch size. :class:`OffloadedExperts` has the same interface and returns
 tensors of the same shape, strides and dtype holding the same values, so the arithmetic is the same.
+The model's own forward (the training path) reads the mapped views directly; they sit wherever the
+file packed them, and since MKL picks kernels by address alignment, that path copies each layer's
+unaligned experts into fresh memory for the call (``moekit.model.experts._aligned``).
 
     model, tokenizer, offload = load_offloaded("ckpt", max_resident_experts=2)   # or expert_memory_gb=4
     engine = Engine(model, tokenizer)            # picks up model.expert_offload

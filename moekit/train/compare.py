@@ -7,8 +7,9 @@ sets the init and the data order; the MoE of seed s is measured against the dens
 and the report gives the mean and the spread. Optionally sweep routers, or the number of experts at
 fixed active parameters (the Switch paper's Fig. 4 at laptop scale).
 
-Layout: ``OUT/<model>-s<seed>/`` one run directory per model and seed, ``OUT/report.md``,
-``OUT/summary.json``, ``OUT/val_loss.png`` and, for an expert sweep, ``OUT/scaling.png``.
+Layout: ``OUT/<model>-s<seed>/`` one run directory per model and seed, ``OUT/timing.json`` (the CPU
+threads and processes each run was timed with), ``OUT/report.md``, ``OUT/summary.json``,
+``OUT/val_loss.png`` and, for an expert sweep, ``OUT/scaling.png``.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moekit.checkpoint import find_checkpoints
 from moekit.config import ConfigError, ModelConfig
 from moekit.parallel import Parallel
 from moekit.summary import human
 from moekit.train.config import TrainConfig
-from moekit.train.loop import RESUMABLE_CHANGES, RunError, read_metrics, train
-from moekit.utils import atomic_write_text
+from moekit.train.loop import RESUMABLE_CHANGES, RunError, new_run_tokenizer, read_metrics, train
+from moekit.utils import atomic_write_text, data_cache_dir
 
 ALL_ROUTERS = ("topk", "switch", "expert_choice", "sigmoid_bias", "noisy_topk")
-# Settings that do not change a run's curve: a run that differs only in these may be reused.
+# Settings that do not change a run's curve: a run that differs only in these may be reused. Threads
+# change its seconds, which the time fraction compares: OUT/timing.json holds them (with the processes).
 _NO_EFFECT = {"threads", "save_every", "keep_last", "log_every"}
+TIMING_FILE = "timing.json"
 
 
 def dense_twin(moe: ModelConfig) -> ModelConfig:
@@ -122,16 +127,47 @@ def _settings_differ(saved: dict[str, Any], cfg: ModelConfig, tcfg: TrainConfig)
     return diffs
 
 
-def _plan_run(run: Path, cfg: ModelConfig, tcfg: TrainConfig) -> str:
-    """"reuse" (finished with the same settings), "resume" (started with them) or "new"; refuses a
-    run trained with other settings. Clears a run that never checkpointed."""
-    done = find_checkpoints(run)
+def _check_run(run: Path, cfg: ModelConfig, tcfg: TrainConfig, timing: dict[str, int],
+               recorded: dict[str, Any]) -> None:
+    """Refuse a run in OUT that cannot join this comparison: trained with other settings, or timed
+    with other threads or processes (``recorded``: OUT/timing.json), so that nothing trains first."""
     if (run / "config.json").exists():
         saved = json.loads((run / "config.json").read_text())
         diffs = _settings_differ(saved, cfg, tcfg)
         if diffs:
             raise RunError(f"{run} was trained with other settings: {', '.join(diffs[:4])}"
                            f"{' ...' if len(diffs) > 4 else ''}; choose another --out or remove it")
+    if not find_checkpoints(run):
+        return  # nothing kept: it starts over, timed as now
+    saved = recorded.get(run.name)
+    if saved is None:
+        raise RunError(f"{run} has no record of the CPU threads and processes it was timed with ({TIMING_FILE}), "
+                       "so its seconds cannot be compared with the other runs'; use a fresh --out")
+    if saved != timing:
+        same = f"--threads {saved['threads']}" + (f" under torchrun --nproc-per-node {saved['world_size']}"
+                                                   if saved["world_size"] > 1 else " in one process")
+        raise RunError(f"{run.name} was timed with {_layout(saved)}, this compare runs {_layout(timing)}: the time "
+                       f"fraction compares seconds, so the runs cannot be mixed; use a fresh --out or the same "
+                       f"settings ({same})")
+
+
+def _layout(timing: dict[str, int]) -> str:
+    t, w = timing["threads"], timing["world_size"]
+    return f"{t} thread{'s' * (t != 1)} x {w} process{'es' * (w != 1)}"
+
+
+def _read_timing(out: Path) -> dict[str, Any]:
+    path = out / TIMING_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _plan_run(run: Path, tcfg: TrainConfig, timing: dict[str, int]) -> str:
+    """"reuse" (finished), "resume" (started) or "new" (:func:`_check_run` has passed it); clears a run
+    that never checkpointed, and records the threads and processes that time it in OUT/timing.json."""
+    done = find_checkpoints(run)
+    recorded = _read_timing(run.parent)
+    if recorded.get(run.name) != timing:
+        atomic_write_text(run.parent / TIMING_FILE, json.dumps({**recorded, run.name: timing}, indent=2) + "\n")
     if done and done[-1][0] >= tcfg.max_steps:
         print(f"{run.name}: already trained ({done[-1][0]} steps), reusing {run}")
         return "reuse"
@@ -143,10 +179,10 @@ def _plan_run(run: Path, cfg: ModelConfig, tcfg: TrainConfig) -> str:
 
 
 def _run_one(run: Path, name: str, seed: int, cfg: ModelConfig, tcfg: TrainConfig, progress: bool,
-             par: Parallel) -> Curve | None:
+             par: Parallel, timing: dict[str, int]) -> Curve | None:
     """Train one model (or reuse/continue it if ``run`` holds the same settings). Rank 0 decides which;
     only rank 0 gets the curve (None elsewhere)."""
-    plan = par.main_first(lambda: _plan_run(run, cfg, tcfg))
+    plan = par.main_first(lambda: _plan_run(run, tcfg, timing))
     if plan == "resume":
         train(run, resume=True, overrides={k: getattr(tcfg, k) for k in RESUMABLE_CHANGES & _NO_EFFECT},
               progress=progress, desc=run.name, parallel=par)
@@ -160,6 +196,28 @@ def _run_one(run: Path, name: str, seed: int, cfg: ModelConfig, tcfg: TrainConfi
     last = train_recs[-1]
     return Curve(name, seed, run, ModelConfig.from_dict(json.loads((run / "config.json").read_text())["model"]), evals,
                  last["tokens"] / max(last["elapsed_s"], 1e-9))
+
+
+def validation_data(tcfg: TrainConfig) -> str:
+    """What the runs are validated on, in words; refuses a ``--data`` corpus with no validation split
+    (every curve is a validation curve), before anything trains. Tokenizes into the data cache, which
+    the runs then read."""
+    from moekit.data import prepare_data
+    from moekit.data.corpus import list_plays
+    from moekit.data.dataset import MIN_TOKENS_FOR_VAL
+
+    if tcfg.data is None:
+        return f"the held-out plays of the embedded Shakespeare corpus ({', '.join(list_plays('val'))})"
+    train_ds, val_ds = prepare_data(tcfg.data, new_run_tokenizer(tcfg), data_cache_dir())
+    total = train_ds.num_tokens + (val_ds.num_tokens if val_ds is not None else 0)
+    if val_ds is None:
+        raise ConfigError(f"--data {tcfg.data} holds {total:,} tokens, too few to hold out validation: compare "
+                          f"needs at least {MIN_TOKENS_FOR_VAL:,} tokens (it measures validation loss)")
+    if val_ds.num_tokens < tcfg.seq_len + 1:
+        raise ConfigError(f"--data {tcfg.data} holds {total:,} tokens; its held-out tail of {val_ds.num_tokens:,} is "
+                          f"shorter than one validation window (--seq-len {tcfg.seq_len} + 1): give more text or "
+                          f"a --seq-len under {val_ds.num_tokens}")
+    return f"the last {val_ds.num_tokens:,} tokens of {tcfg.data}, held out from training"
 
 
 def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: list[str] | None = None,
@@ -181,16 +239,29 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
     variants = model_variants(moe_cfg, routers, experts)  # validates before anything is written
     for _, cfg in variants:
         par.check(cfg, tcfg.batch_size)
+    runs = []  # (run directory, name, seed, model config, train config)
+    for s in range(tcfg.seed, tcfg.seed + seeds):
+        for name, cfg in variants:
+            run_cfg = dataclasses.replace(tcfg, seed=s)
+            if name == "dense" and dense_lr is not None:
+                run_cfg = dataclasses.replace(run_cfg, lr=dense_lr)
+            runs.append((out / f"{name}-s{s}", name, s, cfg, run_cfg))
+    # Seconds are compared, so every run is timed with the same threads (train applies tcfg.threads) and processes.
+    timing = {"threads": tcfg.threads or torch.get_num_threads(), "world_size": par.world}
+
+    def check() -> str:
+        recorded = _read_timing(out)
+        for run, _, _, cfg, run_cfg in runs:
+            _check_run(run, cfg, run_cfg, timing, recorded)
+        return validation_data(tcfg)
+
+    validation = par.main_first(check)  # every refusal before anything trains
     created = not out.exists()
     par.main_first(lambda: out.mkdir(parents=True, exist_ok=True))
     curves = []
     try:
-        for s in range(tcfg.seed, tcfg.seed + seeds):
-            for name, cfg in variants:
-                run_cfg = dataclasses.replace(tcfg, seed=s)
-                if name == "dense" and dense_lr is not None:
-                    run_cfg = dataclasses.replace(run_cfg, lr=dense_lr)
-                curves.append(_run_one(out / f"{name}-s{s}", name, s, cfg, run_cfg, progress, par))
+        for run, name, s, cfg, run_cfg in runs:
+            curves.append(_run_one(run, name, s, cfg, run_cfg, progress, par, timing))
     except BaseException:  # nothing checkpointed yet: leave no folder behind, so the command can be rerun
         if par.is_main and created and not any(find_checkpoints(p) for p in out.iterdir() if p.is_dir()):
             shutil.rmtree(out, ignore_errors=True)
@@ -199,7 +270,8 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
         return None
     summary = summarize(curves)
     summary["settings"] = {"train": tcfg.to_dict(), "dense_lr": dense_lr if dense_lr is not None else tcfg.lr,
-                           "seeds": list(range(tcfg.seed, tcfg.seed + seeds)), "experts": experts}
+                           "seeds": list(range(tcfg.seed, tcfg.seed + seeds)), "experts": experts,
+                           "validation": validation, **timing}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_compare(out, curves)
     if experts:
@@ -274,13 +346,17 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
     lr_text = f"lr {tcfg.lr}" if dense_lr == tcfg.lr else f"lr {tcfg.lr} for the MoE, {dense_lr} for the dense model"
     sched = getattr(tcfg, "schedule", "cosine")
     d = summary["dense_final_val_loss"]
+    validation = settings.get("validation") or (
+        "the held-out plays of the embedded Shakespeare corpus" if tcfg.data is None
+        else f"the held-out tail of {tcfg.data}")
+    timed = f" with {_layout(settings)}" if "threads" in settings and "world_size" in settings else ""
     lines = [
         "# Dense vs sparse: the Switch experiment, measured", "",
         f"Budget: {tcfg.max_steps} steps x {tcfg.tokens_per_step:,} tokens = {tcfg.max_steps * tcfg.tokens_per_step:,} "
         f"tokens per model and seed; the same data order for every model of a seed. Schedule: {lr_text}, "
         f"warmup {_warmup_text(tcfg)}, then {sched}. Seeds: {', '.join(map(str, seeds))} (a seed sets the init and "
-        f"the data order). Validation: held-out plays, {tcfg.eval_batches} batches every {tcfg.eval_every} steps. "
-        "Times are training seconds on this machine (evaluation excluded).", "",
+        f"the data order). Validation: {validation}, {tcfg.eval_batches} batches every {tcfg.eval_every} steps. "
+        f"Times are training seconds on this machine{timed} (evaluation excluded).", "",
         f"Target: each seed's dense final validation loss, **{_fmt_spread(d, '{:.4f}')}** nats/token over seeds.", "",
         "| model | params total | active/token | final val loss | tokens/s | step cost vs dense | token fraction | "
         "**time fraction** | reached |",

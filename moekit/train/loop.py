@@ -426,15 +426,20 @@ def _run_tokenizer(run: Path, cfg: TrainConfig, resume: bool, init_tokenizer=Non
     path = run / "tokenizer.json"
     if resume:
         return load_tokenizer(path)
-    if init_tokenizer is not None and cfg.tokenizer is None and cfg.vocab_size is None:
-        tokenizer = init_tokenizer  # --init: the checkpoint's own tokenizer
-    elif cfg.vocab_size is not None:
-        texts = iter_texts(cfg.data) if cfg.data else iter([load_shakespeare("train")])
-        tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    else:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = new_run_tokenizer(cfg, init_tokenizer)
     atomic_write(path, lambda tmp: tokenizer.save(tmp))
     return tokenizer
+
+
+def new_run_tokenizer(cfg: TrainConfig, init_tokenizer=None):
+    """The tokenizer a new run trains with: ``init_tokenizer`` (--init's own), one trained on the data
+    (``vocab_size``), or ``cfg.tokenizer`` (None: the embedded one)."""
+    if init_tokenizer is not None and cfg.tokenizer is None and cfg.vocab_size is None:
+        return init_tokenizer
+    if cfg.vocab_size is not None:
+        texts = iter_texts(cfg.data) if cfg.data else iter([load_shakespeare("train")])
+        return train_tokenizer(texts, cfg.vocab_size)
+    return load_tokenizer(cfg.tokenizer)
 
 
 def _eval_bytes_per_token(val_ds: TokenDataset, tokenizer, cfg: TrainConfig) -> float:
