@@ -23,19 +23,28 @@ def _free_port() -> int:
 
 class Server:
     def __init__(self, ckpt, *flags, env=None):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(ckpt), "--port", str(self.port),
-                                      "--model-name", "tiny", "--threads", "1", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
+        for _ in range(3):  # the free port may be taken by another process before the server binds it: retry
+            self.port = _free_port()
+            self.base = f"http://127.0.0.1:{self.port}"
+            self.proc = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(ckpt), "--port", str(self.port),
+                                          "--model-name", "tiny", "--threads", "1", *flags],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env={**os.environ, **(env or {})})
+            if self._wait_up():
+                return
+        raise RuntimeError("server did not come up: its port was taken three times")
+
+    def _wait_up(self) -> bool:
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+                err = self.proc.stderr.read()
+                if "address already in use" in err.lower():
+                    return False
+                raise RuntimeError(f"server exited: {err}")
             try:
                 urllib.request.urlopen(self.base + "/health", timeout=1)
-                return
+                return True
             except OSError:
                 time.sleep(0.2)
         raise RuntimeError("server did not come up")

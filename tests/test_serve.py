@@ -37,6 +37,7 @@ def server(ckpt):
 
 
 def _generate_cli(ckpt, prompt, n, capsys):
+    torch.set_num_threads(1)  # as the server runs (--threads 1): the same computation, so equal text (conftest restores)
     assert main(["generate", str(ckpt), "--prompt", prompt, "--max-new-tokens", str(n), "--temperature", "0"]) == 0
     return capsys.readouterr().out[len(prompt):].rstrip("\n")
 
