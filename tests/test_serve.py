@@ -324,6 +324,11 @@ def test_stop_strings_and_logit_bias_are_bounded(server):
         assert code == 400 and json.loads(text)["error"]["param"].startswith(param), text
 
 
+def test_a_wrong_method_is_a_405_with_allow(server):
+    code, text, headers = server.raw("GET", "/v1/completions")
+    assert code == 405 and headers["allow"] == "POST" and json.loads(text)["error"]["message"]
+
+
 def test_models_created_is_stable(server):
     a = server.client().models.list().data[0].created
     time.sleep(1.1)
