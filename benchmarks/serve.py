@@ -145,10 +145,11 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels (default 1 8 32)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per answer (default 64)")
     p.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server (optional peer)")
+    p.add_argument("--no-max-batch-1", action="store_true", help="skip the one-request-at-a-time server")
     p.add_argument("--overhead-repeats", type=int, default=5,
                    help="answers timed (best of) for the engine-alone and one-client overhead figures (default 5)")
-    p.add_argument("--threads", default="default", help="torch threads for the server and the engine alone "
-                   "(default: torch's default, as `moekit serve` without --threads)")
+    p.add_argument("--threads", default="default", help="torch threads for the server (default: the server's "
+                   "own default, the cores less one); the engine alone always runs with torch's default, its best")
     p.add_argument("--gguf", default=None,
                    help="the benchmark model as GGUF for --llama-server (default: exported here, float32)")
     args = p.parse_args()
@@ -166,9 +167,11 @@ def main() -> None:
         "moekit serve (continuous batching, --max-batch 32)": ["--max-batch", "32"],
         "moekit serve, one request at a time (--max-batch 1)": ["--max-batch", "1"],
     }
+    if args.no_max_batch_1:
+        del peers["moekit serve, one request at a time (--max-batch 1)"]
     threads_flag = [] if args.threads == "default" else ["--threads", args.threads]
     rows = []
-    engine = {c: engine_level(ckpt, c, args.new_tokens, args.overhead_repeats, args.threads) for c in args.clients}
+    engine = {c: engine_level(ckpt, c, args.new_tokens, args.overhead_repeats, "default") for c in args.clients}
     for c, tok_s in engine.items():
         rows.append(("moekit engine alone (no HTTP, requests submitted together)", c, {"tok_s": tok_s}))
         print(f"{'moekit engine alone':55s} clients {c:3d}: {tok_s:7.1f} tok/s", flush=True)

@@ -319,6 +319,13 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         print(f"[{engine.stats.offload.summary(tokens)}]", file=sys.stderr)
 
 
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -331,22 +338,29 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from moekit.infer import Engine
     from moekit.utils import tune_cpu_allocator
 
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads} must be >= 1")
     for name in ("max_batch", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= "
                               f"{0 if name == 'max_queue' else 1}")
     tune_cpu_allocator()
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    # NOTE: by default the engine leaves one core to the HTTP side (event loop, tokenizer, local clients):
+    # torch's threads spin between kernels, and on 2 cores a server using both served one client at
+    # 0.85-0.97x of the engine's own speed and 8 clients at 0.59x; with one thread, 1.04-1.09x and 0.86x
+    # (benchmarks/serve.py, BENCHMARKS.md "Serving").
+    threads = args.threads or max(1, _cores() - 1)
+    torch.set_num_threads(threads)
     model, tokenizer = _load_for_generation(args.checkpoint, args, bits=args.bits)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
     api_key = args.api_key or os.environ.get("MOEKIT_API_KEY") or None
     name = args.model_name or Path(args.checkpoint).name
     app = create_app(engine, name, api_key=api_key, cors_origins=args.cors_origin or None)
     print(f"serving {args.checkpoint} as {name!r} on http://{args.host}:{args.port}/v1 "
-          f"(batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})", file=sys.stderr)
+          f"(batch {args.max_batch}, queue {args.max_queue}, {threads} torch thread{'s' if threads > 1 else ''}"
+          f"{', API key required' if api_key else ''})", file=sys.stderr)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # requests in flight fail now (503), not after the graceful timeout
@@ -535,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint's name)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; default: no CORS)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores less one, left to the HTTP side; at least 1)")
     offload_flags(p)
     p.set_defaults(func=_cmd_serve)
 

@@ -265,6 +265,8 @@ def test_api_key_and_a_full_queue(tmp_path):
 def test_serve_binds_loopback_by_default_and_checks_flags(ckpt, capsys):
     assert main(["serve", str(ckpt), "--max-batch", "0"]) == 2
     assert "--max-batch 0 must be >= 1" in capsys.readouterr().err
+    assert main(["serve", str(ckpt), "--threads", "0"]) == 2
+    assert "--threads 0 must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "default 127.0.0.1" in " ".join(capsys.readouterr().out.split())
