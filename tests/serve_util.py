@@ -140,3 +140,37 @@ def scripted_model(successor: dict[int, int], max_seq_len: int = 128):
             head[nxt, tokens.index(t)] = 10.0
     model.special_tokens = SpecialTokens()  # no end token: only the script and the stops end an answer
     return model
+
+
+def tiny_ckpt(path):
+    """The serve tests' model: tiny-moe, width 64, 2 layers, a 128-token context, seeded."""
+    import torch
+
+    import moekit
+    from moekit.config import ModelConfig
+    from moekit.data import load_tokenizer
+    from moekit.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-moe", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, expert_ffn_dim=64,
+                                  max_seq_len=128, init_std=0.05)
+    return moekit.save(Transformer(cfg), load_tokenizer(), path)
+
+
+def endless_ckpt(path, max_seq_len: int = 4096):
+    """A small model with a long context and no end token: its answers run to ``max_tokens``, so a
+    request holds its slot for seconds (disconnect, shutdown and full-queue tests)."""
+    import torch
+
+    import moekit
+    from moekit.config import ModelConfig
+    from moekit.data import load_tokenizer
+    from moekit.data.special import SpecialTokens
+    from moekit.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-moe", dim=32, n_layers=1, n_heads=2, n_kv_heads=1, expert_ffn_dim=32,
+                                  max_seq_len=max_seq_len)
+    model = Transformer(cfg)
+    model.special_tokens = SpecialTokens()
+    return moekit.save(model, load_tokenizer(), path)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from serve_util import Server, metric, scripted_model
+from serve_util import Server, endless_ckpt, metric, scripted_model, tiny_ckpt
 
 import moekit
 from moekit.cli import main
@@ -23,10 +23,7 @@ openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny-moe", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, expert_ffn_dim=64,
-                                  max_seq_len=128, init_std=0.05)
-    return moekit.save(Transformer(cfg), load_tokenizer(), tmp_path_factory.mktemp("serve") / "tiny")
+    return tiny_ckpt(tmp_path_factory.mktemp("serve") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -377,14 +374,7 @@ def test_cors_preflight_passes_with_an_api_key(ckpt):
 def test_a_non_streaming_client_that_leaves_frees_its_slot_at_once(tmp_path):
     import http.client
 
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny-moe", dim=32, n_layers=1, n_heads=2, n_kv_heads=1, expert_ffn_dim=32,
-                                  max_seq_len=4096)
-    model = Transformer(cfg)
-    from moekit.data.special import SpecialTokens
-
-    model.special_tokens = SpecialTokens()
-    s = Server(moekit.save(model, load_tokenizer(), tmp_path / "long"))
+    s = Server(endless_ckpt(tmp_path / "long"))
     try:
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
         conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 4000}),
@@ -406,14 +396,7 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot_at_once(tmp_path):
 
 
 def test_sigterm_with_requests_in_flight_answers_503_and_exits_cleanly(tmp_path):
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny-moe", dim=32, n_layers=1, n_heads=2, n_kv_heads=1, expert_ffn_dim=32,
-                                  max_seq_len=4096)
-    model = Transformer(cfg)
-    from moekit.data.special import SpecialTokens
-
-    model.special_tokens = SpecialTokens()
-    s = Server(moekit.save(model, load_tokenizer(), tmp_path / "long"))
+    s = Server(endless_ckpt(tmp_path / "long"))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(s.raw, "POST", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4000})
         deadline = time.time() + 30

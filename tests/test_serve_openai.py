@@ -4,24 +4,18 @@
 import json
 
 import pytest
-import torch
-from serve_util import Server
+from serve_util import Server, tiny_ckpt
 
 import moekit
-from moekit.config import ModelConfig
 from moekit.data import load_tokenizer
 from moekit.infer import Engine, SamplingParams
-from moekit.model import Transformer
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny-moe", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, expert_ffn_dim=64,
-                                  max_seq_len=128, init_std=0.05)
-    return moekit.save(Transformer(cfg), load_tokenizer(), tmp_path_factory.mktemp("openai") / "tiny")
+    return tiny_ckpt(tmp_path_factory.mktemp("openai") / "tiny")
 
 
 @pytest.fixture(scope="module")
