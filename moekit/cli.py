@@ -145,7 +145,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     (moe_cfg, tcfg), _ = _configs(args, "tiny-moe")
     routers = list(ALL_ROUTERS) if args.routers == ["all"] else args.routers
     summary = compare(args.out, moe_cfg, tcfg, routers=routers, experts=args.experts, seeds=args.seeds,
-                      dense_lr=args.dense_lr, progress=not args.quiet, parallel=par)
+                      dense_lr=args.dense_lr, progress=not args.quiet, parallel=par, ceiling=args.ceiling)
     if not par.is_main:
         return
     print()
@@ -180,6 +180,11 @@ def _compare_table(summary: dict) -> str:
         if n > 1 and m["name"] != "dense":
             per = ", ".join("-" if v is None else f"{v:.2f}" for v in m["time_fraction_per_seed"])
             rows.append(f"{'':<{w}} time fraction per seed: {per}")
+        if "recovery" in m:
+            per = ", ".join("-" if v is None else f"{v:.2f}" for v in m["recovery_per_seed"])
+            rec = _fmt_spread(m["recovery"]) if m["recovery"] is not None else "n/a"
+            rows.append(f"{'':<{w}} recovery of the dense-total gain: {rec} (per seed: {per}); "
+                        f"time fraction vs dense-total: {_fmt_spread(m['time_fraction_vs_ceiling'])}")
     return "\n".join(rows)
 
 
@@ -474,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train a dense model and its sparse twin, report who reaches what loss when",
                        description="Dense vs MoE at equal active parameters per token on the same token budget.")
     p.add_argument("--out", default="compare", metavar="DIR", help="output directory (default ./compare)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also train a dense model with the MoE's total parameters (dense-total) and report each "
+                   "MoE's recovery of its gain over the dense twin, and its fractions against it")
     p.add_argument("--routers", nargs="+", default=None, metavar="ROUTER",
                    help="routers to sweep (topk switch expert_choice sigmoid_bias noisy_topk, or 'all'); "
                         "default: the config's router")

@@ -15,10 +15,13 @@ from moekit.cli import main
 from moekit.config import ConfigError, ModelConfig
 from moekit.train import TrainConfig
 from moekit.train.compare import (
+    CEILING,
     Curve,
     compare,
+    dense_ceiling,
     dense_twin,
     model_variants,
+    recovery,
     render_report,
     router_variant,
     sample_candidates,
@@ -259,3 +262,79 @@ def test_runs_timed_with_other_threads_or_processes_are_not_mixed(tmp_path, caps
     (out / "timing.json").unlink()  # runs with no record (an older moekit's) cannot be vouched for either
     assert main(flags + ["--max-steps", "4", "--save-every", "2", "--threads", "1"]) == 2
     assert re.search(r"dense-s0 has no record of the CPU threads and processes .* fresh --out", capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------- the ceiling (issue 18)
+def test_recovery_on_hand_values():
+    assert recovery(4.0, 3.9, 3.8) == pytest.approx(0.5)  # half the ceiling's gain
+    assert recovery(4.0, 4.0, 3.8) == pytest.approx(0.0)  # no better than the dense twin
+    assert recovery(4.0, 3.7, 3.8) == pytest.approx(1.5)  # below the ceiling
+    assert recovery(4.0, 4.1, 3.8) == pytest.approx(-0.5)  # worse than the dense twin
+    assert recovery(4.0, 3.9, 4.0) is None and recovery(4.0, 3.9, 4.2) is None  # the ceiling gains nothing
+
+
+def test_summarize_reports_recovery_and_fractions_against_the_ceiling():
+    cfg = small_cfg()
+    curves = [
+        Curve("dense", 0, Path("d0"), dense_twin(cfg), _evals([6.0, 5.0, 4.5, 4.0]), 100.0),
+        Curve(CEILING, 0, Path("c0"), dense_ceiling(cfg), _evals([5.0, 4.0, 3.5, 3.0], step_s=4.0), 25.0),
+        Curve("moe-topk", 0, Path("m0"), cfg, _evals([5.5, 4.5, 3.5, 3.2], step_s=1.25), 80.0),
+        Curve("dense", 1, Path("d1"), dense_twin(cfg), _evals([6.0, 5.0, 4.5, 4.0]), 100.0),
+        Curve(CEILING, 1, Path("c1"), dense_ceiling(cfg), _evals([5.0, 4.0, 3.5, 3.0], step_s=4.0), 25.0),
+        Curve("moe-topk", 1, Path("m1"), cfg, _evals([5.5, 4.8, 4.2, 3.9], step_s=1.25), 80.0),
+    ]
+    s = summarize(curves)
+    m0, m1 = [r for r in s["runs"] if r["name"] == "moe-topk"]
+    assert m0["recovery"] == pytest.approx((4.0 - 3.2) / (4.0 - 3.0))
+    assert m1["recovery"] == pytest.approx((4.0 - 3.9) / (4.0 - 3.0))
+    # seed 0 reaches the ceiling's final 3.0? no (3.2): never; the ceiling took 16 s for its 400 tokens
+    assert m0["token_fraction_vs_ceiling"] is None and m0["time_fraction_vs_ceiling"] is None
+    assert m0["step_cost_vs_ceiling"] == pytest.approx(25.0 / 80.0)
+    row = next(m for m in s["models"] if m["name"] == "moe-topk")
+    assert row["recovery"]["mean"] == pytest.approx((0.8 + 0.1) / 2)
+    assert row["time_fraction_vs_ceiling"] is None  # not every seed reached it
+    ceiling_row = next(m for m in s["models"] if m["name"] == CEILING)
+    assert "recovery" not in ceiling_row and ceiling_row["token_fraction"]["mean"] == pytest.approx(0.5)
+    assert s["ceiling_final_val_loss"]["mean"] == pytest.approx(3.0)
+    # a MoE below the ceiling: its fractions against it are defined
+    curves[2] = Curve("moe-topk", 0, Path("m0"), cfg, _evals([5.0, 4.0, 3.0, 2.5], step_s=1.25), 80.0)
+    r = next(r for r in summarize(curves)["runs"] if r["name"] == "moe-topk" and r["seed"] == 0)
+    assert r["recovery"] == pytest.approx(1.5)
+    assert r["token_fraction_vs_ceiling"] == pytest.approx(300 / 400)
+    assert r["time_fraction_vs_ceiling"] == pytest.approx(3 * 1.25 / 16.0)
+    report = render_report(summarize(curves), small_train())
+    assert "recovery" in report and CEILING in report
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_experts": 8, "top_k": 2},
+                                {"num_shared_experts": 1, "shared_expert_ffn_dim": 48}])
+def test_the_ceiling_holds_the_moes_total_parameters(kw):
+    moe = small_cfg(**kw)
+    ceiling = dense_ceiling(moe)
+    router_params = moe.n_layers * moe.num_experts * moe.dim  # the only weights a dense FFN has no use for
+    from moekit.model import Transformer
+
+    counted = lambda cfg: sum(p.numel() for p in Transformer(cfg).parameters())  # noqa: E731
+    assert counted(ceiling) == counted(moe) - router_params - (moe.n_layers * moe.dim if moe.shared_expert_gate else 0)
+    assert ceiling.param_counts()[1] == ceiling.param_counts()[0]  # dense: every parameter is active
+    assert ceiling.num_experts == 0 and ceiling.ffn_dim == moe.num_experts * moe.expert_ffn_dim + moe.shared_expert_ffn_dim
+
+
+def test_the_ceiling_is_refused_where_it_cannot_mirror_the_moe():
+    with pytest.raises(ConfigError, match="--experts"):
+        model_variants(small_cfg(), experts=[4, 8], ceiling=True)
+    with pytest.raises(ConfigError, match="every layer"):
+        dense_ceiling(small_cfg(n_layers=2, first_dense_layers=1))
+    names = [n for n, _ in model_variants(small_cfg(), ceiling=True)]
+    assert names == ["dense", CEILING, "moe-topk"]
+
+
+def test_compare_with_the_ceiling_end_to_end(tmp_path, capsys):
+    assert main(["compare", "--preset", "tiny-moe", "--dim", "32", "--n-layers", "1", "--max-steps", "4",
+                 "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16", "--ceiling",
+                 "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert CEILING in out and "recovery of the dense-total gain" in out
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert [m["name"] for m in summary["models"]] == ["dense", CEILING, "moe-topk"]
+    assert "recovery_per_seed" in summary["models"][2]

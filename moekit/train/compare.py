@@ -49,6 +49,21 @@ def dense_twin(moe: ModelConfig) -> ModelConfig:
                                num_shared_experts=0, shared_expert_ffn_dim=0, shared_expert_gate=False)
 
 
+def dense_ceiling(moe: ModelConfig) -> ModelConfig:
+    """The dense model with the MoE's *total* parameters: its depth and width, and in every layer an
+    FFN as wide as all of an MoE layer's experts (routed and shared) together. It holds what the MoE
+    holds, at ``num_experts / top_k`` times the MoE's compute per token: the ceiling a sparse model can
+    approach (issue 18; arXiv 2605.13769). Only the routers' weights (E x D per MoE layer) are missing."""
+    if moe.num_experts == 0:
+        raise ConfigError("compare needs an MoE config (num_experts > 0) to build its dense ceiling")
+    if moe.first_dense_layers or moe.moe_every != 1:
+        raise ConfigError("--ceiling needs an MoE in every layer (first_dense_layers=0, moe_every=1): a dense "
+                          "model with the same total parameters would need a different width per layer")
+    total_ffn = moe.num_experts * moe.expert_ffn_dim + moe.shared_expert_ffn_dim
+    return dataclasses.replace(moe, num_experts=0, ffn_dim=total_ffn, first_dense_layers=0, moe_every=1,
+                               num_shared_experts=0, shared_expert_ffn_dim=0, shared_expert_gate=False)
+
+
 def router_variant(moe: ModelConfig, router: str) -> ModelConfig:
     """``moe`` with another router at equal active parameters. Switch is top-1, so its experts are
     k times wider (as in the Switch paper, where an expert is the size of the dense FFN)."""
@@ -59,11 +74,15 @@ def router_variant(moe: ModelConfig, router: str) -> ModelConfig:
     return dataclasses.replace(moe, router=router)
 
 
+CEILING = "dense-total"  # the name of the dense model with the MoE's total parameters
+
+
 def model_variants(moe: ModelConfig, routers: list[str] | None = None,
-                   experts: list[int] | None = None) -> list[tuple[str, ModelConfig]]:
-    """(name, config) of every model in the comparison, the dense twin first. ``experts`` sweeps the
-    number of experts at fixed active parameters (top_k and expert width stay); ``routers`` sweeps
-    routers; with both, every combination."""
+                   experts: list[int] | None = None, ceiling: bool = False) -> list[tuple[str, ModelConfig]]:
+    """(name, config) of every model in the comparison, the dense twin first (then, with ``ceiling``,
+    the dense model with the MoE's total parameters). ``experts`` sweeps the number of experts at fixed
+    active parameters (top_k and expert width stay); ``routers`` sweeps routers; with both, every
+    combination."""
     routers = routers or [moe.router]
     for r in routers:
         if r not in ALL_ROUTERS:
@@ -72,6 +91,10 @@ def model_variants(moe: ModelConfig, routers: list[str] | None = None,
         if e < moe.top_k:
             raise ConfigError(f"--experts {e}: fewer experts than top_k={moe.top_k}")
     out = [("dense", dense_twin(moe))]
+    if ceiling:
+        if experts:
+            raise ConfigError("--ceiling mirrors one MoE; it cannot be combined with an --experts sweep")
+        out.append((CEILING, dense_ceiling(moe)))
     for r in routers:
         base = router_variant(moe, r)
         if experts:
@@ -222,11 +245,13 @@ def validation_data(tcfg: TrainConfig) -> str:
 
 def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: list[str] | None = None,
             experts: list[int] | None = None, seeds: int = 1, dense_lr: float | None = None,
-            progress: bool = True, parallel: Parallel | None = None) -> dict[str, Any] | None:
+            progress: bool = True, parallel: Parallel | None = None, ceiling: bool = False) -> dict[str, Any] | None:
     """Train the dense twin and every MoE variant once per seed (``tcfg.seed``, +1, ...), then write
     ``OUT/report.md``, ``OUT/val_loss.png`` (and ``OUT/scaling.png`` for an expert sweep) and
     ``OUT/summary.json``. ``dense_lr`` gives the dense model its own learning rate (each model at its
     own best is the fair comparison). Re-running reuses or continues runs with the same settings.
+    ``ceiling`` also trains the dense model with the MoE's total parameters (:func:`dense_ceiling`, with
+    ``dense_lr`` too) and reports each MoE's recovery of its gain (:func:`recovery`).
 
     ``parallel``: under ``torchrun`` every rank calls ``compare``; each run trains on all of them, rank 0
     writes the files and returns the summary (the other ranks return None)."""
@@ -236,14 +261,14 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
         raise ConfigError(f"--seeds {seeds} must be >= 1")
     if tcfg.eval_every == 0:
         tcfg = dataclasses.replace(tcfg, eval_every=max(1, tcfg.max_steps // 10))
-    variants = model_variants(moe_cfg, routers, experts)  # validates before anything is written
+    variants = model_variants(moe_cfg, routers, experts, ceiling)  # validates before anything is written
     for _, cfg in variants:
         par.check(cfg, tcfg.batch_size)
     runs = []  # (run directory, name, seed, model config, train config)
     for s in range(tcfg.seed, tcfg.seed + seeds):
         for name, cfg in variants:
             run_cfg = dataclasses.replace(tcfg, seed=s)
-            if name == "dense" and dense_lr is not None:
+            if name in ("dense", CEILING) and dense_lr is not None:
                 run_cfg = dataclasses.replace(run_cfg, lr=dense_lr)
             runs.append((out / f"{name}-s{s}", name, s, cfg, run_cfg))
     # Seconds are compared, so every run is timed with the same threads (train applies tcfg.threads) and processes.
@@ -285,11 +310,22 @@ def _spread(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values)}
 
 
+def recovery(dense_loss: float, moe_loss: float, ceiling_loss: float) -> float | None:
+    """How much of the ceiling's gain over the active dense model the MoE recovers:
+    (dense - MoE) / (dense - ceiling). 1: as good as the dense model with all its parameters; 0: no
+    better than its dense twin; above 1: better than the ceiling. None when the ceiling does not beat
+    the dense model (there is no gain to recover)."""
+    gain = dense_loss - ceiling_loss
+    return None if gain <= 0 else (dense_loss - moe_loss) / gain
+
+
 def summarize(curves: list[Curve]) -> dict[str, Any]:
-    """Per run: final loss, speed and the time/token fraction against the dense run of the same seed.
-    Per model: the same over seeds (mean, std, min, max); a fraction is averaged only if every seed
-    reached the target (``reached`` says how many did)."""
+    """Per run: final loss, speed and the time/token fraction against the dense run of the same seed
+    (and, when the comparison has a ceiling, against the ceiling run, and the recovery). Per model: the
+    same over seeds (mean, std, min, max); a fraction is averaged only if every seed reached the target
+    (``reached`` says how many did)."""
     dense = {c.seed: c for c in curves if c.name == "dense"}
+    ceiling = {c.seed: c for c in curves if c.name == CEILING}
     runs = []
     for c in curves:
         d = dense[c.seed]
@@ -309,6 +345,17 @@ def summarize(curves: list[Curve]) -> dict[str, Any]:
             "token_fraction": None if t_tokens is None else t_tokens / d.final["tokens"],
             "time_fraction": None if t_secs is None else t_secs / d.final["elapsed_s"],
         })
+        top = ceiling.get(c.seed)
+        if top is not None and c.name not in ("dense", CEILING):
+            c_tokens = time_to_reach(c.evals, top.final["val_loss"], "tokens")
+            c_secs = time_to_reach(c.evals, top.final["val_loss"], "elapsed_s")
+            runs[-1].update({
+                "ceiling_val_loss": top.final["val_loss"],
+                "recovery": recovery(target, c.final["val_loss"], top.final["val_loss"]),
+                "step_cost_vs_ceiling": top.tokens_per_s / c.tokens_per_s,
+                "token_fraction_vs_ceiling": None if c_tokens is None else c_tokens / top.final["tokens"],
+                "time_fraction_vs_ceiling": None if c_secs is None else c_secs / top.final["elapsed_s"],
+            })
     models = []
     for name in dict.fromkeys(r["name"] for r in runs):
         rs = [r for r in runs if r["name"] == name]
@@ -319,13 +366,20 @@ def summarize(curves: list[Curve]) -> dict[str, Any]:
         row["tokens_per_s"] = statistics.fmean(r["tokens_per_s"] for r in rs)
         row["step_cost_vs_dense"] = statistics.fmean(r["step_cost_vs_dense"] for r in rs)
         row["reached"] = sum(r["time_fraction"] is not None for r in rs)
-        for key in ("time_fraction", "token_fraction"):
+        keys = ["time_fraction", "token_fraction"]
+        if "recovery" in rs[0]:
+            keys += ["recovery", "token_fraction_vs_ceiling", "time_fraction_vs_ceiling"]
+            row["step_cost_vs_ceiling"] = statistics.fmean(r["step_cost_vs_ceiling"] for r in rs)
+        for key in keys:
             vals = [r[key] for r in rs]
             row[key] = _spread(vals) if None not in vals else None
             row[key + "_per_seed"] = vals
         models.append(row)
-    return {"dense_final_val_loss": _spread([d.final["val_loss"] for d in dense.values()]), "runs": runs,
-            "models": models}
+    out = {"dense_final_val_loss": _spread([d.final["val_loss"] for d in dense.values()]), "runs": runs,
+           "models": models}
+    if ceiling:
+        out["ceiling_final_val_loss"] = _spread([c.final["val_loss"] for c in ceiling.values()])
+    return out
 
 
 def _fmt_spread(s: dict[str, float] | None, pattern: str = "{:.2f}") -> str:
@@ -368,6 +422,21 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
             f"{_fmt_spread(m['final_val_loss'], '{:.4f}')} | {m['tokens_per_s']:,.0f} | {m['step_cost_vs_dense']:.2f}x | "
             f"{_fmt_spread(m['token_fraction'])} | **{_fmt_spread(m['time_fraction'])}** | "
             f"{m['reached']}/{len(m['seeds'])} |")
+    with_ceiling = [m for m in summary["models"] if "recovery" in m]
+    if with_ceiling:
+        lines += ["", f"Against the ceiling ({CEILING}: a dense model with the MoE's total parameters, final loss "
+                  f"{_fmt_spread(summary['ceiling_final_val_loss'], '{:.4f}')}):", "",
+                  "| model | **recovery** | token fraction vs ceiling | time fraction vs ceiling | step cost vs ceiling |",
+                  "|---|---|---|---|---|"]
+        for m in with_ceiling:
+            rec = _fmt_spread(m["recovery"]) if m["recovery"] is not None else "n/a (a ceiling gained nothing)"
+            lines.append(f"| {m['name']} | **{rec}** | "
+                         f"{_fmt_spread(m['token_fraction_vs_ceiling'])} | {_fmt_spread(m['time_fraction_vs_ceiling'])} "
+                         f"| {m['step_cost_vs_ceiling']:.2f}x |")
+        lines += ["", "*recovery*: (dense loss - MoE loss) / (dense loss - ceiling loss) per seed: the share of what "
+                  "the MoE's total parameters buy a dense model that the MoE gets at its active cost (1 = all of it; "
+                  "'n/a' where a seed's ceiling did not beat its dense model). The fractions vs the ceiling "
+                  "measure the MoE against the ceiling's own final loss and time."]
     lines += [
         "", "*time fraction*: seconds the model needed to reach its seed's dense final loss, divided by that dense "
         "model's training seconds (< 1: the sparse model got there sooner; the Switch Transformer reports 1/7 at "
@@ -376,6 +445,8 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
         "interpolated linearly. Mean ± standard deviation over seeds; per seed below.", ""]
     verdicts = []
     for m in summary["models"][1:]:
+        if m["name"] == CEILING:
+            continue
         tf = m["time_fraction"]
         if tf is None:
             verdicts.append(f"- **{m['name']}** did not reach the dense model's final loss in "
