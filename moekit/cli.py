@@ -171,7 +171,9 @@ def _compare_table(summary: dict) -> str:
     n = len(summary["models"][0]["seeds"])
     head = "mean ± std over " + f"{n} seeds" if n > 1 else "1 seed"
     w = max(len(m["name"]) for m in summary["models"]) + 1
-    rows = [f"({head}; fraction = seconds to reach the dense final loss / dense seconds)",
+    noise = summary.get("eval_noise")
+    rows = [f"({head}; fraction = seconds to reach the dense final loss / dense seconds"
+            + (f"; evaluation noise: ± {noise:.4f} nats, the standard error of a final val loss)" if noise else ")"),
             f"{'model':<{w}} {'val loss':>17} {'tok/s':>8} {'step cost':>9} {'token frac':>12} {'time frac':>12}"]
     for m in summary["models"]:
         rows.append(f"{m['name']:<{w}} {_fmt_spread(m['final_val_loss'], '{:.4f}'):>17} {m['tokens_per_s']:>8,.0f} "

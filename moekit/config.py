@@ -68,8 +68,11 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # balance loss (topk, switch) / importance + load losses (noisy_topk); moekit sums
     # E * sum_e f_e * P_e (1 when balanced) over MoE layers: transformers' router_aux_loss_coef times K / L
     z_loss_coef: float = 0.001  # router z-loss, every router
-    routed_scaling_factor: float = 1.0  # multiplies routed gate weights (topk, sigmoid_bias); DeepSeek-V3 uses 2.5, and
+    routed_scaling_factor: float = 1.0  # multiplies routed gate weights (topk, switch, sigmoid_bias); DeepSeek-V3 uses 2.5, and
     # top_k restores a dense FFN's output scale (k renormalised weights each ~1/k at init halve a top-2 layer's output)
+    switch_gate: str = "prob"  # switch: the expert output times "prob", its router probability (the paper; ~1/E at
+    # init, so a top-1 layer starts nearly switched off), or "unit", p / stopgrad(p): 1 in the forward pass, and the
+    # router still learns, through grad log p (issue 18)
     n_group: int = 1  # sigmoid_bias: experts are split into groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen (DeepSeek-V3)
     bias_update_rate: float = 1e-3  # sigmoid_bias: step of the balance bias update (DeepSeek-V3)
@@ -145,6 +148,14 @@ class ModelConfig:
             raise ConfigError(f"router='switch' routes each token to one expert; got top_k={self.top_k}: set "
                               "top_k=1 (flag --top-k 1), or for top-k routing with a capacity limit use "
                               "router='topk' with a capacity_factor")
+        if self.switch_gate not in ("prob", "unit"):
+            raise ConfigError(f"switch_gate={self.switch_gate!r} is not one of ['prob', 'unit']")
+        if self.switch_gate != "prob" and self.router != "switch":
+            raise ConfigError(f"switch_gate={self.switch_gate!r} is a setting of router='switch' (router is "
+                              f"{self.router!r}); leave it 'prob'")
+        if self.routed_scaling_factor != 1.0 and self.router in ("noisy_topk", "expert_choice"):
+            raise ConfigError(f"routed_scaling_factor={self.routed_scaling_factor} is not used by router="
+                              f"{self.router!r}; it scales the gates of topk, switch and sigmoid_bias (leave it 1.0)")
         if self.num_experts % self.n_group:
             raise ConfigError(f"num_experts={self.num_experts} must be divisible by n_group={self.n_group}")
         if self.n_group > 1:

@@ -331,10 +331,19 @@ def test_the_ceiling_is_refused_where_it_cannot_mirror_the_moe():
 
 def test_compare_with_the_ceiling_end_to_end(tmp_path, capsys):
     assert main(["compare", "--preset", "tiny-moe", "--dim", "32", "--n-layers", "1", "--max-steps", "4",
-                 "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16", "--ceiling",
+                 "--eval-every", "2", "--eval-batches", "3", "--batch-size", "2", "--seq-len", "16", "--ceiling",
                  "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert CEILING in out and "recovery of the dense-total gain" in out
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert [m["name"] for m in summary["models"]] == ["dense", CEILING, "moe-topk"]
     assert "recovery_per_seed" in summary["models"][2]
+    assert summary["eval_noise"] > 0 and "evaluation noise" in out
+    assert "Evaluation noise" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_standard_error_of_the_validation_batches():
+    from moekit.train.loop import standard_error
+
+    assert standard_error([1.0, 2.0, 3.0]) == pytest.approx(1.0 / 3 ** 0.5)
+    assert standard_error([2.0, 2.0]) == 0.0 and standard_error([2.0]) is None

@@ -100,6 +100,55 @@ def test_switch_gate_is_router_probability():
     assert_close(r.weights_A, probs.max(-1).values)
 
 
+def test_switch_gate_scale_at_init_and_the_unit_gate():
+    """Issue 18: the paper's gate multiplies a top-1 expert's output by its probability, ~1/E at init
+    (with a small init, as Switch's 0.1x): the layer starts nearly switched off. ``switch_gate="unit"``
+    gives exactly 1 in the forward pass and still a router gradient; ``routed_scaling_factor`` is used."""
+    torch.manual_seed(0)
+    E = 8
+    cfg = ModelConfig.from_preset("tiny-moe", router="switch", top_k=1, num_experts=E, dim=32, n_heads=4, n_kv_heads=2)
+    x = torch.randn(256, 32)
+    prob = build_router(cfg)
+    torch.nn.init.normal_(prob.weight, std=0.002)  # a small init: near-uniform probabilities
+    w_prob = prob(x).weights_A
+    assert w_prob.mean().item() == pytest.approx(1 / E, rel=0.05)  # the quantity the fix corrects
+    unit = build_router(ModelConfig.from_preset("tiny-moe", router="switch", top_k=1, num_experts=E, dim=32, n_heads=4,
+                                                n_kv_heads=2, switch_gate="unit"))
+    with torch.no_grad():
+        unit.weight.copy_(prob.weight)
+    r = unit(x)
+    assert torch.equal(r.weights_A, torch.ones_like(r.weights_A))  # exactly 1 forward
+    assert torch.equal(r.expert_ids_A, prob(x).expert_ids_A)  # same choices
+    upstream = torch.randn_like(r.weights_A)
+    (r.weights_A * upstream).sum().backward()
+    probs = (x @ unit.weight.detach().t()).softmax(-1)
+    p_top = probs.gather(1, r.expert_ids_A[:, None])[:, 0]
+    # d/dlogits of p/sg(p) = d log p: softmax-jacobian row of the chosen expert, over p
+    onehot = torch.nn.functional.one_hot(r.expert_ids_A, E).float()
+    want = ((upstream[:, None] * (onehot - probs)).t() @ x) * 1.0  # sum_t g_t (e_i - p) x_t^T
+    assert_close(unit.weight.grad, want, rtol=1e-4, atol=1e-5)
+    assert p_top.min() > 0
+    scaled = build_router(ModelConfig.from_preset("tiny-moe", router="switch", top_k=1, num_experts=E, dim=32,
+                                                  n_heads=4, n_kv_heads=2, routed_scaling_factor=float(E)))
+    with torch.no_grad():
+        scaled.weight.copy_(prob.weight)
+    assert_close(scaled(x).weights_A, w_prob * E)  # used, not ignored
+    assert_close(scaled.eval().select(x)[1][:, 0], w_prob * E)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"router": "topk", "switch_gate": "unit"}, "switch_gate"),
+    ({"router": "switch", "top_k": 1, "switch_gate": "half"}, "switch_gate"),
+    ({"router": "noisy_topk", "routed_scaling_factor": 2.0}, "not used by"),
+    ({"router": "expert_choice", "routed_scaling_factor": 2.0}, "not used by"),
+])
+def test_router_settings_are_used_or_refused(overrides, match):
+    from moekit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_preset("tiny-moe", **overrides)
+
+
 def test_capacity_formula_and_priority():
     assert expert_capacity(100, 8, 2, 1.25, 4) == math.ceil(100 * 2 * 1.25 / 8)
     assert expert_capacity(4, 8, 1, 1.0, 4) == 4

@@ -251,8 +251,9 @@ def check_export_routing(cfg: ModelConfig, model_type: str) -> None:
 
 
 def renormalises(cfg: ModelConfig) -> bool:
-    """Whether the k gate weights are renormalised to sum to 1 (a Switch router never renormalises)."""
-    return cfg.router == "topk" and cfg.norm_topk_prob
+    """Whether the k gate weights are renormalised to sum to 1 (a Switch router with the paper's gate
+    never does; with ``switch_gate="unit"`` its one weight is exactly 1, as a renormalised top-1)."""
+    return (cfg.router == "topk" and cfg.norm_topk_prob) or (cfg.router == "switch" and cfg.switch_gate == "unit")
 
 
 def dense_layers(cfg: ModelConfig) -> list[int]:

@@ -202,11 +202,24 @@ class TopKRouter(Router):
 
 class SwitchRouter(Router):
     """Switch Transformer (Fedus et al. 2021): top-1, gate = the router probability (not renormalised),
-    capacity factor; tokens over capacity skip the layer and travel on the residual stream."""
+    capacity factor; tokens over capacity skip the layer and travel on the residual stream.
+
+    NOTE: at init every probability is ~1/E, so the paper's gate scales the layer's output (and its
+    experts' gradients) by ~1/E: a small top-1 model starts with its FFNs nearly switched off (issue 18).
+    ``switch_gate="unit"`` uses p / stopgrad(p) instead: exactly 1 in the forward pass, while the router
+    still gets d(log p) (renormalising top-1 would also give 1, but no router gradient at all).
+    ``routed_scaling_factor`` multiplies the gate, as for the other routers."""
+
+    def _gate(self, top_T1: torch.Tensor) -> torch.Tensor:
+        if self.cfg.switch_gate == "unit":
+            top_T1 = top_T1 / top_T1.detach()
+        if self.cfg.routed_scaling_factor != 1.0:
+            top_T1 = top_T1 * self.cfg.routed_scaling_factor
+        return top_T1
 
     def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top_T1, ids_T1 = self.logits(x_TD).softmax(-1).max(dim=-1, keepdim=True)
-        return ids_T1, top_T1
+        return ids_T1, self._gate(top_T1)
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
@@ -215,7 +228,7 @@ class SwitchRouter(Router):
         balance = losses.load_balance_loss(probs_TE, ids_T1, mask_T, self.global_sum)
         zl = losses.z_loss(logits_TE, mask_T)
         aux = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * zl
-        return self._token_choice(ids_T1, top_T1, probs_TE, mask_T, aux, balance, zl)
+        return self._token_choice(ids_T1, self._gate(top_T1), probs_TE, mask_T, aux, balance, zl)
 
 
 class NoisyTopKRouter(Router):

@@ -339,6 +339,7 @@ def summarize(curves: list[Curve]) -> dict[str, Any]:
             "expert_ffn_dim": c.cfg.expert_ffn_dim if c.cfg.num_experts else None,
             "params_total": total, "params_active": active, "target_val_loss": target,
             "final_val_loss": c.final["val_loss"], "final_val_bpb": c.final["val_bpb"],
+            "final_val_loss_se": c.final.get("val_loss_se"),
             "tokens": c.final["tokens"], "train_seconds": c.final["elapsed_s"], "tokens_per_s": c.tokens_per_s,
             "step_cost_vs_dense": d.tokens_per_s / c.tokens_per_s,
             "tokens_to_dense_final": t_tokens, "seconds_to_dense_final": t_secs,
@@ -379,6 +380,8 @@ def summarize(curves: list[Curve]) -> dict[str, Any]:
            "models": models}
     if ceiling:
         out["ceiling_final_val_loss"] = _spread([c.final["val_loss"] for c in ceiling.values()])
+    ses = [r["final_val_loss_se"] for r in runs if r["final_val_loss_se"] is not None]
+    out["eval_noise"] = statistics.fmean(ses) if ses else None  # mean standard error of a final val loss
     return out
 
 
@@ -412,6 +415,9 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
         f"the data order). Validation: {validation}, {tcfg.eval_batches} batches every {tcfg.eval_every} steps. "
         f"Times are training seconds on this machine{timed} (evaluation excluded).", "",
         f"Target: each seed's dense final validation loss, **{_fmt_spread(d, '{:.4f}')}** nats/token over seeds.", "",
+        *([f"Evaluation noise: the standard error of a final validation loss over its {tcfg.eval_batches} held-out "
+           f"batches is {summary['eval_noise']:.4f} nats (mean over runs); differences between models smaller than "
+           "about twice that are within it.", ""] if summary.get("eval_noise") is not None else []),
         "| model | params total | active/token | final val loss | tokens/s | step cost vs dense | token fraction | "
         "**time fraction** | reached |",
         "|---|---|---|---|---|---|---|---|---|",

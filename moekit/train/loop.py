@@ -270,9 +270,13 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
                 window_loss, window_aux, window_n = 0.0, 0.0, 0
             if val_ds is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last):
                 t_eval = time.perf_counter()
-                val_loss = evaluate(model, val_ds, cfg, autocast, par)
+                batch_losses: list[float] = []
+                val_loss = evaluate(model, val_ds, cfg, autocast, par, batch_losses)
                 record = {"step": step, "tokens": tokens, "elapsed_s": round(t_eval - t_start, 3), "val_loss": val_loss,
                           "val_bpb": val_loss / math.log(2) / val_bytes}
+                se = standard_error(batch_losses)
+                if se is not None:  # one process (under torchrun the batches are split over the ranks)
+                    record["val_loss_se"] = se
                 if par.is_main:
                     _append_metrics(run, record)
                 evals.append(record)
@@ -308,8 +312,9 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
 
 @torch.no_grad()
 def evaluate(model: Transformer, val_ds: TokenDataset, cfg: TrainConfig, autocast=None,
-             parallel: Parallel | None = None) -> float:
+             parallel: Parallel | None = None, batch_losses: list[float] | None = None) -> float:
     """Mean cross-entropy (nats/token) over the first ``eval_batches`` sequential validation windows.
+    ``batch_losses``, when given, receives each batch's mean (for the standard error, :func:`standard_error`).
 
     With ``parallel`` every rank scores its rows of each batch (a short last batch is padded with
     ignored rows so that each rank runs every forward, as expert parallelism needs) and the sums are
@@ -328,11 +333,22 @@ def evaluate(model: Transformer, val_ds: TokenDataset, cfg: TrainConfig, autocas
         if n:  # a rank holding only padding rows has a NaN mean over nothing
             total += loss.item() * n
             count += n
+            if batch_losses is not None and not par.distributed:
+                batch_losses.append(loss.item())
     model.train(was_training)
     if par.distributed:
         sums = par.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
         total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
+
+
+def standard_error(values: list[float]) -> float | None:
+    """Standard error of the mean of ``values`` (the validation batches' losses): how far another set of
+    held-out windows of the same size could move the figure. None for fewer than two."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
 def _pad_rows(x: torch.Tensor, y: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
