@@ -93,7 +93,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def health():
         client = app.state.client
         if client is None or not client.healthy:
-            why = "the server is shutting down" if client is None else client._why_unavailable()
+            why = "the server is shutting down" if client is None else client.why_unavailable()
             raise APIError(503, why, "server_error", code="unavailable")
         return {"status": "ok", "model": model_name}
 

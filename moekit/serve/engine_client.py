@@ -113,7 +113,7 @@ class EngineClient:
         """Queue a request in ``group``; raises the engine's error (EngineError, EngineFull) for a bad
         one and :class:`Unavailable` when the engine thread is not running."""
         if not self.healthy:
-            raise Unavailable(self._why_unavailable())
+            raise Unavailable(self.why_unavailable())
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._put(Add(prompt, params, group, fut))
         return await asyncio.wrap_future(fut)
@@ -134,7 +134,7 @@ class EngineClient:
         self._commands.put(cmd)
         self._wake.set()
 
-    def _why_unavailable(self) -> str:
+    def why_unavailable(self) -> str:
         if self.error is not None:
             return "the engine stopped after an internal error; restart the server"
         return self._stopping or "the engine is not running"

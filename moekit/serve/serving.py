@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -84,6 +85,7 @@ class OpenAIServing:
 
     object_name = ""  # "text_completion" / "chat.completion"
     id_prefix = ""
+    retry_after_s = 1  # the Retry-After of a 429 (create_app sets it)
 
     def __init__(self, engine: Engine, client: Callable[[], EngineClient | None], metrics: Metrics, model_name: str):
         self.engine, self._client, self.metrics, self.model_name = engine, client, metrics, model_name
@@ -164,8 +166,6 @@ class OpenAIServing:
             for k, c in enumerate(choices):
                 p = params[k // n]
                 if p.seed is not None:  # each choice its own stream of random numbers, reproducibly
-                    import dataclasses
-
                     p = dataclasses.replace(p, seed=(p.seed + k) % 2**63)
                 c.request_id = (await client.submit(group, c.prompt.ids, p)).request_id
                 if p.logprobs and self.tokenizer is not None:
@@ -205,8 +205,6 @@ class OpenAIServing:
                             raise APIError(499, "client closed the request", code="client_closed")
         return {"id": rid, "object": self.object_name, "created": created, "model": self.model_name,
                 "choices": [self.choice(c, echo) for c in choices], "usage": self.usage(choices)}
-
-    retry_after_s = 1
 
     @staticmethod
     def _cancel_all(client: EngineClient, choices: list[Choice]) -> None:
