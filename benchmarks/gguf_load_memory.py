@@ -22,20 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from load_checkpoint import _status_bytes  # noqa: E402 - /proc/self/status fields, shared with that benchmark
+
 DEFAULT = Path(os.environ.get("MOEKIT_TEST_CACHE", Path.home() / ".cache" / "moekit-tests")) / \
     "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _status_bytes(field: str) -> int:
-    """A size field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; 0 off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def child(path: str, tokens: int, quantized: bool) -> dict:
