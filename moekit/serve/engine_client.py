@@ -177,12 +177,16 @@ class EngineClient:
                 log.exception("the step callback failed")
         self._deliver(events)
 
-    def _drain_commands(self) -> None:
+    def _pending(self):
+        """The commands queued so far, in order (without waiting)."""
         while True:
             try:
-                cmd = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_commands(self) -> None:
+        for cmd in self._pending():
             if isinstance(cmd, Add):
                 self._add(cmd)
             elif isinstance(cmd, Cancel):
@@ -247,11 +251,7 @@ class EngineClient:
             self._deliver(failures)
         except Exception:  # noqa: BLE001
             log.exception("could not deliver the failures")
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
+        for cmd in self._pending():
             if isinstance(cmd, Add):
                 _resolve(cmd.future, exception=Unavailable(message))
 

@@ -18,6 +18,7 @@ Plan of one request (``OpenAIServing.serve``):
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import dataclasses
@@ -79,7 +80,7 @@ class Choice:
             self.finish_reason = ev.finish_reason
 
 
-class OpenAIServing:
+class OpenAIServing(abc.ABC):
     """Shared by :class:`~moekit.serve.serving_completion.CompletionServing` and
     :class:`~moekit.serve.serving_chat.ChatServing`; the subclasses format the answer."""
 
@@ -264,8 +265,9 @@ class OpenAIServing:
                 self._cancel_all(client, choices)
 
     # ------------------------------------------------------------------ formatting (subclasses)
+    @abc.abstractmethod
     def choice(self, c: Choice, echo: bool) -> dict[str, Any]:
-        raise NotImplementedError
+        """One finished choice of the JSON answer."""
 
     def first_chunk(self, c: Choice, echo: bool) -> dict[str, Any] | None:
         return None
@@ -273,8 +275,19 @@ class OpenAIServing:
     def echo_chunk(self, c: Choice) -> dict[str, Any] | None:
         return None
 
+    @abc.abstractmethod
     def delta(self, c: Choice, ev: Event, n_before: int) -> dict[str, Any] | None:
-        raise NotImplementedError
+        """The streamed chunk for ``ev`` (None: nothing to send); ``n_before`` tokens came before it."""
+
+    def text_pieces(self, ids: list[int]) -> list[str]:
+        """The text each of ``ids`` adds (they join to the decoded text; special tokens are empty)."""
+        if self.tokenizer is None:
+            return ["" for _ in ids]
+        d = Detokenizer(self.tokenizer)
+        out = [d.push(t) for t in ids]
+        if out:
+            out[-1] += d.flush()
+        return out
 
     def pieces(self, c: Choice, start: int) -> list[str]:
         """Text pieces of ``c``'s generated tokens from ``start`` on: they join to the decoded answer

@@ -68,7 +68,7 @@ class CompletionServing(OpenAIServing):
         """OpenAI's completion logprobs object for generated tokens ``start..`` (and the prompt's first)."""
         tokens, lps, tops = [], [], []
         if with_prompt and c.prompt_logprobs is not None:
-            prompt_pieces = _pieces_of(self, c.prompt.ids)
+            prompt_pieces = self.text_pieces(c.prompt.ids)
             tokens += prompt_pieces
             lps += list(c.prompt_logprobs)
             tops += list(c.prompt_top_logprobs or [None] * len(prompt_pieces))
@@ -115,15 +115,3 @@ class CompletionServing(OpenAIServing):
         return {"index": c.index, "text": ev.text, "finish_reason": ev.finish_reason if ev.finished else None,
                 "logprobs": logprobs}
 
-
-def _pieces_of(serving: OpenAIServing, ids: list[int]) -> list[str]:
-    """The text each prompt token adds (they join to the prompt's decoded text)."""
-    from moekit.infer.text import Detokenizer
-
-    if serving.tokenizer is None:
-        return ["" for _ in ids]
-    d = Detokenizer(serving.tokenizer)
-    out = [d.push(t) for t in ids]
-    if out:
-        out[-1] += d.flush()
-    return out
