@@ -11,6 +11,7 @@ import inspect
 import os
 import re
 import sys
+import textwrap
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from moekit.train.compare import ALL_ROUTERS, compare, sample_candidates
+    from moekit.train.compare import ALL_ROUTERS, compare, reading, sample_candidates
     from moekit.utils import tune_cpu_allocator
 
     tune_cpu_allocator()
@@ -150,6 +151,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         return
     print()
     print(_compare_table(summary))
+    print()
+    print(textwrap.fill(reading(summary), width=110))
     plots = "val_loss.png" + (", scaling.png" if args.experts else "")
     print(f"\nreport: {Path(args.out) / 'report.md'}  (plots: {plots})")
     if args.sample:

@@ -21,6 +21,7 @@ from moekit.train.compare import (
     dense_ceiling,
     dense_twin,
     model_variants,
+    reading,
     recovery,
     render_report,
     router_variant,
@@ -107,7 +108,10 @@ def test_dense_twin_has_equal_active_ffn_width():
     dense = dense_twin(moe)
     assert dense.num_experts == 0 and dense.ffn_dim == 2 * 32 + 32
     switch = router_variant(moe, "switch")
-    assert switch.top_k == 1 and switch.expert_ffn_dim == 64 and switch.capacity_factor == 1.25
+    assert switch.top_k == 1 and switch.expert_ffn_dim == 64 and switch.capacity_factor is None
+    assert switch.num_experts == 2 and switch.param_counts()[0] - moe.param_counts()[0] == -32 * 2  # routers' rows
+    with pytest.raises(ConfigError, match="divide by top_k"):
+        router_variant(small_cfg(num_experts=5), "switch")
     assert moe.param_counts()[1] - dense.param_counts()[1] == 32 * 4  # only the router differs
     assert router_variant(small_cfg(top_k=1, router="switch"), "switch").expert_ffn_dim == 32  # already top-1
 
@@ -347,3 +351,35 @@ def test_standard_error_of_the_validation_batches():
 
     assert standard_error([1.0, 2.0, 3.0]) == pytest.approx(1.0 / 3 ** 0.5)
     assert standard_error([2.0, 2.0]) == 0.0 and standard_error([2.0]) is None
+
+
+def _three_way(moe_losses_per_seed, ceiling_final=3.0):
+    """Two seeds of dense (ends 4.0), the ceiling (ends ``ceiling_final``, reaching 4.0 at half its
+    tokens when it ends at 3.0) and a MoE; time per step: dense 1, ceiling 4, MoE 1.25."""
+    cfg = small_cfg()
+    curves = []
+    for seed, moe in enumerate(moe_losses_per_seed):
+        c = [5.0, 4.0, ceiling_final + 0.2, ceiling_final] if ceiling_final < 4.0 else [6.0, 5.0, 4.6, ceiling_final]
+        curves += [Curve("dense", seed, Path(f"d{seed}"), dense_twin(cfg), _evals([6.0, 5.0, 4.5, 4.0]), 100.0),
+                   Curve(CEILING, seed, Path(f"c{seed}"), dense_ceiling(cfg), _evals(c, step_s=4.0), 25.0),
+                   Curve("moe-topk", seed, Path(f"m{seed}"), cfg, _evals(moe, step_s=1.25), 80.0)]
+    return summarize(curves)
+
+
+def test_the_reading_follows_the_figures():
+    # capacity-bound, MoE at half the time in every seed, recovery >= 0.8
+    text = reading(_three_way([[5.0, 4.0, 3.5, 3.1], [5.0, 4.0, 3.6, 3.2]]))
+    assert "FFN capacity is the bottleneck here" in text and "0.50 of its tokens" in text
+    assert "recovering 0.85 ± 0.07" in text and "at least the ~0.8" in text
+    assert "per seed: 0.62, 0.62" in text and "sooner in every seed, though not in half the time" in text
+    # a MoE that never reaches the dense loss in one seed
+    text = reading(_three_way([[5.5, 4.5, 3.9, 3.8], [6.0, 5.5, 4.9, 4.5]]))
+    assert "1 of 2 seeds" in text and "not reached" in text and "does not pay" in text and "short of the ~0.8" in text
+    # a ceiling that never reaches the dense loss: there is no gain to recover
+    text = reading(_three_way([[5.5, 4.5, 3.9, 3.8]] * 2, ceiling_final=4.2))
+    assert "did not reach the small dense model's final loss in every seed (0 of 2)" in text
+    assert "no recovery" in text and "recovering" not in text
+    # at most half the time in every seed
+    fast = _three_way([[4.0, 3.5, 3.2, 3.0], [4.0, 3.6, 3.3, 3.1]])
+    assert "in every seed, at most half the time, so sparsity pays here" in reading(fast)
+    assert "**Reading.**" in render_report(fast, small_train())

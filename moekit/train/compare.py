@@ -65,12 +65,18 @@ def dense_ceiling(moe: ModelConfig) -> ModelConfig:
 
 
 def router_variant(moe: ModelConfig, router: str) -> ModelConfig:
-    """``moe`` with another router at equal active parameters. Switch is top-1, so its experts are
-    k times wider (as in the Switch paper, where an expert is the size of the dense FFN)."""
+    """``moe`` with another router at equal active and total parameters. Switch is top-1, so its experts
+    are k times wider (as in the Switch paper, where an expert is the size of the dense FFN) and there
+    are k times fewer of them (16 experts of 128 at top-2 become 8 of 256 at top-1). Capacity stays the
+    MoE's own (dropless unless it sets one), so routers are compared on routing alone."""
     if router == "switch" and moe.top_k > 1:
-        return dataclasses.replace(moe, router="switch", top_k=1, expert_ffn_dim=moe.top_k * moe.expert_ffn_dim,
-                                   capacity_factor=moe.capacity_factor or 1.25,
-                                   eval_capacity_factor=moe.eval_capacity_factor or 2.0)
+        if moe.num_experts % moe.top_k:
+            raise ConfigError(f"the switch variant of {moe.num_experts} experts at top_k={moe.top_k} needs the "
+                              f"experts to divide by top_k (it has {moe.top_k} times fewer, {moe.top_k} times wider)")
+        return dataclasses.replace(moe, router="switch", top_k=1, num_experts=moe.num_experts // moe.top_k,
+                                   expert_ffn_dim=moe.top_k * moe.expert_ffn_dim, routed_scaling_factor=1.0)
+    if router in ("noisy_topk", "expert_choice"):  # they have no routed_scaling_factor (config refuses one)
+        return dataclasses.replace(moe, router=router, routed_scaling_factor=1.0)
     return dataclasses.replace(moe, router=router)
 
 
@@ -385,6 +391,71 @@ def summarize(curves: list[Curve]) -> dict[str, Any]:
     return out
 
 
+def reading(summary: dict[str, Any]) -> str:
+    """One paragraph, in words, of what a comparison found: true for the figures it is given (each
+    sentence is chosen by them). The first MoE is the one read; the ceiling, when present, says
+    whether capacity is what limits the small dense model at this budget."""
+    models = {m["name"]: m for m in summary["models"]}
+    moes = [m for m in summary["models"] if m["name"] not in ("dense", CEILING)]
+    if not moes:
+        return ""
+    m = moes[0]
+    n = len(m["seeds"])
+    seeds = f"{n} seeds" if n > 1 else "1 seed"
+    d = summary["dense_final_val_loss"]
+    noise = summary.get("eval_noise")
+    out = []
+    top = models.get(CEILING)
+    if top is not None:
+        tf = top["token_fraction"]
+        c_loss = summary["ceiling_final_val_loss"]["mean"]
+        if tf is None:
+            out.append(f"The dense model with the MoE's total parameters ({CEILING}, {human(top['params_total'])}) did "
+                       f"not reach the small dense model's final loss in every seed ({top['reached']} of {n}): "
+                       "capacity is not what limits the small model at this budget, so the MoE has little to win.")
+        else:
+            verdict = ("FFN capacity is the bottleneck here" if tf["max"] <= 0.5 else
+                       "capacity limits the small model, though not by half" if tf["mean"] <= 0.8 else
+                       "capacity is not the main limit at this budget")
+            out.append(f"The dense model with the MoE's total parameters ({CEILING}, {human(top['params_total'])}, "
+                       f"{top['step_cost_vs_dense']:.1f}x the dense step time) reached the small dense model's final "
+                       f"loss in {_fmt_spread(tf)} of its tokens and ended at {c_loss:.4f} against {d['mean']:.4f}: "
+                       f"{verdict}.")
+    rec = m.get("recovery")
+    loss = m["final_val_loss"]["mean"]
+    gap = d["mean"] - loss
+    better = f"{gap:.4f} nats below" if gap > 0 else f"{-gap:.4f} nats above"
+    line = (f"The MoE ({m['name']}, {human(m['params_active'])} active of {human(m['params_total'])}) ended at "
+            f"{loss:.4f}, {better} its dense twin")
+    if rec is not None:
+        line += (f", recovering {_fmt_spread(rec)} of {CEILING}'s gain " +
+                 ("(at least the ~0.8 small-scale MoEs recover in the literature)" if rec["mean"] >= 0.8 else
+                  "(short of the ~0.8 small-scale MoEs recover in the literature)"))
+    elif top is not None:
+        line += " (no recovery: a seed's ceiling gained nothing)"
+    out.append(line + f", at {m['step_cost_vs_dense']:.2f}x the dense step cost.")
+    per = ", ".join("not reached" if v is None else f"{v:.2f}" for v in m["time_fraction_per_seed"])
+    tf = m["time_fraction"]
+    if tf is None:
+        out.append(f"It reached the dense model's final loss in {m['reached']} of {n} seeds (time fraction per seed: "
+                   f"{per}): at this budget sparsity does not pay.")
+    elif tf["max"] <= 0.5:
+        out.append(f"It reached the dense model's final loss in {tf['mean']:.2f} of the dense model's training time "
+                   f"(per seed: {per}): in every seed, at most half the time, so sparsity pays here.")
+    elif tf["max"] < 1:
+        out.append(f"It reached the dense model's final loss in {tf['mean']:.2f} of the dense model's training time "
+                   f"(per seed: {per}): sooner in every seed, though not in half the time.")
+    else:
+        out.append(f"It reached the dense model's final loss in {tf['mean']:.2f} of the dense model's training time "
+                   f"(per seed: {per}): not sooner in every seed, so at this budget sparsity does not clearly pay.")
+    if noise is not None:
+        within = abs(gap) < 2 * noise
+        out.append(f"Evaluation noise (the standard error of a final validation loss over its held-out batches) is "
+                   f"±{noise:.4f} nats; the MoE's margin over dense, {abs(gap):.4f} over {seeds}, is "
+                   f"{'within' if within else 'beyond'} twice that.")
+    return " ".join(out)
+
+
 def _fmt_spread(s: dict[str, float] | None, pattern: str = "{:.2f}") -> str:
     if s is None:
         return "not reached"
@@ -468,7 +539,7 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
             verdicts.append(f"- **{m['name']}** reaches the dense final loss in {tf['mean']:.2f} of the dense time "
                             f"(seeds: {', '.join(f'{v:.2f}' for v in m['time_fraction_per_seed'])}; "
                             f"range {tf['min']:.2f}-{tf['max']:.2f}).")
-    lines += verdicts + ["", "Per seed:", "",
+    lines += verdicts + ["", "**Reading.** " + reading(summary), "", "Per seed:", "",
                          "| model | seed | final val loss | target | tokens/s | tokens to target | time to target | "
                          "time fraction |", "|---|---|---|---|---|---|---|---|"]
     for r in summary["runs"]:
