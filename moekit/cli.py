@@ -146,7 +146,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     (moe_cfg, tcfg), _ = _configs(args, "tiny-moe")
     routers = list(ALL_ROUTERS) if args.routers == ["all"] else args.routers
     summary = compare(args.out, moe_cfg, tcfg, routers=routers, experts=args.experts, seeds=args.seeds,
-                      dense_lr=args.dense_lr, progress=not args.quiet, parallel=par, ceiling=args.ceiling)
+                      dense_lr=args.dense_lr, progress=not args.quiet, parallel=par,
+                      ceiling=args.ceiling_seeds if args.ceiling_seeds is not None else args.ceiling)
     if not par.is_main:
         return
     print()
@@ -186,9 +187,10 @@ def _compare_table(summary: dict) -> str:
             per = ", ".join("-" if v is None else f"{v:.2f}" for v in m["time_fraction_per_seed"])
             rows.append(f"{'':<{w}} time fraction per seed: {per}")
         if "recovery" in m:
-            per = ", ".join("-" if v is None else f"{v:.2f}" for v in m["recovery_per_seed"])
+            per = ", ".join(f"s{seed} " + ("-" if v is None else f"{v:.2f}")
+                            for seed, v in zip(m["ceiling_seeds"], m["recovery_per_seed"]))
             rec = _fmt_spread(m["recovery"]) if m["recovery"] is not None else "n/a"
-            rows.append(f"{'':<{w}} recovery of the dense-total gain: {rec} (per seed: {per}); "
+            rows.append(f"{'':<{w}} recovery of the dense-total gain: {rec} ({per}); "
                         f"time fraction vs dense-total: {_fmt_spread(m['time_fraction_vs_ceiling'])}")
     return "\n".join(rows)
 
@@ -487,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling", action="store_true",
                    help="also train a dense model with the MoE's total parameters (dense-total) and report each "
                    "MoE's recovery of its gain over the dense twin, and its fractions against it")
+    p.add_argument("--ceiling-seeds", type=int, default=None, metavar="N",
+                   help="train dense-total for the first N seeds only (it is the costliest model; recovery is "
+                        "then over those seeds); implies --ceiling")
     p.add_argument("--routers", nargs="+", default=None, metavar="ROUTER",
                    help="routers to sweep (topk switch expert_choice sigmoid_bias noisy_topk, or 'all'); "
                         "default: the config's router")

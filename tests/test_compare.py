@@ -353,6 +353,10 @@ def test_standard_error_of_the_validation_batches():
     assert standard_error([2.0, 2.0]) == 0.0 and standard_error([2.0]) is None
 
 
+def _curves_of(summary):
+    return summary["_curves"]
+
+
 def _three_way(moe_losses_per_seed, ceiling_final=3.0):
     """Two seeds of dense (ends 4.0), the ceiling (ends ``ceiling_final``, reaching 4.0 at half its
     tokens when it ends at 3.0) and a MoE; time per step: dense 1, ceiling 4, MoE 1.25."""
@@ -363,7 +367,7 @@ def _three_way(moe_losses_per_seed, ceiling_final=3.0):
         curves += [Curve("dense", seed, Path(f"d{seed}"), dense_twin(cfg), _evals([6.0, 5.0, 4.5, 4.0]), 100.0),
                    Curve(CEILING, seed, Path(f"c{seed}"), dense_ceiling(cfg), _evals(c, step_s=4.0), 25.0),
                    Curve("moe-topk", seed, Path(f"m{seed}"), cfg, _evals(moe, step_s=1.25), 80.0)]
-    return summarize(curves)
+    return {**summarize(curves), "_curves": curves}
 
 
 def test_the_reading_follows_the_figures():
@@ -383,3 +387,26 @@ def test_the_reading_follows_the_figures():
     fast = _three_way([[4.0, 3.5, 3.2, 3.0], [4.0, 3.6, 3.3, 3.1]])
     assert "in every seed, at most half the time, so sparsity pays here" in reading(fast)
     assert "**Reading.**" in render_report(fast, small_train())
+
+
+def test_a_ceiling_on_the_first_seeds_only():
+    s = _three_way([[5.0, 4.0, 3.5, 3.1], [5.0, 4.0, 3.6, 3.2]])
+    curves_summary = summarize([c for c in _curves_of(s) if not (c.name == CEILING and c.seed == 1)])
+    moe = next(m for m in curves_summary["models"] if m["name"] == "moe-topk")
+    assert moe["ceiling_seeds"] == [0] and moe["recovery_per_seed"] == [pytest.approx(0.9)]
+    assert moe["time_fraction_per_seed"] == [pytest.approx(0.625)] * 2  # the dense comparison keeps every seed
+    ceiling_row = next(m for m in curves_summary["models"] if m["name"] == CEILING)
+    assert ceiling_row["seeds"] == [0]
+    assert "0.90" in reading(curves_summary)
+
+
+def test_ceiling_seeds_are_checked_and_trained_only_where_asked(tmp_path, capsys):
+    base = ["compare", "--preset", "tiny-moe", "--dim", "32", "--n-layers", "1", "--max-steps", "2",
+            "--eval-every", "2", "--eval-batches", "2", "--batch-size", "2", "--seq-len", "16", "--quiet"]
+    assert main(base + ["--seeds", "2", "--ceiling-seeds", "3", "--out", str(tmp_path / "bad")]) == 2
+    assert "--ceiling-seeds 3 must be between 1 and --seeds 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(base + ["--seeds", "2", "--ceiling-seeds", "1", "--out", str(tmp_path / "cmp")]) == 0
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir() if p.is_dir()) == [
+        "dense-s0", "dense-s1", f"{CEILING}-s0", "moe-topk-s0", "moe-topk-s1"]
+    assert "recovery of the dense-total gain" in capsys.readouterr().out

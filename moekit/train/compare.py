@@ -251,13 +251,15 @@ def validation_data(tcfg: TrainConfig) -> str:
 
 def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: list[str] | None = None,
             experts: list[int] | None = None, seeds: int = 1, dense_lr: float | None = None,
-            progress: bool = True, parallel: Parallel | None = None, ceiling: bool = False) -> dict[str, Any] | None:
+            progress: bool = True, parallel: Parallel | None = None, ceiling: bool | int = False) -> dict[str, Any] | None:
     """Train the dense twin and every MoE variant once per seed (``tcfg.seed``, +1, ...), then write
     ``OUT/report.md``, ``OUT/val_loss.png`` (and ``OUT/scaling.png`` for an expert sweep) and
     ``OUT/summary.json``. ``dense_lr`` gives the dense model its own learning rate (each model at its
     own best is the fair comparison). Re-running reuses or continues runs with the same settings.
     ``ceiling`` also trains the dense model with the MoE's total parameters (:func:`dense_ceiling`, with
-    ``dense_lr`` too) and reports each MoE's recovery of its gain (:func:`recovery`).
+    ``dense_lr`` too) and reports each MoE's recovery of its gain (:func:`recovery`); an int trains it
+    for the first ``ceiling`` seeds only (it costs ``num_experts / top_k`` times the MoE's FFN work per
+    step, often more than the other models together), and recovery is then over those seeds.
 
     ``parallel``: under ``torchrun`` every rank calls ``compare``; each run trains on all of them, rank 0
     writes the files and returns the summary (the other ranks return None)."""
@@ -265,14 +267,19 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
     out = Path(out)
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds} must be >= 1")
+    ceiling_seeds = seeds if ceiling is True else int(ceiling)
+    if ceiling is not False and not 1 <= ceiling_seeds <= seeds:
+        raise ConfigError(f"--ceiling-seeds {ceiling_seeds} must be between 1 and --seeds {seeds}")
     if tcfg.eval_every == 0:
         tcfg = dataclasses.replace(tcfg, eval_every=max(1, tcfg.max_steps // 10))
-    variants = model_variants(moe_cfg, routers, experts, ceiling)  # validates before anything is written
+    variants = model_variants(moe_cfg, routers, experts, ceiling_seeds > 0)  # validates before anything is written
     for _, cfg in variants:
         par.check(cfg, tcfg.batch_size)
     runs = []  # (run directory, name, seed, model config, train config)
     for s in range(tcfg.seed, tcfg.seed + seeds):
         for name, cfg in variants:
+            if name == CEILING and s >= tcfg.seed + ceiling_seeds:
+                continue
             run_cfg = dataclasses.replace(tcfg, seed=s)
             if name in ("dense", CEILING) and dense_lr is not None:
                 run_cfg = dataclasses.replace(run_cfg, lr=dense_lr)
@@ -374,13 +381,18 @@ def summarize(curves: list[Curve]) -> dict[str, Any]:
         row["step_cost_vs_dense"] = statistics.fmean(r["step_cost_vs_dense"] for r in rs)
         row["reached"] = sum(r["time_fraction"] is not None for r in rs)
         keys = ["time_fraction", "token_fraction"]
-        if "recovery" in rs[0]:
-            keys += ["recovery", "token_fraction_vs_ceiling", "time_fraction_vs_ceiling"]
-            row["step_cost_vs_ceiling"] = statistics.fmean(r["step_cost_vs_ceiling"] for r in rs)
         for key in keys:
             vals = [r[key] for r in rs]
             row[key] = _spread(vals) if None not in vals else None
             row[key + "_per_seed"] = vals
+        topped = [r for r in rs if "recovery" in r]  # the seeds that trained a ceiling
+        if topped:
+            row["ceiling_seeds"] = [r["seed"] for r in topped]
+            row["step_cost_vs_ceiling"] = statistics.fmean(r["step_cost_vs_ceiling"] for r in topped)
+            for key in ("recovery", "token_fraction_vs_ceiling", "time_fraction_vs_ceiling"):
+                vals = [r[key] for r in topped]
+                row[key] = _spread(vals) if None not in vals else None
+                row[key + "_per_seed"] = vals
         models.append(row)
     out = {"dense_final_val_loss": _spread([d.final["val_loss"] for d in dense.values()]), "runs": runs,
            "models": models}
@@ -411,7 +423,8 @@ def reading(summary: dict[str, Any]) -> str:
         c_loss = summary["ceiling_final_val_loss"]["mean"]
         if tf is None:
             out.append(f"The dense model with the MoE's total parameters ({CEILING}, {human(top['params_total'])}) did "
-                       f"not reach the small dense model's final loss in every seed ({top['reached']} of {n}): "
+                       f"not reach the small dense model's final loss in every seed ({top['reached']} of "
+                       f"{len(top['seeds'])}): "
                        "capacity is not what limits the small model at this budget, so the MoE has little to win.")
         else:
             verdict = ("FFN capacity is the bottleneck here" if tf["max"] <= 0.5 else
