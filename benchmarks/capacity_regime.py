@@ -16,6 +16,7 @@ the dense twin, 2 threads, nothing else running) are timed afterwards, one model
     python benchmarks/capacity_regime.py                    # every configuration (about an hour)
     python benchmarks/capacity_regime.py --only v300-a128   # one row
     python benchmarks/capacity_regime.py --only v300-a128 --seeds 3 --time
+    python benchmarks/capacity_regime.py --margins runs/switch3   # each model vs dense at every evaluation
 """
 
 from __future__ import annotations
@@ -120,6 +121,30 @@ def human(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
+def margins(compare_dir: Path) -> str:
+    """Per model and seed of a compare directory: its validation loss minus its seed's dense model's at
+    every evaluation after the first 10% of the run, and the worst (largest) of them; <= 0 everywhere
+    means at or below dense throughout (issue 18's Switch target)."""
+    summary = json.loads((compare_dir / "summary.json").read_text())
+    rows = ["| model | seed | worst margin after 10% (nats) | at step | evaluations above dense | final margin |",
+            "|---|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        if r["name"] == "dense":
+            continue
+        dense = {e["step"]: e["val_loss"] for e in _evals(compare_dir / f"dense-s{r['seed']}")}
+        ev = [e for e in _evals(Path(r["run"])) if e["step"] in dense]
+        last = max(e["step"] for e in ev)
+        after = [(e["val_loss"] - dense[e["step"]], e["step"]) for e in ev if e["step"] > 0.1 * last]
+        worst = max(after)
+        rows.append(f"| {r['name']} | {r['seed']} | {worst[0]:+.4f} | {worst[1]} | "
+                    f"{sum(m > 0 for m, _ in after)} of {len(after)} | {after[-1][0]:+.4f} |")
+    return "\n".join(rows)
+
+
+def _evals(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", default="runs/capacity-regime", help="where the runs go (default runs/capacity-regime)")
@@ -127,7 +152,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
     p.add_argument("--parallel", type=int, default=2, help="configurations at once, one thread each (default 2)")
     p.add_argument("--time", action="store_true", help="also time each model's step (2 threads, afterwards)")
+    p.add_argument("--margins", metavar="COMPARE_DIR", default=None,
+                   help="only print each model's margin over dense at every evaluation of a finished compare")
     args = p.parse_args()
+    if args.margins:
+        print(margins(Path(args.margins)))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.only or list(STUDY)

@@ -70,9 +70,11 @@ class ModelConfig:
     z_loss_coef: float = 0.001  # router z-loss, every router
     routed_scaling_factor: float = 1.0  # multiplies routed gate weights (topk, switch, sigmoid_bias); DeepSeek-V3 uses 2.5, and
     # top_k restores a dense FFN's output scale (k renormalised weights each ~1/k at init halve a top-2 layer's output)
-    switch_gate: str = "prob"  # switch: the expert output times "prob", its router probability (the paper; ~1/E at
-    # init, so a top-1 layer starts nearly switched off), or "unit", p / stopgrad(p): 1 in the forward pass, and the
-    # router still learns, through grad log p (issue 18)
+    switch_gate: str | None = None  # switch: how the expert output is gated. "prob": times its router probability p
+    # (the paper; p ~1/E at init, so a top-1 layer starts nearly switched off); "matched" (the switch router's default,
+    # None): the same gate, with the experts' output projections initialised num_experts times larger, so that
+    # p * expert(x) starts at a dense FFN's scale (issue 18); "unit": p / stopgrad(p), 1 in the forward pass while the
+    # router still learns through grad log p. Other routers: "prob" (unused).
     n_group: int = 1  # sigmoid_bias: experts are split into groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen (DeepSeek-V3)
     bias_update_rate: float = 1e-3  # sigmoid_bias: step of the balance bias update (DeepSeek-V3)
@@ -91,6 +93,8 @@ class ModelConfig:
             self.head_dim = self.dim // self.n_heads
         if self.expert_ffn_dim is None:
             self.expert_ffn_dim = self.ffn_dim
+        if self.switch_gate is None:
+            self.switch_gate = "matched" if self.router == "switch" else "prob"
         if self.shared_expert_ffn_dim is None:
             self.shared_expert_ffn_dim = self.num_shared_experts * self.expert_ffn_dim
         self._validate()
@@ -148,8 +152,8 @@ class ModelConfig:
             raise ConfigError(f"router='switch' routes each token to one expert; got top_k={self.top_k}: set "
                               "top_k=1 (flag --top-k 1), or for top-k routing with a capacity limit use "
                               "router='topk' with a capacity_factor")
-        if self.switch_gate not in ("prob", "unit"):
-            raise ConfigError(f"switch_gate={self.switch_gate!r} is not one of ['prob', 'unit']")
+        if self.switch_gate not in ("prob", "unit", "matched"):
+            raise ConfigError(f"switch_gate={self.switch_gate!r} is not one of ['prob', 'unit', 'matched']")
         if self.switch_gate != "prob" and self.router != "switch":
             raise ConfigError(f"switch_gate={self.switch_gate!r} is a setting of router='switch' (router is "
                               f"{self.router!r}); leave it 'prob'")

@@ -136,6 +136,33 @@ def test_switch_gate_scale_at_init_and_the_unit_gate():
     assert_close(scaled.eval().select(x)[1][:, 0], w_prob * E)
 
 
+def test_switch_matched_gate_starts_at_the_dense_ffns_output_scale():
+    """``switch_gate="matched"`` (the switch router's default) keeps the paper's gate p (~1/E at init)
+    and initialises the experts' output projections E times larger: the MoE layer's output at init has the dense FFN's scale (the
+    paper's gate: ~1/E of it), and the gate itself is untouched."""
+    from moekit.model import Transformer
+
+    E, D, F = 8, 32, 64
+    kw = dict(dim=D, n_heads=4, n_kv_heads=2, n_layers=1, vocab_size=64, max_seq_len=32)
+
+    def layer_rms(cfg):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        with torch.no_grad():
+            if cfg.num_experts:
+                model.layers[0].ffn.router.weight.normal_(std=0.002)  # near-uniform probabilities, as at init
+            out = model.layers[0].ffn(torch.randn(4, 64, D))
+        return (out[0] if isinstance(out, tuple) else out).pow(2).mean().sqrt().item()
+
+    dense = layer_rms(ModelConfig.from_preset("tiny-moe", num_experts=0, ffn_dim=F, **kw))
+    switch = dict(router="switch", top_k=1, num_experts=E, expert_ffn_dim=F, **kw)
+    paper = layer_rms(ModelConfig.from_preset("tiny-moe", switch_gate="prob", **switch))
+    matched = layer_rms(ModelConfig.from_preset("tiny-moe", **switch))  # the switch router's default
+    assert paper / dense == pytest.approx(1 / E, rel=0.25)  # the quantity the fix corrects
+    assert matched / dense == pytest.approx(1.0, rel=0.25)
+    assert matched / paper == pytest.approx(E, rel=1e-4)  # exactly E: same choices, same gate, E x the weights
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"router": "topk", "switch_gate": "unit"}, "switch_gate"),
     ({"router": "switch", "top_k": 1, "switch_gate": "half"}, "switch_gate"),

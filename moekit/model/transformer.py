@@ -80,6 +80,10 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, SigmoidBiasRouter):
                 m.bias.zero_()
+        if self.cfg.num_experts and self.cfg.router == "switch" and self.cfg.switch_gate == "matched":
+            # The gate p is ~1/E at init: E times larger outputs make p * expert(x) start at the dense scale.
+            for moe in self.moe_layers():
+                moe.experts.down_proj.mul_(self.cfg.num_experts)
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.layers if b.is_moe]

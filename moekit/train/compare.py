@@ -69,12 +69,14 @@ def router_variant(moe: ModelConfig, router: str) -> ModelConfig:
     are k times wider (as in the Switch paper, where an expert is the size of the dense FFN) and there
     are k times fewer of them (16 experts of 128 at top-2 become 8 of 256 at top-1). Capacity stays the
     MoE's own (dropless unless it sets one), so routers are compared on routing alone."""
-    if router == "switch" and moe.top_k > 1:
+    if router == "switch":
         if moe.num_experts % moe.top_k:
             raise ConfigError(f"the switch variant of {moe.num_experts} experts at top_k={moe.top_k} needs the "
                               f"experts to divide by top_k (it has {moe.top_k} times fewer, {moe.top_k} times wider)")
+        gate = moe.switch_gate if moe.router == "switch" else "matched"  # the switch router's own default
         return dataclasses.replace(moe, router="switch", top_k=1, num_experts=moe.num_experts // moe.top_k,
-                                   expert_ffn_dim=moe.top_k * moe.expert_ffn_dim, routed_scaling_factor=1.0)
+                                   expert_ffn_dim=moe.top_k * moe.expert_ffn_dim, switch_gate=gate,
+                                   routed_scaling_factor=moe.routed_scaling_factor if moe.router == "switch" else 1.0)
     if router in ("noisy_topk", "expert_choice"):  # they have no routed_scaling_factor (config refuses one)
         return dataclasses.replace(moe, router=router, routed_scaling_factor=1.0)
     return dataclasses.replace(moe, router=router)
