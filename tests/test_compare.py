@@ -185,6 +185,20 @@ def test_compare_reuses_only_runs_with_the_same_settings(tmp_path, capsys):
         compare(out, small_cfg(), small_train(max_steps=3, lr=0.01), progress=False)
 
 
+def test_compare_with_its_own_tokenizer_reuses_its_runs(tmp_path, capsys):
+    """With --vocab-size the model's vocabulary follows the trained tokenizer, not the preset's: a rerun
+    must still recognise its runs (the main job is such a run)."""
+    flags = ["compare", "--out", str(tmp_path / "cmp"), *TINY_FLAGS, "--max-steps", "2", "--vocab-size", "300"]
+    assert main(flags) == 0
+    saved = json.loads((tmp_path / "cmp" / "dense-s0" / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == 300
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert "already trained (2 steps), reusing" in capsys.readouterr().out
+    assert main(flags[:-1] + ["320"]) == 2  # another vocabulary is another run
+    assert "vocab_size 300 (wanted 320)" in capsys.readouterr().err
+
+
 def test_compare_flags_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", "--experts", "8,x"])

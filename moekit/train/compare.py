@@ -148,9 +148,13 @@ def time_to_reach(evals: list[dict[str, Any]], target: float, key: str) -> float
 def _settings_differ(saved: dict[str, Any], cfg: ModelConfig, tcfg: TrainConfig) -> list[str]:
     """The settings in which a saved run differs from the wanted one (ignoring those without effect)."""
     diffs = []
-    if saved.get("model") != cfg.to_dict():
-        model = saved.get("model") or {}
-        diffs += [f"{k} {model.get(k)!r} (wanted {v!r})" for k, v in cfg.to_dict().items() if model.get(k) != v]
+    wanted = cfg.to_dict()
+    model = saved.get("model") or {}
+    if tcfg.vocab_size is not None or tcfg.tokenizer is not None:
+        # The model's vocabulary follows the run's tokenizer (trained or given), compared as a train setting.
+        wanted["vocab_size"] = model.get("vocab_size")
+    if model != wanted:
+        diffs += [f"{k} {model.get(k)!r} (wanted {v!r})" for k, v in wanted.items() if model.get(k) != v]
     train_saved = saved.get("train") or {}
     for k, v in tcfg.to_dict().items():
         if k not in _NO_EFFECT and train_saved.get(k) != v:
