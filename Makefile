@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # The configuration comes from the study in BENCHMARKS.md ("What sparsity buys").
 run: $(STAMP)
 	$(PY) -m moekit compare --preset micro-moe --vocab-size 300 --expert-ffn-dim 64 --out runs/compare \
-		--seeds 3 --ceiling-seeds 1 --max-steps 2400 --lr 3e-3 --schedule constant --eval-every 120 \
+		--seeds 3 --ceiling-seeds 1 --max-steps 2000 --lr 3e-3 --schedule constant --eval-every 100 \
 		--eval-batches 20 --sample "ROMEO:"
 
 # The GGUF export test runs moekit models in llama.cpp through llama-cpp-python, an optional extra
