@@ -18,7 +18,7 @@ from moekit.eval.score import (
     scoring_engine,
     start_id,
 )
-from moekit.infer import Engine, EngineError
+from moekit.infer import Engine, EngineError, SamplingParams
 
 TEXT = ("MACBETH.\nIf it were done when 'tis done, then 'twere well\nIt were done quickly. If the assassination\n"
         "Could trammel up the consequence, and catch,\nWith his surcease, success; that but this blow\n")
@@ -39,9 +39,16 @@ def tiny(seed: int = 0, moe: bool = True, max_seq_len: int = 48) -> Transformer:
 
 def reference_logprob(model, ids: list[int], n: int) -> float:
     """Sum of log p over the last n of ids, from the training forward pass on the whole sequence."""
+    return reference(model, ids, n)[0]
+
+
+def reference(model, ids: list[int], n: int) -> tuple[float, bool]:
+    """(sum of log p over the last n of ids, whether each was the argmax), from the training forward pass."""
     with torch.no_grad():
         logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-    return sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids)))
+    positions = range(len(ids) - n, len(ids))
+    return (sum(float(logp[t - 1, ids[t]]) for t in positions),
+            all(int(logp[t - 1].argmax()) == ids[t] for t in positions))
 
 
 PAIRS = [("MACBETH.\nIf it were done", " when 'tis done"), ("", "Fair is foul"), ("LADY MACBETH.\n", "We fail!"),
@@ -58,8 +65,21 @@ def test_batched_scores_equal_one_at_a_time_and_the_training_forward(tok):
     engine = Engine(model, tok, max_batch=1)
     for (ctx, cont), s in zip(PAIRS, single):
         c, k = encode_pair(engine, ctx, cont)
-        assert s.tokens == len(k)
-        assert s.logprob == pytest.approx(reference_logprob(model, c + k, len(k)), abs=1e-4)
+        logprob, greedy = reference(model, c + k, len(k))
+        assert s.tokens == len(k) and s.greedy == greedy
+        assert s.logprob == pytest.approx(logprob, abs=1e-4)
+    # greedy=False: the same log-likelihoods, no argmax check
+    quick = score_continuations(scoring_engine(model, tok, max_batch=8), PAIRS * 3, greedy=False)
+    assert [q.logprob for q in quick] == [b.logprob for b in batched] and {q.greedy for q in quick} == {None}
+
+
+def test_greedy_is_true_exactly_when_the_model_would_write_the_continuation(tok):
+    model = tiny()
+    engine = Engine(model, tok, max_batch=1)
+    ctx = tok.encode("MACBETH.\n").ids
+    written = engine.generate([ctx], SamplingParams(max_new_tokens=4, temperature=0, stop_ids=()))[0].token_ids
+    right, wrong = score_continuations(engine, [(ctx, written), (ctx, written[:-1] + [(written[-1] + 1) % 4096])])
+    assert right.greedy is True and wrong.greedy is False
 
 
 def test_rolling_scores_equal_one_at_a_time_and_every_token_once(tok):
