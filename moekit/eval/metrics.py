@@ -57,13 +57,29 @@ def lm_metrics(scores: Sequence[TextScore]) -> dict:
             "documents": len(scores), "tokens": sum(tokens), "bytes": sum(nbytes)}
 
 
+def ratio_difference(y1: Sequence[float], x1: Sequence[float], y2: Sequence[float], x2: Sequence[float]
+                     ) -> tuple[float, float]:
+    """``sum(y1)/sum(x1) - sum(y2)/sum(x2)`` over the same n documents, with its paired standard error.
+
+    The delta method: document i moves the difference by ``u_i = (y1_i - R1 x1_i) / X1 - (y2_i - R2 x2_i) / X2``,
+    so ``se = sqrt(n / (n - 1) * sum(u_i^2))``; with ``x1 == x2`` this is :func:`ratio_se` of ``y1 - y2``.
+    """
+    a = [np.asarray(v, dtype=np.float64) for v in (y1, x1, y2, x2)]
+    if len({len(v) for v in a}) != 1:
+        raise ValueError("ratio_difference needs the same documents on both sides")
+    (ya, xa, yb, xb), n = a, len(a[0])
+    ra, rb = ya.sum() / xa.sum(), yb.sum() / xb.sum()
+    if n < 2:
+        return float(ra - rb), math.nan
+    u = (ya - ra * xa) / xa.sum() - (yb - rb * xb) / xb.sum()
+    return float(ra - rb), float(math.sqrt(n / (n - 1) * float((u ** 2).sum())))
+
+
 def bpb_difference(a: Sequence[TextScore], b: Sequence[TextScore]) -> tuple[float, float]:
-    """Bits per byte of ``a`` minus ``b`` on the same documents, with its paired standard error."""
-    if [s.bytes for s in a] != [s.bytes for s in b]:
-        raise ValueError("bpb_difference needs the same documents (the same bytes) for both models")
-    diff = [(sb.logprob - sa.logprob) / LN2 for sa, sb in zip(a, b)]  # -lp_a - (-lp_b), in bits
-    nbytes = [s.bytes for s in a]
-    return math.fsum(diff) / sum(nbytes), ratio_se(diff, nbytes)
+    """Bits per byte of ``a`` minus ``b`` on the same documents (two models, or one text clean and perturbed),
+    with its paired standard error."""
+    return ratio_difference([-s.logprob / LN2 for s in a], [s.bytes for s in a],
+                            [-s.logprob / LN2 for s in b], [s.bytes for s in b])
 
 
 def choice_outcomes(choices: Sequence[str], scored: Sequence[Scored], answer: int) -> dict:

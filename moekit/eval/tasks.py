@@ -29,7 +29,7 @@ CONTEXT_LINES = 3  # lines of the speech before the one asked about
 MIN_LINE_CHARS = 20  # shorter lines ("Ay.", "Exeunt") say too little to tell apart
 MIN_SPEECHES = 3  # a distractor speaker speaks at least this often in the play
 MIN_WORD = 4  # letters in a blank's word (shorter ones are mostly function words)
-_WORD = re.compile(r"(?<![A-Za-z'-])[a-z]{%d,}(?![A-Za-z'-])" % MIN_WORD)
+_WORD = re.compile(r"(?<![A-Za-z'-])[a-z]{" + str(MIN_WORD) + r",}(?![A-Za-z'-])")
 
 MC_TASKS: tuple[str, ...] = ("next-line", "speaker", "blank")
 
