@@ -1,0 +1,1 @@
+"""Evaluation: `moekit eval` (scores, tasks, metrics, report), efficiency and routing analysis."""
