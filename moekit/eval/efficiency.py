@@ -147,6 +147,7 @@ def measure(model, tokenizer, *, seed: int = 0, prompt_tokens: int = 128, decode
     if prompt_tokens + decode_tokens > room:
         decode_tokens = max(1, decode_tokens * room // (prompt_tokens + decode_tokens))
         prompt_tokens = room - decode_tokens
+    # NOTE: the high-water mark is the process's own: resetting it also resets it for anyone else reading it.
     reset = reset_peak_rss()
     engine = Engine(model, tokenizer, max_batch=1, max_len=prompt_tokens + decode_tokens + 1,
                     prefill_chunk=prompt_tokens)

@@ -69,6 +69,7 @@ def dead_experts(load: Sequence[float]) -> list[int]:
 
 # --------------------------------------------------------------------------- kinds of text
 _DIRECTION = re.compile(r"\[[^\[\]]{1,300}\]")  # "[Enter VIOLA.]", "[Aside.]": bracketed, maybe across lines
+_CUT_DIRECTION = re.compile(r"[ \t]*\[[^\[\]]{1,300}\][ \t]*")  # the same with the spaces around it
 _SPEAKER = re.compile(r"[A-Z][A-Z0-9' ,&-]*[A-Z]\.")  # "LADY MACBETH.", "SIR TOBY.": a line of its own
 _HEADER = re.compile(r"(ACT|SCENE|EPILOGUE|PROLOGUE|THE END|FINIS)\b")
 
@@ -107,7 +108,7 @@ def split_play(text: str) -> tuple[list[str], list[str]]:
     directions = [" ".join(d.split()) for d in _DIRECTION.findall(text)]
     speeches: list[str] = []
     in_speech = False
-    for block in re.split(r"\n[ \t]*\n", _DIRECTION.sub("", text)):
+    for block in re.split(r"\n[ \t]*\n", _CUT_DIRECTION.sub(" ", text)):
         lines = [line.rstrip() for line in block.split("\n") if re.search(r"[A-Za-z]", line)]
         if not lines:
             continue  # a block that held only a stage direction: the speech, if any, goes on
@@ -147,15 +148,17 @@ def join_up(items: Sequence[str], size: int, sep: str) -> list[str]:
 
 
 def spread(items: list[str], max_chars: int) -> list[str]:
-    """Up to ``max_chars`` characters of ``items``, picked at an even stride through the whole list (so
-    that every play contributes, not just the first), in their original order."""
+    """Up to ``max_chars`` characters of ``items``, spread evenly through the whole list (so that every
+    play contributes, not just the first), in their original order: an item is taken when the characters
+    taken so far, with it, stay within ``max_chars / total`` of the characters seen so far. Falls short
+    of ``max_chars`` by less than one item."""
     total = sum(len(s) for s in items)
     if total <= max_chars:
         return list(items)
-    stride = math.ceil(total / max_chars)
-    picked, used = [], 0
-    for s in items[::stride]:
-        if used + len(s) <= max_chars:
+    picked, used, seen = [], 0, 0
+    for s in items:
+        seen += len(s)
+        if (used + len(s)) * total <= seen * max_chars:  # integers: no rounding
             picked.append(s)
             used += len(s)
     return picked
