@@ -71,27 +71,30 @@ def experts_sentence(fig: dict) -> str | None:
     dead = sum(len(d) for d in r["dead_experts"])
     worst = max(r["max_violation"]) if r["max_violation"] else math.nan
     ent = r["router_entropy"]
-    text = (f"{fig['name']}'s experts ({E} per layer, top-{k}, {layers} MoE layer{'s' if layers != 1 else ''}): "
-            f"{'none' if not dead else dead} dead, the busiest expert takes {1 + worst:.2f}x an even share of tokens "
-            f"(max-violation {worst:.2f}), router entropy {sum(ent) / len(ent):.2f} nats (uniform: {math.log(E):.2f})")
+    text = (f"In {fig['name']} ({E} experts per layer, top-{k}, {layers} MoE layer{'s' if layers != 1 else ''}) "
+            f"{'no expert is dead' if not dead else f'{dead} experts get no token'}, the busiest takes {1 + worst:.2f}x "
+            f"an even share of the tokens (max-violation {worst:.2f}) and the router's entropy is "
+            f"{sum(ent) / len(ent):.2f} nats (uniform: {math.log(E):.2f})")
     spec = r.get("specialisation") or {}
     if spec.get("pairs"):
         best_pair = max(range(len(spec["pairs"])), key=lambda p: max(spec["js_divergence"][p]))
         js = spec["js_divergence"][best_pair]
         layer = max(range(len(js)), key=lambda j: js[j])
         a, b = spec["pairs"][best_pair]
-        text += (f"; they specialise most by {a} vs {b} text (Jensen-Shannon divergence {js[layer]:.3f} bits in MoE "
-                 f"layer {r['layers'][layer]}; 0 = the same experts, 1 = disjoint ones)")
+        text += (f"; the experts tell {a} from {b} text most (Jensen-Shannon divergence {js[layer]:.3f} bits in MoE "
+                 f"layer {r['layers'][layer]}; 0: the same experts, 1: disjoint ones)")
     return text + "."
 
 
 def _verdict(best: dict, other: dict, diff: dict, lm_task: str | None) -> str:
     """One sentence: how much better ``best`` is than ``other`` (diff holds other - best, paired)."""
     claims = []
-    clear = False
     if lm_task is not None:
         d = diff["bits_per_byte"][lm_task]
         clear = _ok(d["delta_se"]) and d["delta"] > 2 * d["delta_se"]
+        where = _LM_NAMES.get(lm_task, lm_task)
+        lead = (f"{best['name']} predicts {where} better than {other['name']}" if clear else
+                f"{best['name']} and {other['name']} predict {where} equally well within two standard errors")
         for task, d in diff["bits_per_byte"].items():
             claims.append(f"{_pm(abs(d['delta']), d['delta_se'])} {'fewer' if d['delta'] >= 0 else 'more'} bits per byte "
                           f"on {_LM_NAMES.get(task, task)} ({best['lm'][task]['bits_per_byte']:.3f} vs "
@@ -105,9 +108,9 @@ def _verdict(best: dict, other: dict, diff: dict, lm_task: str | None) -> str:
                       f"{n} multiple-choice questions right ({100 * acc_b:.1f}% vs {100 * acc_o:.1f}%; chance 25%)")
         if lm_task is None:
             clear = _ok(d["delta_se"]) and more > 2 * d["delta_se"]
-    lead = (f"{best['name']} is better than {other['name']}" if clear else
-            f"{best['name']} is ahead of {other['name']}, but by less than two standard errors")
-    return f"{lead}: " + "; ".join(claims) + " (paired standard errors over the same documents and items)."
+            lead = (f"{best['name']} answers better than {other['name']}" if clear else
+                    f"{best['name']} and {other['name']} answer equally well within two standard errors")
+    return f"{lead}: " + "; ".join(claims) + " (± paired standard errors, the same documents and questions for both)."
 
 
 def headline(report: dict) -> str:
@@ -137,10 +140,12 @@ def headline(report: dict) -> str:
             cost = _cost(best, other)
             if cost:
                 sentences.append(f"It runs at {cost}.")
-    experts = [s for s in (experts_sentence(figs[n]) for n in [best["name"], *[f for f in figs if f != best["name"]]]) if s]
+    order = [best["name"], *[f for f in figs if f != best["name"]]]
+    experts = [s for s in (experts_sentence(figs[n]) for n in order) if s]
     if experts:
-        sentences.append(experts[0] if len(figs) == 1 or best.get("routing") else "No experts in " + best["name"]
-                         + " (dense); " + experts[0][0].lower() + experts[0][1:])
+        if not best.get("routing") and best.get("experts") == 0:
+            sentences.append(f"{best['name']} has no experts (dense).")
+        sentences.append(experts[0])
     return " ".join(sentences)
 
 
@@ -246,7 +251,7 @@ def render_markdown(report: dict, plots: list[str], routing_plots: dict[str, lis
         md += ["## Routing", ""]
         for f in figs:
             s = experts_sentence(f)
-            md += [s if s else f"{f['name']}: dense, no experts.", ""]
+            md += [s if s else f"{f['name']}: no experts (dense).", ""]
             r = f.get("routing")
             if r:
                 md += [_table(["MoE layer", "dead experts", "max-violation", "router entropy (nats)"]

@@ -39,8 +39,8 @@ EXTRA_TASKS: tuple[str, ...] = ("robustness", "efficiency", "routing")
 ALL_TASKS: tuple[str, ...] = (*LM_TASKS, *MC_TASKS, *EXTRA_TASKS)
 #: Items per task by default: sized so that the main job's two models (micro-moe, width 64) take every
 #: task in under two minutes on 2 cores (BENCHMARKS.md).
-DEFAULT_LM_LIMIT = 32  # documents of about 2,000 characters
-DEFAULT_MC_LIMIT = 80
+DEFAULT_LM_LIMIT = 48  # documents of about 2,000 characters
+DEFAULT_MC_LIMIT = 150
 #: Robustness re-scores this share of each task's items (the first ones) under each perturbation.
 ROBUST_SHARE = 0.25
 LM_SOURCES = {"shakespeare": "held-out plays (never trained on): " + ", ".join(sorted(VAL_PLAYS)),
