@@ -24,6 +24,12 @@ TEXT = ("MACBETH.\nIf it were done when 'tis done, then 'twere well\nIt were don
         "Could trammel up the consequence, and catch,\nWith his surcease, success; that but this blow\n")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second thread only contends on a shared machine (conftest restores the count)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer()

@@ -31,7 +31,7 @@ PIECE_CHARS = 2000
 # A speaker tag: capitals (and "." "," "'" "&" "-" spaces) ending in a full stop, alone on its line.
 _SPEAKER = re.compile(r"[A-Z][A-Z0-9 .,'&-]*[A-Z]\.")
 _HEADING = re.compile(r"(ACT|SCENE|EPILOGUE|PROLOGUE|THE END|SONG|DRAMATIS|PERSONS)\b", re.IGNORECASE)
-_INLINE_DIRECTION = re.compile(r"\[[^\]]*\]")
+_INLINE_DIRECTION = re.compile(r" *\[[^\]]*\] *")  # "[Aside.]" inside a line, with the spaces around it
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def parse_play(name: str, text: str) -> list[Speech]:
         if speaker is None:
             continue
         for row in rows:
-            row = _INLINE_DIRECTION.sub("", row).strip()
+            row = _INLINE_DIRECTION.sub(" ", row).strip()
             if row and not row.startswith("["):
                 lines.append(row)
     close()

@@ -9,15 +9,16 @@ play; the right answer's position is drawn with the same seeded generator.
   the distractors are other lines of the same play.
 - ``speaker``: who speaks next, given the speech before; a choice is the speaker tag and the first line,
   so the model scores how well each speaker predicts the line. Distractors: other speakers of the play
-  with at least :data:`MIN_SPEECHES` speeches.
+  with at least :data:`MIN_SPEECHES` speeches, drawn by how often they speak.
 - ``blank``: one word of a line, hidden: the choices are the word and three other words of the play
-  of about its length, each followed by the rest of the line.
+  of about its length, drawn by how often they occur, each followed by the rest of the line.
 """
 
 from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,11 +60,19 @@ def _place(rng: np.random.Generator, right: str, wrong: list[str]) -> tuple[tupl
 
 
 def _pick(rng: np.random.Generator, pool: list[str], exclude: set[str], k: int) -> list[str] | None:
-    """``k`` distinct members of ``pool`` not in ``exclude``, or None when there are not enough."""
-    options = sorted(set(pool) - exclude)
+    """``k`` distinct members of ``pool`` not in ``exclude``, drawn in proportion to how often each occurs in
+    ``pool``, or None when there are not enough.
+
+    Why by frequency: the right answer is drawn from the text, so frequent words and speakers are right
+    more often; distractors drawn the same way are exchangeable with it, and a model that knows nothing
+    (or only how long or common an answer is) scores chance.
+    """
+    counts = Counter(x for x in pool if x not in exclude)
+    options = sorted(counts)
     if len(options) < k:
         return None
-    return [options[i] for i in rng.choice(len(options), size=k, replace=False)]
+    weights = np.array([counts[o] for o in options], dtype=np.float64)
+    return [options[i] for i in rng.choice(len(options), size=k, replace=False, p=weights / weights.sum())]
 
 
 def _order(rng: np.random.Generator, n_candidates: int) -> list[int]:
@@ -104,12 +113,10 @@ def next_line_items(speeches: list[Speech], limit: int, seed: int) -> list[Item]
 
 def speaker_items(speeches: list[Speech], limit: int, seed: int) -> list[Item]:
     rng = _rng(seed, "speaker")
-    speakers_of: dict[str, list[str]] = {}
+    speakers_of: dict[str, list[str]] = {}  # one entry per speech, so _pick draws speakers by how often they speak
     for play, idx in _by_play(speeches).items():
-        counts: dict[str, int] = {}
-        for i in idx:
-            counts[speeches[i].speaker] = counts.get(speeches[i].speaker, 0) + 1
-        speakers_of[play] = [name for name, n in counts.items() if n >= MIN_SPEECHES]
+        counts = Counter(speeches[i].speaker for i in idx)
+        speakers_of[play] = [speeches[i].speaker for i in idx if counts[speeches[i].speaker] >= MIN_SPEECHES]
     candidates = [i for i in range(1, len(speeches))
                   if speeches[i].play == speeches[i - 1].play and len(speeches[i].lines[0]) >= MIN_LINE_CHARS]
     items = []
