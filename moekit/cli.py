@@ -436,10 +436,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file: give a directory for report.json, report.md and the plots")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     report = evaluate(args.paths, tasks=args.tasks, data=args.data, limit=args.limit, seed=args.seed,
                       progress=not args.quiet)
-    print(textwrap.fill(report["headline"], width=110))
+    print(textwrap.fill(report["headline"], width=110, break_on_hyphens=False))
     if args.out is not None:
         files = write_report(report, args.out)
         print(f"\nreport: {files[1]}  (report.json; plots: {', '.join(f.name for f in files[2:]) or 'none'})")
@@ -660,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"items per task (default {DEFAULT_LM_LIMIT} documents per language-modelling set, "
                         f"{DEFAULT_MC_LIMIT} questions per multiple-choice task)")
     p.add_argument("--seed", type=int, default=0, help="seed of the items, perturbations and measurements (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster for tiny models on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
     return parser
