@@ -187,18 +187,30 @@ def evaluate_model(path: str, name: str, suite: Suite, tasks: Sequence[str], see
     out: dict = {"name": name, "path": str(path), "format": fmt, "params_total": total, "params_active": active,
                  "experts": model.cfg.num_experts, "top_k": model.cfg.top_k if model.cfg.num_experts else 0,
                  "lm": {}, "mc": {}}
-    raw: dict = {"lm": {}, "mc": {}, "robust_lm": {}, "robust_mc": {}}
+    raw: dict = {"lm": {}, "mc": {}}  # per-document scores and per-item outcomes, for paired differences
+    parts: dict[str, float] = {}  # seconds by part: where the time goes (BENCHMARKS.md)
+    clock = t0
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        parts[part] = now - clock
+        clock = now
+
+    lap("load")
     all_docs = [(t, d) for t, docs in suite.documents.items() for d in docs]
     scores = score_texts(engine, [d for _, d in all_docs], progress)
     for task in suite.documents:
         raw["lm"][task] = [s for (t, _), s in zip(all_docs, scores) if t == task]
         out["lm"][task] = {**metrics.lm_metrics(raw["lm"][task]), "source": LM_SOURCES[task]}
     all_items = [it for its in suite.items.values() for it in its]
+    lap("language_modelling")
     scored = _score_items(engine, all_items, progress)
     outcomes = [metrics.choice_outcomes(it.choices, s, it.answer) for it, s in zip(all_items, scored)]
     for task in suite.items:
         raw["mc"][task] = [o for it, o in zip(all_items, outcomes) if it.task == task]
         out["mc"][task] = metrics.mc_metrics(raw["mc"][task], CHOICES)
+    lap("multiple_choice")
     if outcomes:
         conf, ok = [o["confidence"] for o in outcomes], [o["correct"] for o in outcomes]
         out["calibration"] = {"ece": metrics.ece(conf, ok), "bins": metrics.reliability(conf, ok), "items": len(outcomes),
@@ -206,20 +218,24 @@ def evaluate_model(path: str, name: str, suite: Suite, tasks: Sequence[str], see
                                                           [o["correct"] for o in raw["mc"][t]]) for t in suite.items}}
     if suite.perturbed_docs:
         out["robustness"] = _robustness(engine, suite, raw, progress)
+        lap("robustness")
     del engine
     if "efficiency" in tasks:
         from moekit.eval import efficiency
 
         out["efficiency"] = efficiency.measure(model, tokenizer, seed=seed)
+        lap("efficiency")
         if bar is not None:
             bar.update(1)
     if "routing" in tasks:
         from moekit.eval import routing
 
         out["routing"] = routing.analyse(model, tokenizer, suite.routing_texts, seed=seed)
+        lap("routing")
         if bar is not None:
             bar.update(1)
     out["seconds"] = time.perf_counter() - t0
+    out["seconds_by_part"] = parts
     del model
     gc.collect()
     return {"figures": out, "raw": raw}
