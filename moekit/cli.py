@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "robustness, efficiency, routing",
                        description="Evaluate every PATH on the same seeded items through the inference engine and "
                                    "report which is better, by how much, at what cost, and what its experts do. "
-                                   "Example: moekit eval runs/compare/dense-s0 runs/compare/moe-topk-s0 --out report/. "
+                                   "Example: moekit eval runs/compare/dense-s0 runs/compare/moe-sigmoid_bias-s0 --out report/. "
                                    "Report keys: docs/eval.md.")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="models: moekit checkpoint or run directories (int8/int4 too), Hugging Face directories, .gguf")

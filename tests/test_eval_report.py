@@ -89,23 +89,25 @@ def test_same_seed_same_report(models):
     assert a == b and a["models"][0]["lm"] != c["models"][0]["lm"]
 
 
-def test_quantized_and_gguf_models_are_evaluated(models, tmp_path, capsys):
-    q8, gguf = tmp_path / "moe-int8", tmp_path / "moe.gguf"
+def test_quantized_gguf_and_hugging_face_models_are_evaluated(models, tmp_path, capsys):
+    q8, q4, gguf, hf = tmp_path / "moe-int8", tmp_path / "moe-int4", tmp_path / "moe.gguf", tmp_path / "moe-hf"
     assert main(["quantize", models["moe"], str(q8), "--bits", "8"]) == 0
+    assert main(["quantize", models["moe"], str(q4), "--bits", "4"]) == 0
     assert main(["convert", models["moe"], str(gguf)]) == 0
+    assert main(["convert", models["moe"], str(hf), "--format", "hf"]) == 0
     capsys.readouterr()
     out = tmp_path / "report"
-    rc, _, err = run([models["moe"], str(q8), str(gguf), "--tasks", "shakespeare", "next-line", "efficiency",
-                      "--limit", "4", "--out", str(out)], capsys)
+    rc, _, err = run([models["moe"], str(q8), str(q4), str(gguf), str(hf), "--tasks", "shakespeare", "next-line",
+                      "efficiency", "--limit", "4", "--out", str(out)], capsys)
     assert rc == 0, err
     figs = json.loads((out / "report.json").read_text())["models"]
-    assert [f["name"] for f in figs] == ["moe", "moe-int8", "moe.gguf"]
-    assert [f["format"] for f in figs] == ["moekit", "moekit", "gguf"]
-    assert [f["efficiency"]["weights"] for f in figs][:2] == ["float32", "int8"]
-    base = figs[0]["lm"]["shakespeare"]["bits_per_byte"]
-    for f in figs[1:]:  # int8 and f16 weights: the same model, to within rounding
-        assert f["lm"]["shakespeare"]["bits_per_byte"] == pytest.approx(base, abs=0.01)
-        assert f["lm"]["shakespeare"]["tokens"] == figs[0]["lm"]["shakespeare"]["tokens"]
+    assert [f["name"] for f in figs] == ["moe", "moe-int8", "moe-int4", "moe.gguf", "moe-hf"]
+    assert [f["format"] for f in figs] == ["moekit", "moekit", "moekit", "gguf", "hf"]
+    assert [f["efficiency"]["weights"] for f in figs][:3] == ["float32", "int8", "int4"]
+    base = figs[0]["lm"]["shakespeare"]
+    for f, tol in zip(figs[1:], (0.01, 0.1, 0.01, 1e-5)):  # the same model: int8, int4, f16 GGUF, float32 HF
+        assert f["lm"]["shakespeare"]["bits_per_byte"] == pytest.approx(base["bits_per_byte"], abs=tol), f["name"]
+        assert f["lm"]["shakespeare"]["tokens"] == base["tokens"]
 
 
 def test_user_data(models, tmp_path, capsys):
