@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moekit.data.special import prepend_bos
 from moekit.infer.engine import Engine, EngineError, SamplingParams
 
-#: Read the prompt only, with each position's log-probability (and with ``top_logprobs=1`` its argmax, for
-#: ``greedy``: a top-1 over the vocabulary at every position, about a seventh of the time of a tiny model).
+#: Read the prompt only, with the log-probabilities of its last tokens (``prompt_logprobs_last``, set per
+#: request: the head and the softmax run on the scored rows only, not the context's), and with
+#: ``top_logprobs=1`` their argmax, for ``greedy`` (a top-1 over the vocabulary at every scored position).
 SCORING_PARAMS = SamplingParams(max_new_tokens=0, temperature=0.0, prompt_logprobs=True)
 GREEDY_PARAMS = SamplingParams(max_new_tokens=0, temperature=0.0, prompt_logprobs=True, top_logprobs=1)
 
@@ -202,7 +203,7 @@ def run_prompts(engine: Engine, prompts: Sequence[list[int]], scored: Sequence[i
     while nxt < len(order) or live:
         while nxt < len(order) and len(live) < room:
             i = order[nxt]
-            live[engine.add_request(prompts[i], params)] = i
+            live[engine.add_request(prompts[i], replace(params, prompt_logprobs_last=scored[i]))] = i
             nxt += 1
         for ev in engine.step():
             i = live.pop(ev.request_id, None) if ev.finished else None
