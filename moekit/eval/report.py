@@ -94,7 +94,9 @@ def _verdict(best: dict, other: dict, diff: dict, lm_task: str | None) -> str:
         clear = _ok(d["delta_se"]) and d["delta"] > 2 * d["delta_se"]
         where = _LM_NAMES.get(lm_task, lm_task)
         lead = (f"{best['name']} predicts {where} better than {other['name']}" if clear else
-                f"{best['name']} and {other['name']} predict {where} equally well within two standard errors")
+                f"{best['name']} and {other['name']} predict {where} equally well within two standard errors"
+                if _ok(d["delta_se"]) else
+                f"{best['name']} predicts {where} better than {other['name']} (one document: no standard error)")
         for task, d in diff["bits_per_byte"].items():
             claims.append(f"{_pm(abs(d['delta']), d['delta_se'])} {'fewer' if d['delta'] >= 0 else 'more'} bits per byte "
                           f"on {_LM_NAMES.get(task, task)} ({best['lm'][task]['bits_per_byte']:.3f} vs "
