@@ -431,6 +431,28 @@ def _cmd_upcycle(args: argparse.Namespace) -> None:
     print(f"wrote {out}; continue training with: moekit train --init {out} --out RUN")
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from moekit.eval.report import write_report
+    from moekit.eval.run import evaluate
+    from moekit.utils import tune_cpu_allocator
+
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file: give a directory for report.json, report.md and the plots")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    tune_cpu_allocator()
+    report = evaluate(args.paths, tasks=args.tasks, data=args.data, limit=args.limit, seed=args.seed,
+                      progress=not args.quiet)
+    print(textwrap.fill(report["headline"], width=110, break_on_hyphens=False))
+    if args.out is not None:
+        files = write_report(report, args.out)
+        print(f"\nreport: {files[1]}  (report.json; plots: {', '.join(f.name for f in files[2:]) or 'none'})")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -629,6 +651,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the router init and noise (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_cmd_upcycle)
+    from moekit.eval.run import ALL_TASKS, DEFAULT_LM_LIMIT, DEFAULT_MC_LIMIT
+
+    p = sub.add_parser("eval", help="evaluate models side by side: language modelling, multiple choice, calibration, "
+                                    "robustness, efficiency, routing",
+                       description="Evaluate every PATH on the same seeded items through the inference engine and "
+                                   "report which is better, by how much, at what cost, and what its experts do. "
+                                   "Example: moekit eval runs/compare/dense-s0 runs/compare/moe-sigmoid_bias-s0 --out report/. "
+                                   "Report keys: docs/eval.md.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="models: moekit checkpoint or run directories (int8/int4 too), Hugging Face directories, .gguf")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help=f"tasks to run (default all): {', '.join(ALL_TASKS)}, data; comma- or space-separated")
+    p.add_argument("--data", default=None, metavar="FILE_OR_DIR",
+                   help="also score your text (.txt, .jsonl or a folder of them) as the task 'data'")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write report.json, report.md and the plots into DIR (default: print the summary only)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help=f"items per task (default {DEFAULT_LM_LIMIT} documents per language-modelling set, "
+                        f"{DEFAULT_MC_LIMIT} questions per multiple-choice task)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the items, perturbations and measurements (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster for tiny models on a busy machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -294,3 +294,36 @@ def test_garbage_in_unwritten_cache_memory_never_leaks_into_a_batch():
     together = engine.generate([short, long], GREEDY)
     for p, c in zip((short, long), together):
         assert_same_greedy(model, p, c.token_ids, greedy_reference(model, p, 10))
+
+
+def test_prompt_logprobs_last_scores_only_the_tail_and_equals_the_full_scores():
+    """prompt_logprobs_last=n: the last n prompt tokens get the same log-probabilities (and top tokens) as with
+    every position scored, the others None, in one chunk or across chunks; the head runs on fewer rows."""
+    model = model_for("topk")
+    prompt = torch.randint(0, VOCAB, (40,)).tolist()
+    full = Engine(model, max_batch=2).generate([prompt], SamplingParams(max_new_tokens=0, prompt_logprobs=True,
+                                                                        top_logprobs=2))[0]
+    for chunk in (512, 7):  # one prefill step; several, the cut inside a chunk
+        for last in (1, 5, 39, 40, 60):
+            engine = Engine(model, max_batch=2, prefill_chunk=chunk)
+            rows = []
+
+            def counted(*a, real=engine.runner.forward, rows=rows, **k):
+                out = real(*a, **k)
+                rows.append(len(out))
+                return out
+
+            engine.runner.forward = counted
+            tail = engine.generate([prompt], SamplingParams(max_new_tokens=0, prompt_logprobs=True, top_logprobs=2,
+                                                            prompt_logprobs_last=last))[0]
+            n = min(last, 39)
+            assert len(tail.prompt_logprobs) == 40 and tail.prompt_logprobs[:40 - n] == [None] * (40 - n)
+            assert_close(torch.tensor(tail.prompt_logprobs[-n:]), torch.tensor(full.prompt_logprobs[-n:]))
+            assert [[t for t, _ in top] for top in tail.prompt_top_logprobs[-n:]] == \
+                   [[t for t, _ in top] for top in full.prompt_top_logprobs[-n:]]
+            if chunk == 512:
+                assert rows == [n + 1]  # the head ran on the scored rows and the last (it samples) only
+    with pytest.raises(EngineError, match="prompt_logprobs_last=3 needs prompt_logprobs=True"):
+        Engine(model).add_request([1, 2], SamplingParams(prompt_logprobs_last=3))
+    with pytest.raises(EngineError, match="prompt_logprobs_last=-1 must be an integer >= 0"):
+        Engine(model).add_request([1, 2], SamplingParams(prompt_logprobs=True, prompt_logprobs_last=-1))

@@ -78,6 +78,8 @@ class SamplingParams:
     logprobs: bool = False  # log-probability of each generated token under the model (raw logits: before bias,
     #                         penalties, temperature and filters)
     prompt_logprobs: bool = False  # log-probability of each prompt token given the ones before it
+    prompt_logprobs_last: int = 0  # with prompt_logprobs: only the last n prompt tokens (the others None); 0 = all.
+    #                                A scorer that needs a continuation's tokens skips the head on the context.
     top_logprobs: int = 0  # 0..20: with logprobs / prompt_logprobs, also the k most likely tokens at each position
     routing: bool = False  # record which experts each token went to, with gate weights
 
@@ -97,6 +99,11 @@ class SamplingParams:
             raise EngineError(f"top_logprobs={k!r} must be an integer in [0, {TOP_LOGPROBS_MAX}]")
         if k and not (self.logprobs or self.prompt_logprobs):
             raise EngineError(f"top_logprobs={k} needs logprobs=True or prompt_logprobs=True")
+        last = self.prompt_logprobs_last
+        if isinstance(last, bool) or not isinstance(last, int) or last < 0:
+            raise EngineError(f"prompt_logprobs_last={last!r} must be an integer >= 0 (0: every prompt token)")
+        if last and not self.prompt_logprobs:
+            raise EngineError(f"prompt_logprobs_last={last} needs prompt_logprobs=True")
         self._check_logit_bias(vocab_size)
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -359,9 +366,11 @@ class Engine:
         if not segments:
             return []
         all_logits = [False] * len(decoding) + [req.params.prompt_logprobs for req, _ in chunks]
+        skips = [0] * len(decoding) + [_rows_skipped(req, n) for req, n in chunks]
         wants_routing = any(r.params.routing for r in decoding) or any(r.params.routing for r, _ in chunks)
         routing = [] if wants_routing else None
-        logits = self.runner.forward(torch.tensor(tokens, device=self.device), segments, all_logits, routing)
+        logits = self.runner.forward(torch.tensor(tokens, device=self.device), segments, all_logits, routing,
+                                     skip=skips if any(skips) else None)
         fed = _split_routing(routing, [n for _, _, n in segments])
         for r in decoding:
             r.next_token = None
@@ -371,9 +380,10 @@ class Engine:
         events: list[Event] = []
         row = len(decoding)
         for j, (req, n) in enumerate(chunks):
-            width = n if req.params.prompt_logprobs else 1
+            skip = skips[len(decoding) + j]
+            width = n - skip if req.params.prompt_logprobs else 1
             if req.params.prompt_logprobs:
-                self._score_prompt(req, logits[row:row + n], n)
+                self._score_prompt(req, logits[row:row + width], n, skip)
             last = row + width - 1
             row += width
             req.prefilled += n
@@ -408,14 +418,20 @@ class Engine:
         if req.params.repetition_penalty != 1:
             self._prompt_SV[req.slot, torch.tensor(req.prompt_ids, device=self.device)] = True
 
-    def _score_prompt(self, req: Request, logits_TV: torch.Tensor, n: int) -> None:
+    def _score_prompt(self, req: Request, logits_TV: torch.Tensor, n: int, skip: int = 0) -> None:
         """Log-probability of each prompt token given the ones before it (the first has none), and with
-        ``top_logprobs`` the most likely tokens at each position."""
+        ``top_logprobs`` the most likely tokens at each position. ``logits_TV`` holds the chunk's rows from
+        ``skip`` on (``prompt_logprobs_last``): the tokens the skipped rows predict get None."""
         start = req.prefilled
         if start == 0:
             req.prompt_logprobs.append(None)
             if req.params.top_logprobs:
                 req.prompt_top_logprobs.append(None)
+        skipped = len(req.prompt_ids[start + 1:start + skip + 1])
+        req.prompt_logprobs += [None] * skipped
+        if req.params.top_logprobs:
+            req.prompt_top_logprobs += [None] * skipped
+        start, n = start + skip, n - skip
         targets = req.prompt_ids[start + 1:start + n + 1]  # the next prompt token after each position
         if targets:
             logp = logits_TV[:len(targets)].float().log_softmax(-1)
@@ -555,6 +571,17 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_len: int) -> tuple[list[
     return ids[-keep:], (f"the prompt ({len(ids)} tokens) does not fit the context of {max_len} tokens with "
                          f"max_new_tokens={max_new_tokens}: keeping its last {keep} tokens"
                          + (f"; the answer stops after {max_len - keep} tokens" if max_len - keep < max_new_tokens else ""))
+
+
+def _rows_skipped(req: Request, n: int) -> int:
+    """Leading rows of a prefill chunk whose logits ``prompt_logprobs_last`` does not need (never the prompt's
+    last row, which samples the first answer token). Position t predicts prompt token t + 1."""
+    last = req.params.prompt_logprobs_last
+    if not req.params.prompt_logprobs or not last:
+        return 0
+    first_needed = len(req.prompt_ids) - last - 1  # the position that predicts the first wanted token
+    completes = req.prefilled + n == len(req.prompt_ids)
+    return min(max(first_needed - req.prefilled, 0), n - 1 if completes else n)
 
 
 def _top(logp_BV: torch.Tensor, ks: list[int]) -> list[list[tuple[int, float]]]:

@@ -508,7 +508,7 @@ class Runner:
         return self.forward(tokens_BT[:, 0], [(s, p, 1) for s, p in zip(slots, starts)], None, routing)
 
     def forward(self, tokens_N: torch.Tensor, segments: list[tuple[int, int, int]], all_logits: list[bool] | None = None,
-                routing: list | None = None) -> torch.Tensor:
+                routing: list | None = None, skip: list[int] | None = None) -> torch.Tensor:
         """One pass over a mixed batch: ``segments`` are (slot, start, length) in the order of ``tokens_N``.
 
         Each segment's keys/values go to positions ``start .. start + length - 1`` of its slot and it
@@ -517,7 +517,8 @@ class Runner:
         its own. Everything else -- projections, routers, experts, the head -- runs once over all N
         tokens, so a step that decodes many sequences and prefills a prompt reads the weights once.
 
-        Returns logits [R, V]: each segment's last token, or all its tokens where ``all_logits[i]``.
+        Returns logits [R, V]: each segment's last token, or all its tokens where ``all_logits[i]`` (from its
+        ``skip[i]``-th token on, when given: the head runs only on the rows someone reads).
         ``routing``, when a list, receives per MoE layer (expert ids [N, K], gate weights [N, K]).
         """
         device = tokens_N.device
@@ -537,7 +538,9 @@ class Runner:
             x = x + (ffn(h, routing) if isinstance(ffn, _MoEPlan) else ffn(h))
         for s, p, n in segments:
             self.cache.written(s, p + n)
-        rows = plan.output_rows(all_logits)
+        rows = plan.output_rows(all_logits, skip)
+        if rows is not None and not len(rows):  # every row skipped: no head call (quantized kernels want rows)
+            return x.new_empty(0, self.model.cfg.vocab_size)
         x = x[0] if rows is None else x[0].index_select(0, rows)
         h = _rms_norm(self.model.norm, x)
         return head_logits(h, self.head) if isinstance(self.head, QuantizedWeight) else F.linear(h, self.head)
@@ -612,16 +615,17 @@ class _AttentionPlan:
             ys.append(y[0].transpose(0, 1).reshape(n, -1))
         return torch.cat(ys)[None]
 
-    def output_rows(self, all_logits: list[bool] | None) -> torch.Tensor | None:
+    def output_rows(self, all_logits: list[bool] | None, skip: list[int] | None = None) -> torch.Tensor | None:
         """Rows whose logits are wanted (None: all of them)."""
         rows, start = [], 0
         for i, (_, _, n) in enumerate(self.segments):
-            rows += range(start, start + n) if all_logits is not None and all_logits[i] else [start + n - 1]
+            first = start + (skip[i] if skip is not None else 0)
+            rows += range(first, start + n) if all_logits is not None and all_logits[i] else [start + n - 1]
             start += n
         if len(rows) == start:
             return None
         device = self.freqs.device
-        return torch.tensor(rows, device=device)
+        return torch.tensor(rows, dtype=torch.long, device=device)  # (no rows: a chunk that scores nothing)
 
 
 def _attention(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, mask: torch.Tensor | None,
