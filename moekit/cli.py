@@ -147,13 +147,17 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     routers = list(ALL_ROUTERS) if args.routers == ["all"] else args.routers
     summary = compare(args.out, moe_cfg, tcfg, routers=routers, experts=args.experts, seeds=args.seeds,
                       dense_lr=args.dense_lr, progress=not args.quiet, parallel=par,
-                      ceiling=args.ceiling_seeds if args.ceiling_seeds is not None else args.ceiling)
+                      ceiling=args.ceiling_seeds if args.ceiling_seeds is not None else args.ceiling,
+                      evaluate=not args.no_eval, eval_limit=args.eval_limit)
     if not par.is_main:
         return
     print()
     print(_compare_table(summary))
     print()
     print(textwrap.fill(reading(summary), width=110))
+    if summary.get("eval_headline"):
+        print("\nmoekit eval of the first seed's final models (" + str(Path(args.out) / "eval" / "report.md") + "):")
+        print(textwrap.fill(summary["eval_headline"], width=110, break_on_hyphens=False))
     plots = "val_loss.png" + (", scaling.png" if args.experts else "")
     print(f"\nreport: {Path(args.out) / 'report.md'}  (plots: {plots})")
     if args.sample:
@@ -511,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling", action="store_true",
                    help="also train a dense model with the MoE's total parameters (dense-total) and report each "
                    "MoE's recovery of its gain over the dense twin, and its fractions against it")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the evaluation of the final models (by default `moekit eval` runs on the first seed's "
+                        "models and writes OUT/eval/)")
+    p.add_argument("--eval-limit", type=int, default=None, metavar="N",
+                   help="items per task in that evaluation (default: moekit eval's own limits)")
     p.add_argument("--ceiling-seeds", type=int, default=None, metavar="N",
                    help="train dense-total for the first N seeds only (it is the costliest model; recovery is "
                         "then over those seeds); implies --ceiling")

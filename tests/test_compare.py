@@ -143,7 +143,8 @@ def test_compare_never_samples_from_a_router_that_sees_later_tokens():
 # --------------------------------------------------------------------------- end to end
 def test_seed_loop_and_expert_sweep_on_real_runs(tmp_path):
     out = tmp_path / "cmp"
-    summary = compare(out, small_cfg(), small_train(seed=3), experts=[2, 4], seeds=2, progress=False)
+    summary = compare(out, small_cfg(), small_train(seed=3), experts=[2, 4], seeds=2, progress=False,
+                      evaluate=False)
     names = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert names == ["dense-s3", "dense-s4", "moe-topk-e2-s3", "moe-topk-e2-s4", "moe-topk-e4-s3", "moe-topk-e4-s4"]
     for name in names:  # one run per seed, with that seed
@@ -163,7 +164,7 @@ def test_seed_loop_and_expert_sweep_on_real_runs(tmp_path):
     assert d3["train_loss"] != d4["train_loss"]
 
 
-TINY_FLAGS = ["--quiet", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--expert-ffn-dim",
+TINY_FLAGS = ["--quiet", "--no-eval", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--expert-ffn-dim",
               "32", "--num-experts", "4", "--max-seq-len", "32", "--batch-size", "2", "--seq-len", "16", "--eval-batches",
               "1", "--warmup-steps", "1"]
 
@@ -182,7 +183,7 @@ def test_compare_reuses_only_runs_with_the_same_settings(tmp_path, capsys):
     assert "trained with other settings" in err and "max_steps 3 (wanted 2)" in err and err.count("\n") == 1
     assert "Budget: 3 steps" in (out / "report.md").read_text()
     with pytest.raises(RunError):
-        compare(out, small_cfg(), small_train(max_steps=3, lr=0.01), progress=False)
+        compare(out, small_cfg(), small_train(max_steps=3, lr=0.01), progress=False, evaluate=False)
 
 
 def test_compare_with_its_own_tokenizer_reuses_its_runs(tmp_path, capsys):
@@ -204,7 +205,7 @@ def test_compare_flags_are_checked(tmp_path, capsys):
         main(["compare", "--experts", "8,x"])
     assert e.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err
-    assert main(["compare", "--seeds", "0", "--max-steps", "1", "--out", str(tmp_path)]) == 2
+    assert main(["compare", "--seeds", "0", "--max-steps", "1", "--no-eval", "--out", str(tmp_path)]) == 2
     assert "--seeds 0 must be >= 1" in capsys.readouterr().err
 
 
@@ -239,7 +240,8 @@ def test_a_corpus_too_small_to_validate_on_is_refused_before_training(tmp_path, 
 
 def test_the_report_names_the_held_out_part_of_the_users_data(tmp_path, data_cache):
     data = _corpus(tmp_path / "plays.txt", 120)  # ~2,600 tokens: ~260 held out
-    summary = compare(tmp_path / "cmp", small_cfg(), small_train(max_steps=2, data=str(data)), progress=False)
+    summary = compare(tmp_path / "cmp", small_cfg(), small_train(max_steps=2, data=str(data)), progress=False,
+                      evaluate=False)
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert re.search(rf"Validation: the last [\d,]+ tokens of {re.escape(str(data))}, held out from training, 1 batches",
                      report), report[:800]
@@ -350,14 +352,20 @@ def test_the_ceiling_is_refused_where_it_cannot_mirror_the_moe():
 def test_compare_with_the_ceiling_end_to_end(tmp_path, capsys):
     assert main(["compare", "--preset", "tiny-moe", "--dim", "32", "--n-layers", "1", "--max-steps", "4",
                  "--eval-every", "2", "--eval-batches", "3", "--batch-size", "2", "--seq-len", "16", "--ceiling",
-                 "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
+                 "--eval-limit", "4", "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert CEILING in out and "recovery of the dense-total gain" in out
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert [m["name"] for m in summary["models"]] == ["dense", CEILING, "moe-topk"]
     assert "recovery_per_seed" in summary["models"][2]
     assert summary["eval_noise"] > 0 and "evaluation noise" in out
-    assert "Evaluation noise" in (tmp_path / "cmp" / "report.md").read_text()
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "Evaluation noise" in report
+    # moekit eval of the first seed's final models, every model on the same items, next to the report
+    evaluation = json.loads((tmp_path / "cmp" / "eval" / "report.json").read_text())
+    assert [m["name"] for m in evaluation["models"]] == ["dense-s0", f"{CEILING}-s0", "moe-topk-s0"]
+    assert summary["eval_headline"] == evaluation["headline"] and evaluation["headline"] in report
+    assert "moekit eval of the first seed's final models" in out
 
 
 def test_standard_error_of_the_validation_batches():
@@ -415,7 +423,7 @@ def test_a_ceiling_on_the_first_seeds_only():
 
 
 def test_ceiling_seeds_are_checked_and_trained_only_where_asked(tmp_path, capsys):
-    base = ["compare", "--preset", "tiny-moe", "--dim", "32", "--n-layers", "1", "--max-steps", "2",
+    base = ["compare", "--no-eval", "--preset", "tiny-moe", "--dim", "32", "--n-layers", "1", "--max-steps", "2",
             "--eval-every", "2", "--eval-batches", "2", "--batch-size", "2", "--seq-len", "16", "--quiet"]
     assert main(base + ["--seeds", "2", "--ceiling-seeds", "3", "--out", str(tmp_path / "bad")]) == 2
     assert "--ceiling-seeds 3 must be between 1 and --seeds 2" in capsys.readouterr().err

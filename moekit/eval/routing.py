@@ -200,14 +200,13 @@ class _EntropyProbe:
     shadows ``select`` on each router instance (removed on exit; the model's class is untouched) and
     runs the router's own ``forward`` on the same input, whose ``stats.entropy`` is the figure training
     logs (:func:`moekit.model.losses.router_entropy`): softmax of the logits, or for sigmoid routers the
-    scores normalised to sum 1. ``skip`` rows at the start of the next call are left out (a prepended BOS).
+    scores normalised to sum 1. It sums over every row it sees (:func:`analyse` takes a BOS's share out).
     """
 
     def __init__(self, routers: list):
         self.routers = routers
         self.total = [0.0] * len(routers)  # sum over counted tokens of the entropy (nats)
         self.tokens = [0] * len(routers)
-        self.skip = [0] * len(routers)
 
     def __enter__(self):
         for j, router in enumerate(self.routers):
@@ -220,12 +219,10 @@ class _EntropyProbe:
 
     def _wrap(self, j: int, router, select):
         def probed(x_TD: torch.Tensor):
-            x = x_TD[self.skip[j]:]
-            self.skip[j] = 0
-            if len(x):
+            if len(x_TD):
                 # NOTE: host sync per layer and call; routing analysis is not a hot path.
-                self.total[j] += float(router.forward(x).stats.entropy) * len(x)
-                self.tokens[j] += len(x)
+                self.total[j] += float(router.forward(x_TD).stats.entropy) * len(x_TD)
+                self.tokens[j] += len(x_TD)
             return select(router, x_TD)
 
         return probed
@@ -264,27 +261,39 @@ def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int 
     layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
     E = cfg.num_experts
     window = min(cfg.max_seq_len, MAX_WINDOW)
-    # One request at a time, whole in one prefill step: the probe's calls then belong to that request.
-    engine = Engine(model, tokenizer, max_batch=1, max_len=window, prefill_chunk=window)
+    # Many requests in flight (continuous batching); the probe sums the entropy of every row it sees. A
+    # prepended BOS is the first row of its request's first window: with no context, its hidden state, and
+    # so its entropy, is the same in every request, measured once alone and subtracted per request.
+    engine = Engine(model, tokenizer, max_batch=16, max_len=window, prefill_chunk=4 * window)
     params = SamplingParams(max_new_tokens=0, temperature=0.0, seed=seed, routing=True)
     counts = {kind: np.zeros((len(layers), E), dtype=np.int64) for kind in texts_by_kind}
     tokens = dict.fromkeys(texts_by_kind, 0)
-    with _EntropyProbe([model.layers[i].ffn.router for i in layers]) as probe:
-        for kind, texts in texts_by_kind.items():
-            for text in texts:
-                ids = engine.encode(text)
-                prefix = len(ids) - len(tokenizer.encode(text, add_special_tokens=False).ids)  # 1 with BOS
-                for start in range(0, len(ids), window):
-                    chunk, skip = ids[start:start + window], prefix if start == 0 else 0
-                    if len(chunk) <= skip:
-                        continue
-                    probe.skip = [skip] * len(layers)
-                    fed = engine.generate([chunk], params)[0].routing[skip:]
-                    ids_TLK = np.array([[ids_K for ids_K, _ in per_layer] for per_layer in fed], dtype=np.int64)
-                    for j in range(len(layers)):
-                        counts[kind][j] += np.bincount(ids_TLK[:, j].ravel(), minlength=E)
-                    tokens[kind] += len(fed)
-        entropy = [t / n if n else 0.0 for t, n in zip(probe.total, probe.tokens)]
+    chunks: list[tuple[str, list[int], int]] = []  # (kind, token ids, leading BOS rows to leave out)
+    for kind, texts in texts_by_kind.items():
+        for text in texts:
+            ids = engine.encode(text)
+            prefix = len(ids) - len(tokenizer.encode(text, add_special_tokens=False).ids)  # 1 with BOS
+            for start in range(0, len(ids), window):
+                chunk, skip = ids[start:start + window], prefix if start == 0 else 0
+                if len(chunk) > skip:
+                    chunks.append((kind, chunk, skip))
+    routers = [model.layers[i].ffn.router for i in layers]
+    bos_entropy = [0.0] * len(layers)
+    n_bos = sum(skip for _, _, skip in chunks)
+    if n_bos:
+        with _EntropyProbe(routers) as probe:
+            engine.generate([chunks[0][1][:1]], params)
+        bos_entropy = [t / n for t, n in zip(probe.total, probe.tokens)]
+    with _EntropyProbe(routers) as probe:
+        completions = engine.generate([chunk for _, chunk, _ in chunks], params)
+    for (kind, _, skip), done in zip(chunks, completions):
+        fed = done.routing[skip:]
+        ids_TLK = np.array([[ids_K for ids_K, _ in per_layer] for per_layer in fed], dtype=np.int64)
+        for j in range(len(layers)):
+            counts[kind][j] += np.bincount(ids_TLK[:, j].ravel(), minlength=E)
+        tokens[kind] += len(fed)
+    entropy = [(t - n_bos * b) / (n - n_bos) if n > n_bos else 0.0
+               for t, n, b in zip(probe.total, probe.tokens, bos_entropy)]
     present = [k for k in texts_by_kind if tokens[k]]
     if pairs is None:
         pairs = [p for p in PAIRS if p[0] in present and p[1] in present] or list(itertools.combinations(present, 2))

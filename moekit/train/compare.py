@@ -257,7 +257,8 @@ def validation_data(tcfg: TrainConfig) -> str:
 
 def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: list[str] | None = None,
             experts: list[int] | None = None, seeds: int = 1, dense_lr: float | None = None,
-            progress: bool = True, parallel: Parallel | None = None, ceiling: bool | int = False) -> dict[str, Any] | None:
+            progress: bool = True, parallel: Parallel | None = None, ceiling: bool | int = False,
+            evaluate: bool = True, eval_limit: int | None = None) -> dict[str, Any] | None:
     """Train the dense twin and every MoE variant once per seed (``tcfg.seed``, +1, ...), then write
     ``OUT/report.md``, ``OUT/val_loss.png`` (and ``OUT/scaling.png`` for an expert sweep) and
     ``OUT/summary.json``. ``dense_lr`` gives the dense model its own learning rate (each model at its
@@ -267,12 +268,18 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
     for the first ``ceiling`` seeds only (it costs ``num_experts / top_k`` times the MoE's FFN work per
     step, often more than the other models together), and recovery is then over those seeds.
 
+    ``evaluate``: also run ``moekit eval`` on the first seed's final models (every model of the comparison,
+    on the same items) into ``OUT/eval/`` (report.md, report.json, plots); ``summary["eval_headline"]`` is
+    its first paragraph. ``eval_limit``: items per task (None: ``moekit eval``'s defaults).
+
     ``parallel``: under ``torchrun`` every rank calls ``compare``; each run trains on all of them, rank 0
     writes the files and returns the summary (the other ranks return None)."""
     par = parallel or Parallel.single()
     out = Path(out)
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds} must be >= 1")
+    if eval_limit is not None and eval_limit < 1:
+        raise ConfigError(f"--eval-limit {eval_limit} must be >= 1 (or --no-eval to skip the evaluation)")
     ceiling_seeds = seeds if ceiling is True else int(ceiling)
     if ceiling is not False and not 1 <= ceiling_seeds <= seeds:
         raise ConfigError(f"--ceiling-seeds {ceiling_seeds} must be between 1 and --seeds {seeds}")
@@ -320,8 +327,25 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
     plot_compare(out, curves)
     if experts:
         plot_scaling(out, summary)
+    if evaluate:
+        summary["eval_headline"] = evaluate_final_models(out, runs, progress, eval_limit)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.md", render_report(summary, tcfg))
     return summary
+
+
+def evaluate_final_models(out: Path, runs: list[tuple], progress: bool, limit: int | None = None) -> str:
+    """``moekit eval`` of the first seed's final model of every variant, into ``OUT/eval/``; its headline."""
+    from moekit.eval.report import write_report
+    from moekit.eval.run import evaluate
+
+    first = min(seed for _, _, seed, _, _ in runs)
+    # expert choice sees later tokens: its scores would not be those of a causal model (see the report)
+    paths = [str(run) for run, _, seed, cfg, _ in runs
+             if seed == first and (cfg.num_experts == 0 or cfg.router != "expert_choice")]
+    report = evaluate(paths, limit=limit, progress=progress)
+    write_report(report, out / "eval")
+    return report["headline"]
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -570,6 +594,10 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
         lines += ["NOTE: expert choice routes each batch's tokens per expert across whole sequences, so a token's "
                   "output (and its validation loss) depends on later tokens; its loss is not comparable to a causal "
                   "model's, and it cannot generate text. It is never picked for samples.", ""]
+    if summary.get("eval_headline"):
+        lines += ["## Evaluation of the final models (`moekit eval`, first seed)", "", summary["eval_headline"], "",
+                  "Every figure, with calibration, robustness, efficiency and routing: [eval/report.md](eval/report.md).",
+                  ""]
     lines += ["![validation loss](val_loss.png)", ""]
     if settings.get("experts"):
         lines += ["![final loss and time fraction against the number of experts](scaling.png)", ""]
