@@ -687,8 +687,10 @@ def _lm_eval(argv: list[str]) -> int:
     """
     from moekit.checkpoint import CheckpointError
     from moekit.data import DataError
+    from moekit.eval.lm_eval_tasks import set_offline
     from moekit.infer import EngineError
 
+    set_offline()  # before lm_eval imports datasets, which reads it once
     try:
         from moekit.eval.lm_eval_adapter import main as harness_main
     except ModuleNotFoundError as e:

@@ -91,6 +91,13 @@ class MoekitLM(LM):
         """Names the request cache (``--use_cache``) together with the chat template."""
         return self.name.replace("/", "__")
 
+    def get_model_info(self) -> dict:
+        """What the harness writes into its results' ``config`` next to the model name."""
+        cfg = self.engine.model.cfg
+        total, active = cfg.param_counts()
+        return {"model_name": self.name, "model_num_parameters": total, "model_active_parameters": active,
+                "model_experts": cfg.num_experts, "max_length": self.max_length}
+
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.engine.special.chat_template or ""
 
@@ -180,7 +187,7 @@ The harness's own options follow (lm-eval run --help):
 
 def main(argv: Sequence[str]) -> int:
     """``moekit lm-eval ARGS``: the harness's command line with ``moekit`` registered (see :data:`USAGE`)."""
-    from moekit.eval.lm_eval_tasks import default_task_dir, write_tasks
+    from moekit.eval.lm_eval_tasks import default_task_dir, set_offline, write_tasks
 
     args = list(argv)
     if "--write-tasks" in args:
@@ -190,15 +197,13 @@ def main(argv: Sequence[str]) -> int:
         out = write_tasks(args[i + 1])
         print(f"wrote the moekit tasks to {out}; run them with: lm_eval ... --include_path {out} --tasks moekit")
         return 0
+    wants_help = not args or any(a in ("-h", "--help") for a in args)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE.format(tasks=default_task_dir()), end="")
         args = ["run", "--help"]
-    # Offline by default: the project's tasks read local files, and a hub lookup would only wait for a
-    # network that is not there (set HF_DATASETS_OFFLINE=0 to let the built-in tasks download).
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args[0] not in ("ls", "validate") and not any(a == "--include_path" or a.startswith("--include_path=")
-                                                    for a in args):
+    set_offline()
+    # run, ls and validate all read --include_path
+    if not wants_help and not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
         args += ["--include_path", str(write_tasks(default_task_dir()))]
     from lm_eval.__main__ import cli_evaluate
 

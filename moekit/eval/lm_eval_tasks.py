@@ -123,3 +123,13 @@ def default_task_dir() -> Path:
     """Where ``moekit lm-eval`` writes the tasks when not told: ``$MOEKIT_CACHE`` or ``~/.cache/moekit``."""
     root = os.environ.get("MOEKIT_CACHE") or Path.home() / ".cache" / "moekit"
     return Path(root) / "lm_eval_tasks"
+
+
+def set_offline() -> None:
+    """Offline unless told otherwise: the project's tasks read local files, and a hub lookup would only wait
+    for a network that is not there (``HF_DATASETS_OFFLINE=0`` lets the harness's built-in tasks download).
+
+    NOTE: ``datasets`` and ``huggingface_hub`` read these when first imported: call this before lm_eval.
+    """
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
