@@ -234,7 +234,7 @@ def cli_accuracy(capsys, tmp_path, name, model, model_args, task_dir, limit):
     out = tmp_path / name
     rc, stdout, err = cli(["--model", model, "--model_args", model_args, "--tasks", "moekit_next_line",
                            "--limit", str(limit), "--include_path", str(task_dir), "--output_path", str(out),
-                           "--log_samples", "--device", "cpu"], capsys)
+                           "--log_samples"], capsys)  # no --device: the harness's default (cuda:0) falls back to the CPU
     assert rc == 0, err
     assert "moekit_next_line" in stdout  # the harness's own table
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["moekit_next_line"]

@@ -70,7 +70,7 @@ class MoekitLM(LM):
         if isinstance(pretrained, (str, os.PathLike)):
             from moekit.checkpoint import load
 
-            model, tokenizer = load(pretrained, device=device or "cpu")
+            model, tokenizer = load(pretrained, device=_device(device))
             self.name = str(pretrained)
         else:
             model, self.name = pretrained, type(pretrained).__name__
@@ -166,6 +166,16 @@ class MoekitLM(LM):
             top_k=int(kw.get("top_k") or 0), top_p=float(kw.get("top_p", 1.0)),
             repetition_penalty=float(kw.get("repetition_penalty", 1.0)),
             seed=None if kw.get("seed") is None else int(kw["seed"]), stop=tuple(stop))
+
+
+def _device(device: str | None) -> str:
+    """The harness's ``--device`` (its command line's default is ``cuda:0``), as HFLM reads it: a CUDA
+    device only where CUDA is available, else the CPU (moekit's home: see README)."""
+    import torch
+
+    if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
+        return "cpu"
+    return device
 
 
 # --------------------------------------------------------------------------- moekit lm-eval
