@@ -256,3 +256,29 @@ def test_cli_moekit_and_hf_export_agree(checkpoint, task_dir, tmp_path, capsys):
     assert len(ours_lp) == len(theirs_lp) == 4 * limit
     assert ours_lp == pytest.approx(theirs_lp, abs=1e-4)
     assert ours["acc,none"] == theirs["acc,none"] and ours["acc_norm,none"] == theirs["acc_norm,none"]
+
+
+def test_every_format_moekit_load_reads(checkpoint, tmp_path, capsys):
+    """int8, int4, GGUF and Hugging Face exports load by path and score as moekit eval scores them."""
+    from lm_eval.api.instance import Instance
+
+    q8, q4, gguf, hf = tmp_path / "int8", tmp_path / "int4", tmp_path / "moe.gguf", tmp_path / "hf"
+    assert main(["quantize", checkpoint, str(q8), "--bits", "8"]) == 0
+    assert main(["quantize", checkpoint, str(q4), "--bits", "4"]) == 0
+    assert main(["convert", checkpoint, str(gguf)]) == 0
+    assert main(["convert", checkpoint, str(hf), "--format", "hf"]) == 0
+    capsys.readouterr()
+    pairs = [("MACBETH.\nIs this a dagger", " which I see"), ("", "Fair is foul")]
+    requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    for path in (q8, q4, gguf, hf):
+        got = MoekitLM(pretrained=str(path), max_batch=4).loglikelihood(requests, disable_tqdm=True)
+        expected = score_continuations(scoring_engine(*moekit.load(path)), pairs)
+        assert [g[0] for g in got] == pytest.approx([e.logprob for e in expected], abs=1e-5), path
+        assert [g[1] for g in got] == [e.greedy for e in expected]
+
+
+def test_chat_template_for_apply_chat_template(lm):
+    """A model without a template of its own gets moekit chat's plain User:/Assistant: alternation."""
+    text = lm.apply_chat_template([{"role": "user", "content": "Who is there?"}])
+    assert "Who is there?" in text and text.rstrip().endswith("Assistant:")
+    assert lm.chat_template(True) == "" and "moe" in lm.tokenizer_name and "/" not in lm.tokenizer_name
