@@ -88,8 +88,14 @@ LM_BODY = [
     "doc_to_target: text",
     "metric_list:",
     "  - metric: word_perplexity",
+    "    aggregation: weighted_perplexity",
+    "    higher_is_better: false",
     "  - metric: byte_perplexity",
+    "    aggregation: weighted_perplexity",
+    "    higher_is_better: false",
     "  - metric: bits_per_byte",
+    "    aggregation: bits_per_byte",
+    "    higher_is_better: false",
 ]
 
 
