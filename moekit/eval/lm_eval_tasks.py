@@ -28,23 +28,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from moekit.eval.tasks import MC_TASKS
+from moekit.utils import atomic_write_text, data_cache_dir
 
 #: moekit eval task -> harness task name.
 HARNESS_TASKS = {"next-line": "moekit_next_line", "speaker": "moekit_speaker", "blank": "moekit_blank",
                  "shakespeare": "moekit_shakespeare", "austen": "moekit_austen"}
 TAG = "moekit"
-
-
-def _write(path: Path, text: str) -> None:
-    """Replace ``path`` atomically: a harness run reading the folder never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _yaml(task: str, data: Path, body: list[str]) -> str:
@@ -113,22 +105,22 @@ def write_tasks(directory: str | os.PathLike, seed: int = 0) -> Path:
     for task, docs in suite.documents.items():
         name = HARNESS_TASKS[task]
         data = out / f"{name}.jsonl"
-        _write(data, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
-        _write(out / f"{name}.yaml", _yaml(name, data, LM_BODY))
+        atomic_write_text(data, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+        atomic_write_text(out / f"{name}.yaml", _yaml(name, data, LM_BODY))
     for task in MC_TASKS:
         name = HARNESS_TASKS[task]
         data = out / f"{name}.jsonl"
         rows = [{"context": it.context, "choices": list(it.choices), "answer": it.answer, "play": it.play}
                 for it in suite.items[task]]
-        _write(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        _write(out / f"{name}.yaml", _yaml(name, data, MC_BODY))
+        atomic_write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(out / f"{name}.yaml", _yaml(name, data, MC_BODY))
     return out
 
 
 def default_task_dir() -> Path:
-    """Where ``moekit lm-eval`` writes the tasks when not told: ``$MOEKIT_CACHE`` or ``~/.cache/moekit``."""
-    root = os.environ.get("MOEKIT_CACHE") or Path.home() / ".cache" / "moekit"
-    return Path(root) / "lm_eval_tasks"
+    """Where ``moekit lm-eval`` writes the tasks when not told: ``lm_eval_tasks`` in moekit's cache folder
+    (``$MOEKIT_CACHE``, else ``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``)."""
+    return data_cache_dir() / "lm_eval_tasks"
 
 
 def set_offline() -> None:
