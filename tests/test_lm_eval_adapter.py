@@ -28,12 +28,17 @@ MC = ("moekit_next_line", "moekit_speaker", "moekit_blank")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_offline(monkeypatch):
+def _one_thread_offline(monkeypatch, tmp_path_factory):
     """Tiny models: a second thread only contends on a shared machine (conftest restores the count). The
-    tasks read local files; offline, `datasets` does not look for them on the hub first."""
+    tasks read local files; offline, `datasets` does not look for them on the hub first, and caches them in
+    the session's temporary folder, not the user's."""
     torch.set_num_threads(1)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    # read at each load (the HF_DATASETS_CACHE variable only when datasets is first imported)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf-datasets")
 
 
 @pytest.fixture(scope="module")
