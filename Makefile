@@ -2,14 +2,20 @@
 # Both create .venv on first use. torch is installed first and pinned so that the CPU build already
 # on this machine's disk is used (a bare `torch` would pull a multi-GB CUDA build).
 PY := .venv/bin/python
+BASE := .venv/.base
 STAMP := .venv/.installed
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml
+# `make run` needs moekit alone; `make test` adds the dev extras (transformers, the server, lm-eval, ...).
+$(BASE): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	touch $(BASE)
+
+$(STAMP): $(BASE)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
@@ -18,7 +24,7 @@ $(STAMP): pyproject.toml
 # 2 layers; the MoE holds 16 experts of 64 (top-2) against its dense twin's FFN of 128. 3 seeds each,
 # and once (seed 0) the dense model with the MoE's total parameters, the ceiling sparsity aims at.
 # The configuration comes from the study in BENCHMARKS.md ("What sparsity buys").
-run: $(STAMP)
+run: $(BASE)
 	$(PY) -m moekit compare --preset micro-moe --vocab-size 300 --expert-ffn-dim 64 --out runs/compare \
 		--seeds 3 --ceiling-seeds 1 --max-steps 2000 --lr 3e-3 --schedule constant --eval-every 100 \
 		--eval-batches 20 --sample "ROMEO:"

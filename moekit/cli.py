@@ -684,10 +684,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's choice; 1 is faster for tiny models on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+    # Parsed by the harness, not here (main() hands everything after the verb over untouched); this entry
+    # puts it in `moekit --help`.
+    sub.add_parser("lm-eval", add_help=False,
+                   help="run the lm-evaluation-harness (lm-eval run ARGS) with the model 'moekit' and this project's "
+                        "tasks; moekit lm-eval --help")
     return parser
 
 
+def _lm_eval(argv: list[str]) -> int:
+    """``moekit lm-eval ARGS``: the harness's own command line (:func:`moekit.eval.lm_eval_adapter.main`).
+
+    NOTE: handed over before argparse sees it: a subparser would take the harness's flags for its own
+    (``-h``, prefixes) or refuse them, and argparse.REMAINDER cannot start with an option.
+    """
+    from moekit.checkpoint import CheckpointError
+    from moekit.data import DataError
+    from moekit.eval.lm_eval_tasks import set_offline
+    from moekit.infer import EngineError
+
+    set_offline()  # before lm_eval imports datasets, which reads it once
+    try:
+        from moekit.eval.lm_eval_adapter import main as harness_main
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        print("moekit lm-eval: error: lm-eval is not installed: pip install 'moekit[eval]'", file=sys.stderr)
+        return 2
+    try:
+        code = harness_main(argv)
+        sys.stdout.flush()
+        return code
+    except (ConfigError, DataError, CheckpointError, EngineError) as e:
+        print(f"moekit lm-eval: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        return _lm_eval(argv[1:])
     parser = build_parser()
     parser.add_argument("--version", action="version", version=f"moekit {_version()}")
     args = parser.parse_args(argv)

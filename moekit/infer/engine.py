@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -538,14 +538,20 @@ class Engine:
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 ) -> list[Completion]:
-        """Run ``prompts`` to completion as one continuous batch; results in prompt order."""
+                 progress: Callable[[int], object] | None = None) -> list[Completion]:
+        """Run ``prompts`` to completion as one continuous batch; results in prompt order.
+
+        ``progress`` is called with 1 as each request finishes (e.g. a tqdm bar's ``update``).
+        """
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise EngineError(f"{len(params_list)} sampling settings for {len(prompts)} prompts")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        mine = set(ids)
         while any(not self.requests[i].finished for i in ids):
-            self.step()
+            for ev in self.step():
+                if progress is not None and ev.finished and ev.request_id in mine:
+                    progress(1)
         out = []
         for i in ids:
             r = self.requests.pop(i)
