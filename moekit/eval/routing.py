@@ -229,7 +229,7 @@ class _EntropyProbe:
 
 
 def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int = 0,
-            pairs: Sequence[tuple[str, str]] | None = None) -> dict | None:
+            pairs: Sequence[tuple[str, str]] | None = None, context: int | None = None) -> dict | None:
     """Route every passage of every kind through the engine and summarise; None for a dense model.
 
     Returns:
@@ -248,6 +248,8 @@ def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int 
     ``pairs``: which kinds to contrast; default :data:`PAIRS` where both kinds are present, else every
     pair of the kinds given. Kinds with no tokens are left out of ``share_per_kind`` and the pairs.
     ``seed`` seeds the requests (prefill only, so nothing is sampled: the result does not depend on it).
+    ``context``: the longest window (default: the model's ``max_seq_len``; ``moekit eval`` gives a run's
+    trained context, :func:`moekit.eval.score.trained_context`).
     """
     from moekit.infer.engine import Engine, SamplingParams
 
@@ -260,7 +262,7 @@ def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int 
         raise ValueError("texts_by_kind must map each kind's name to a list of strings")
     layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
     E = cfg.num_experts
-    window = min(cfg.max_seq_len, MAX_WINDOW)
+    window = min(cfg.max_seq_len, MAX_WINDOW, context or cfg.max_seq_len)
     # Many requests in flight (continuous batching); the probe sums the entropy of every row it sees. A
     # prepended BOS is the first row of its request's first window: with no context, its hidden state, and
     # so its entropy, is the same in every request, measured once alone and subtracted per request.
