@@ -86,9 +86,10 @@ class ModelConfig:
     tasks: list[str] = field(default_factory=list)  # task names, in id order; empty = no tasks
     task_routing: str = "none"  # none | embedding (a learned task vector added to the router input) | task (own experts)
     # "task" is Task-MoE (Kudugunta et al. 2021): a task's tokens may only go to that task's experts
-    task_experts: dict[str, list[int]] | None = None  # task routing: each task's routed experts, the same in
-    # every MoE layer (sets may overlap; shared experts stay on). None = the experts split evenly into len(tasks)
-    # disjoint contiguous blocks (task_expert_sets()). A task routing with no tasks yet: training fills them in.
+    task_experts: dict[str, list[int]] | None = None  # task routing: {task: [expert ids]}; None = even blocks
+    # Each task's routed experts, the same in every MoE layer (sets may overlap; shared experts stay on). None: the
+    # experts split evenly into len(tasks) disjoint contiguous blocks (task_expert_sets()). A task routing whose
+    # tasks are still empty is valid: training fills them in from the data (as vocab_size follows the tokenizer).
 
     def __post_init__(self) -> None:
         self._check_types()
