@@ -165,8 +165,7 @@ def test_training_logs_each_tasks_validation(tmp_path, capsys):
     assert "per task: code " in capsys.readouterr().out
     saved = json.loads((run / "config.json").read_text())
     assert saved["train"]["data"] == sources and saved["train"]["task_weights"] == {"code": 1.0, "prose": 3.0}
-    if "tasks" in saved["model"]:  # the model side of issue 20: the model is told its tasks
-        assert saved["model"]["tasks"] == ["code", "prose"]
+    assert saved["model"]["tasks"] == ["code", "prose"]  # the model is told the data's tasks, sorted
     evals = [r for r in metrics(run) if "val_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:
@@ -195,7 +194,8 @@ def test_the_overall_figure_weights_each_task_by_its_scored_tokens(tmp_path):
 def test_resume_with_tasks_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     data = str(labelled_corpus(tmp_path / "all.jsonl"))
     tcfg = small_train(data=data, task_weights={"code": 1, "prose": 1, "verse": 2})
-    train(tmp_path / "ref", small_cfg(), tcfg, progress=False)
+    cfg = small_cfg(task_routing="embedding")  # the batches' task ids reach the routers
+    train(tmp_path / "ref", cfg, tcfg, progress=False)
 
     real = TaskMixture.get_batch
 
@@ -206,7 +206,7 @@ def test_resume_with_tasks_reproduces_the_uninterrupted_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(TaskMixture, "get_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "run", small_cfg(), tcfg, progress=False)
+        train(tmp_path / "run", cfg, tcfg, progress=False)
     assert [s for s, _ in find_checkpoints(tmp_path / "run")] == [3]
     monkeypatch.setattr(TaskMixture, "get_batch", real)
     train(tmp_path / "run", resume=True, progress=False)
@@ -220,6 +220,7 @@ def test_resume_with_tasks_reproduces_the_uninterrupted_run(tmp_path, monkeypatc
             assert ra["val_loss_task"] == pytest.approx(rb["val_loss_task"], rel=1e-6, abs=1e-7)
     wa, _ = load(tmp_path / "ref")
     wb, _ = load(tmp_path / "run")
+    assert wa.cfg.tasks == wb.cfg.tasks == ["code", "prose", "verse"]
     for (n, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=n)
 
@@ -228,7 +229,8 @@ def test_compare_reports_each_tasks_final_loss(tmp_path):
     sources = named_sources(tmp_path / "sep", ("code", "prose"))
     tcfg = TrainConfig(max_steps=2, batch_size=2, seq_len=16, eval_every=2, save_every=2, log_every=1, eval_batches=1,
                        warmup_steps=1, threads=1, data=sources)
-    summary = compare(tmp_path / "cmp", small_cfg(), tcfg, progress=False, evaluate=False)
+    cfg = small_cfg(task_routing="task")  # the dense twin has no routing; the MoE's tasks come from the data
+    summary = compare(tmp_path / "cmp", cfg, tcfg, progress=False, evaluate=False)
     assert summary["settings"]["tasks"] == ["code", "prose"]
     for m in summary["models"]:
         assert set(m["final_val_loss_task"]) == {"code", "prose"} and set(m["final_val_bpb_task"]) == {"code", "prose"}
@@ -236,8 +238,40 @@ def test_compare_reports_each_tasks_final_loss(tmp_path):
     assert "| model | code | prose |" in report and "held-out tail of each task (code " in report
     assert f"{summary['models'][1]['final_val_loss_task']['prose']['mean']:.4f} / " in report
     # a rerun recognises its runs (the models were given the data's tasks)
-    assert compare(tmp_path / "cmp", small_cfg(), tcfg, progress=False, evaluate=False)["settings"]["tasks"] == \
-        ["code", "prose"]
+    assert compare(tmp_path / "cmp", cfg, tcfg, progress=False, evaluate=False)["settings"]["tasks"] == ["code", "prose"]
+    assert load(tmp_path / "cmp" / "moe-topk-s0")[0].cfg.tasks == ["code", "prose"]
+
+
+def test_task_routing_trains_on_the_datas_tasks_in_the_models_order(tmp_path, capsys):
+    sources = named_sources(tmp_path / "sep", ("code", "prose"))
+    # task routing refuses a forward pass without task ids: training and every evaluation give them
+    run = tmp_path / "task"
+    assert main(["train", "--out", str(run), "--max-steps", "2", "--task-routing", "task", "--data", f"code={sources['code']}",
+                 "--data", f"prose={sources['prose']}", *SMALL_FLAGS]) == 0
+    model, _ = load(run)
+    assert model.cfg.tasks == ["code", "prose"] and model.cfg.task_routing == "task"
+    assert set(metrics(run)[-1]["val_loss_task"]) == {"code", "prose"}
+    # a model that lists its tasks keeps its order: task 0 is prose
+    run = tmp_path / "ordered"
+    result = train(run, small_cfg(tasks=["prose", "code"], task_routing="embedding"),
+                   small_train(max_steps=2, eval_every=0, data=sources), progress=False)
+    assert list(result.val_loss_task) == ["prose", "code"] and load(run)[0].cfg.tasks == ["prose", "code"]
+    # ... and must name the data's tasks
+    with pytest.raises(ValueError, match=r"the model's tasks \(code, verse\) are not the data's \(code, prose\)"):
+        train(tmp_path / "other", small_cfg(tasks=["code", "verse"]), small_train(data=sources), progress=False)
+    assert not (tmp_path / "other").exists()
+    # --init from a model with tasks: the data must have the same ones
+    verse = named_sources(tmp_path / "sep", ("verse",))["verse"]
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "init"), "--init", str(tmp_path / "task"), "--data",
+                 f"code={sources['code']}", "--data", f"verse={verse}", "--max-steps", "1", "--seq-len", "16",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the model's tasks (code, prose) are not the data's (code, verse)" in err and err.count("\n") == 1
+    assert not (tmp_path / "init").exists()
+    assert main(["train", "--out", str(tmp_path / "init"), "--init", str(tmp_path / "task"), "--data",
+                 f"prose={sources['prose']}", "--data", f"code={sources['code']}", "--max-steps", "1", "--seq-len", "16",
+                 "--batch-size", "4", "--quiet"]) == 0
 
 
 # --------------------------------------------------------------------------- bad input
@@ -295,6 +329,7 @@ def _setup_bad(tmp: Path, kind: str) -> list[str]:
     ("two", ["--task-weights", "code=-1,prose=1"], "task_weights['code']=-1.0: a weight must be > 0"),
     ("two", ["--task-weights", "code=x,prose=1"], "the weight of task 'code', 'x', is not a number"),
     ("plain", ["--task-weights", "code=1"], "--task-weights needs tasks in the data"),
+    ("plain", ["--task-routing", "task"], "task_routing='task' needs tasks: train on data with task labels"),
     ("tiny", [], "task 'tiny' ({tmp}/tiny.jsonl) holds"),
     ("short", [], "task 'short' ({tmp}/short.jsonl): its held-out part of"),
     ("mixed", [], "{tmp}/mixed.jsonl, line 301 has no task while {tmp}/mixed.jsonl, line 1 has task 'code'"),
@@ -314,7 +349,7 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(tmp_path, capsys, kin
     assert not run.exists()
     if kind in (None,):  # refused while parsing the flags: not even the data cache is touched
         assert not (tmp_path / "cache").exists()
-    if kind in ("two", "tiny", "short", "mixed"):  # the same refusal before compare trains anything
+    if kind in ("two", "tiny", "short", "mixed", "plain"):  # the same refusal before compare trains anything
         out = tmp_path / "cmp"
         assert main(["compare", "--out", str(out), "--no-eval", "--max-steps", "2", *SMALL_FLAGS, *extra, *args]) == 2
         err = capsys.readouterr().err

@@ -33,11 +33,10 @@ from moekit.train.config import TrainConfig
 from moekit.train.loop import (
     RESUMABLE_CHANGES,
     RunError,
-    _model_tasks,
-    _with_data_tasks,
     new_run_tokenizer,
     read_metrics,
     train,
+    with_data_tasks,
 )
 from moekit.utils import atomic_write_text, data_cache_dir
 
@@ -323,10 +322,10 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
     timing = {"threads": tcfg.threads or torch.get_num_threads(), "world_size": par.world}
 
     def check() -> tuple[str, list[str]]:
-        validation, names = validation_data(tcfg, _model_tasks(moe_cfg) or None)
+        validation, names = validation_data(tcfg, moe_cfg.tasks or None)
         recorded = _read_timing(out)
         for run, _, _, cfg, run_cfg in runs:  # train() gives each model the data's tasks: compare with them
-            _check_run(run, _with_data_tasks(cfg, names, False), run_cfg, timing, recorded)
+            _check_run(run, with_data_tasks(cfg, names, False), run_cfg, timing, recorded)
         return validation, names
 
     validation, task_names = par.main_first(check)  # every refusal before anything trains

@@ -10,8 +10,6 @@ Run directory (docs/architecture.md):
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import math
 import os
@@ -65,11 +63,6 @@ from moekit.utils import atomic_write, atomic_write_text, data_cache_dir
 # Settings that may change when a run is resumed: none of them alters the data order or the math of
 # the steps already taken. (Changing max_steps stretches the cosine schedule from that point on.)
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "keep_last", "log_every", "threads"}
-
-# NOTE: feature check, to go once the model side of issue 20 (ModelConfig.tasks, Transformer.forward(task_ids=))
-# is in: until then the data's tasks are logged per task but not given to the model.
-_MODEL_TAKES_TASKS = ("tasks" in {f.name for f in dataclasses.fields(ModelConfig)}
-                      and "task_ids" in inspect.signature(Transformer.forward).parameters)
 
 
 class RunError(RuntimeError):
@@ -186,10 +179,10 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
             raise RunError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                            f"{model_cfg.vocab_size}")
         model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.get_vocab_size()})
-    prepare = lambda: _prepare_data(cfg, tokenizer, _model_tasks(model_cfg))  # noqa: E731
+    prepare = lambda: _prepare_data(cfg, tokenizer, model_cfg.tasks)  # noqa: E731
     train_ds, val_sets = par.main_first(prepare, then=prepare)  # rank 0 tokenizes into the cache, the others read it
-    model_cfg = _with_data_tasks(model_cfg, train_ds.names, resume)
-    use_tasks = _MODEL_TAKES_TASKS and bool(_model_tasks(model_cfg))  # give the model each row's task
+    model_cfg = with_data_tasks(model_cfg, train_ds.names, resume)
+    use_tasks = bool(model_cfg.tasks)  # give the model each row's task
     val_sizes = [_eval_size(ds, tokenizer, cfg) for _, ds in val_sets]  # (bytes, tokens) each evaluation scores
     if not resume and par.is_main:
         atomic_write_text(run / "config.json", json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()},
@@ -344,19 +337,17 @@ def _prepare_data(cfg: TrainConfig, tokenizer, model_tasks: list[str]):
             [(t.name, t.val) for t in tasks])
 
 
-def _model_tasks(model_cfg: ModelConfig) -> list[str]:
-    return list(getattr(model_cfg, "tasks", None) or [])
-
-
-def _with_data_tasks(model_cfg: ModelConfig, names: list[str], resume: bool) -> ModelConfig:
-    """``model_cfg`` with the data's task names (the model's own, when it has them, were matched by
-    :func:`moekit.data.tasks.prepare_tasks`). A resumed run trained without tasks keeps training without."""
-    if not _MODEL_TAKES_TASKS or _model_tasks(model_cfg) == names:
-        return model_cfg
-    if resume:
-        raise RunError(f"the run was trained without tasks, and its data now has tasks ({', '.join(names)}); "
-                       "start a new run to train with them")
-    return ModelConfig.from_dict({**model_cfg.to_dict(), "tasks": names})
+def with_data_tasks(model_cfg: ModelConfig, names: list[str], resume: bool) -> ModelConfig:
+    """``model_cfg`` with the data's task names, as its vocabulary follows the tokenizer (the model's own
+    names, when it has them, were matched by :func:`moekit.data.tasks.prepare_tasks`); refuses a task
+    routing with no tasks to route by, and a run trained without tasks whose data now has them."""
+    if model_cfg.tasks != names:
+        if resume:
+            raise RunError(f"the run was trained without tasks, and its data now has tasks ({', '.join(names)}); "
+                           "start a new run to train with them")
+        model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "tasks": names})
+    model_cfg.check_tasks()
+    return model_cfg
 
 
 def _forward(model, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor | None):
