@@ -18,7 +18,7 @@ from moekit.config import ConfigError, ModelConfig
 from moekit.data import EOS_TOKEN, TokenDataset, decode, load_tokenizer, prepare_data
 from moekit.data.tasks import TaskMixture, mixture_weights, parse_data_flags, parse_task_weights, prepare_tasks
 from moekit.train import TrainConfig, train
-from moekit.train.compare import compare
+from moekit.train.compare import compare, sample_candidates
 
 SMALL_MODEL = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, expert_ffn_dim=32, ffn_dim=64, max_seq_len=32,
                    num_experts=4)
@@ -230,13 +230,17 @@ def test_compare_reports_each_tasks_final_loss(tmp_path):
     tcfg = TrainConfig(max_steps=2, batch_size=2, seq_len=16, eval_every=2, save_every=2, log_every=1, eval_batches=1,
                        warmup_steps=1, threads=1, data=sources)
     cfg = small_cfg(task_routing="task")  # the dense twin has no routing; the MoE's tasks come from the data
-    summary = compare(tmp_path / "cmp", cfg, tcfg, progress=False, evaluate=False)
+    summary = compare(tmp_path / "cmp", cfg, tcfg, progress=False, eval_limit=2)
     assert summary["settings"]["tasks"] == ["code", "prose"]
     for m in summary["models"]:
         assert set(m["final_val_loss_task"]) == {"code", "prose"} and set(m["final_val_bpb_task"]) == {"code", "prose"}
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| model | code | prose |" in report and "held-out tail of each task (code " in report
     assert f"{summary['models'][1]['final_val_loss_task']['prose']['mean']:.4f} / " in report
+    # moekit eval scores text without a task: the task-routed MoE is left out of it (and of samples), not an error
+    assert [m["name"] for m in json.loads((tmp_path / "cmp" / "eval" / "report.json").read_text())["models"]] == ["dense-s0"]
+    assert "such models are left out of its evaluation" in report
+    assert [r["name"] for r in sample_candidates(summary)] == ["dense"]
     # a rerun recognises its runs (the models were given the data's tasks)
     assert compare(tmp_path / "cmp", cfg, tcfg, progress=False, evaluate=False)["settings"]["tasks"] == ["code", "prose"]
     assert load(tmp_path / "cmp" / "moe-topk-s0")[0].cfg.tasks == ["code", "prose"]

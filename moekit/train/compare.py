@@ -362,9 +362,10 @@ def evaluate_final_models(out: Path, runs: list[tuple], progress: bool, limit: i
     from moekit.eval.run import evaluate
 
     first = min(seed for _, _, seed, _, _ in runs)
-    # expert choice sees later tokens: its scores would not be those of a causal model (see the report)
+    # expert choice sees later tokens: its scores would not be those of a causal model (see the report);
+    # a model routing each task to its own experts cannot score text without a task, as moekit eval does
     paths = [str(run) for run, _, seed, cfg, _ in runs
-             if seed == first and (cfg.num_experts == 0 or cfg.router != "expert_choice")]
+             if seed == first and (cfg.num_experts == 0 or (cfg.router != "expert_choice" and cfg.task_routing != "task"))]
     report = evaluate(paths, limit=limit, progress=progress)
     write_report(report, out / "eval")
     return report["headline"]
@@ -400,6 +401,7 @@ def summarize(curves: list[Curve]) -> dict[str, Any]:
         t_secs = time_to_reach(c.evals, target, "elapsed_s")
         runs.append({
             "name": c.name, "seed": c.seed, "run": str(c.run), "router": c.cfg.router if c.cfg.num_experts else None,
+            "task_routing": c.cfg.task_routing if c.cfg.num_experts else None,
             "num_experts": c.cfg.num_experts, "top_k": c.cfg.top_k if c.cfg.num_experts else None,
             "expert_ffn_dim": c.cfg.expert_ffn_dim if c.cfg.num_experts else None,
             "params_total": total, "params_active": active, "target_val_loss": target,
@@ -621,6 +623,10 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
         lines += ["NOTE: expert choice routes each batch's tokens per expert across whole sequences, so a token's "
                   "output (and its validation loss) depends on later tokens; its loss is not comparable to a causal "
                   "model's, and it cannot generate text. It is never picked for samples.", ""]
+    if any(r.get("task_routing") == "task" for r in summary["runs"]):
+        lines += ["NOTE: a model with task routing sends each task's tokens to that task's experts only, so it needs a "
+                  "task for every text; `moekit eval` scores text without one, so such models are left out of its "
+                  "evaluation (their per-task losses are above).", ""]
     if summary.get("eval_headline"):
         lines += ["## Evaluation of the final models (`moekit eval`, first seed)", "", summary["eval_headline"], "",
                   "Every figure, with calibration, robustness, efficiency and routing: [eval/report.md](eval/report.md).",
@@ -655,8 +661,9 @@ def _warmup_text(tcfg: TrainConfig) -> str:
 
 def sample_candidates(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Runs that can generate text, best validation loss first: MoE runs with a causal router
-    (expert choice sees later tokens; see the report's note), else the dense twin."""
-    causal = [r for r in summary["runs"] if r["router"] and r["router"] != "expert_choice"]
+    (expert choice sees later tokens; see the report's note) that need no task, else the dense twin."""
+    causal = [r for r in summary["runs"] if r["router"] and r["router"] != "expert_choice"
+              and r.get("task_routing") != "task"]
     return sorted(causal or summary["runs"][:1], key=lambda r: r["final_val_loss"])
 
 
