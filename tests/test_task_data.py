@@ -227,9 +227,9 @@ def test_resume_with_tasks_reproduces_the_uninterrupted_run(tmp_path, monkeypatc
 
 def test_compare_reports_each_tasks_final_loss(tmp_path):
     sources = named_sources(tmp_path / "sep", ("code", "prose"))
-    tcfg = TrainConfig(max_steps=2, batch_size=2, seq_len=16, eval_every=2, save_every=2, log_every=1, eval_batches=1,
+    tcfg = TrainConfig(max_steps=2, batch_size=2, seq_len=64, eval_every=2, save_every=2, log_every=1, eval_batches=1,
                        warmup_steps=1, threads=1, data=sources)
-    cfg = small_cfg(task_routing="task")  # the dense twin has no routing; the MoE's tasks come from the data
+    cfg = small_cfg(task_routing="task", max_seq_len=64)  # the dense twin has no routing; the MoE's tasks come from the data
     summary = compare(tmp_path / "cmp", cfg, tcfg, progress=False, eval_limit=2)
     assert summary["settings"]["tasks"] == ["code", "prose"]
     for m in summary["models"]:
