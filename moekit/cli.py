@@ -458,7 +458,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_paths(args: argparse.Namespace) -> None:
-    from moekit.paths import trace_paths, write_paths
+    from moekit.paths.report import write_paths
+    from moekit.paths.trace import trace_paths
     from moekit.paths.report import headline
     from moekit.utils import tune_cpu_allocator
 
@@ -473,7 +474,7 @@ def _cmd_paths(args: argparse.Namespace) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> None:
-    from moekit.paths import extract
+    from moekit.paths.extract import extract
     from moekit.utils import tune_cpu_allocator
 
     tune_cpu_allocator()

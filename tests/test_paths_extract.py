@@ -93,12 +93,23 @@ def test_data_specs():
 
 # --------------------------------------------------------------------------- models and text
 def save_model(path, *, experts=32, bos=False, **overrides):
+    """A seeded tiny MoE. With ``bos``, the model puts BOS (token 2) before every prompt, and in layer 0 the
+    BOS alone goes to the last expert: only its embedding has a component on axis 0, attention writes
+    nothing there, and only that expert's router row reads it (so an extraction must keep it on purpose)."""
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny-moe", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, expert_ffn_dim=32,
                                   max_seq_len=128, init_std=0.05, num_experts=experts, **overrides)
     model = Transformer(cfg)
     if bos:
         model.special_tokens = SpecialTokens(bos_id=2, eos_ids=(0,), add_bos=True)
+        with torch.no_grad():
+            model.embed.weight[:, 0] = 0.0
+            model.embed.weight[2, 0] = 1.0
+            model.layers[0].attn.o_proj.weight[0] = 0.0
+            router = model.layers[0].ffn.router.weight
+            router[:, 0] = 0.0
+            router[-1] = 0.0
+            router[-1, 0] = 100.0
     return moekit.save(model, load_tokenizer(), path)
 
 
@@ -193,6 +204,8 @@ def test_full_coverage_gives_the_full_models_logits(tmp_path, texts, router, bos
     assert cut.cfg.num_experts == x.num_experts[1] and cut.cfg.router == router
     ids = Engine(full, tok).encode(QUESTION)
     assert (ids[0] == 2) == bos
+    # The BOS's own expert (layer 0, expert 31) is kept though no text token reaches it (save_model).
+    assert 31 in x.kept[0] or not bos
     torch.testing.assert_close(logits_of(cut, ids), logits_of(full, ids), atol=1e-5, rtol=1e-5)
     # Cutting further (top_k experts per layer) changes them: the comparison can fail.
     y = extract(src, tmp_path / "small", "question", per_layer=2, data=texts / "question.txt")
