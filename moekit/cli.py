@@ -458,9 +458,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_paths(args: argparse.Namespace) -> None:
-    from moekit.paths.report import write_paths
+    from moekit.paths.report import headline, write_paths
     from moekit.paths.trace import trace_paths
-    from moekit.paths.report import headline
     from moekit.utils import tune_cpu_allocator
 
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
