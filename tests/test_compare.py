@@ -351,7 +351,7 @@ def test_the_ceiling_is_refused_where_it_cannot_mirror_the_moe():
 
 def test_compare_with_the_ceiling_end_to_end(tmp_path, capsys):
     assert main(["compare", "--preset", "tiny-moe", "--dim", "32", "--n-layers", "1", "--max-steps", "4",
-                 "--eval-every", "2", "--eval-batches", "3", "--batch-size", "2", "--seq-len", "16", "--ceiling",
+                 "--eval-every", "2", "--eval-batches", "3", "--batch-size", "2", "--seq-len", "64", "--ceiling",
                  "--eval-limit", "4", "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert CEILING in out and "recovery of the dense-total gain" in out
@@ -432,3 +432,16 @@ def test_ceiling_seeds_are_checked_and_trained_only_where_asked(tmp_path, capsys
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir() if p.is_dir()) == [
         "dense-s0", "dense-s1", f"{CEILING}-s0", "moe-topk-s0", "moe-topk-s1"]
     assert "recovery of the dense-total gain" in capsys.readouterr().out
+
+
+def test_an_evaluation_that_cannot_run_leaves_the_comparison_standing(tmp_path, capsys):
+    """Runs trained on 16-token windows cannot be scored on multiple-choice answers longer than that:
+    compare says so in one line and keeps its report (the evaluation is an extra)."""
+    assert main(["compare", "--preset", "tiny-moe", "--dim", "32", "--n-layers", "1", "--max-steps", "2",
+                 "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16",
+                 "--eval-limit", "4", "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "note: moekit eval of the final models skipped:" in err and "context of 16 tokens" in err
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert "eval_headline" not in summary and "context of 16 tokens" in summary["eval_skipped"]
+    assert (tmp_path / "cmp" / "report.md").exists()

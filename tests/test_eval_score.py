@@ -154,3 +154,24 @@ def test_long_context_keeps_its_last_tokens(tok):
     (s,) = score_continuations(engine, [(TEXT, " Macbeth")])
     kept = (ctx + cont)[-16:]
     assert s.logprob == pytest.approx(reference_logprob(model, kept, len(cont)), abs=1e-4)
+
+
+def test_scoring_stays_within_the_context_a_run_trained_at(tmp_path, tok):
+    """A run trained on 16-token windows of a model that declares 48 positions is scored in windows of 16:
+    positions it never saw would measure rotary extrapolation, not the model."""
+    import json
+
+    from moekit.eval.score import trained_context
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {}, "train": {"seq_len": 16}}))
+    assert trained_context(run) == 16 and trained_context(run / "checkpoints" / "step-2") == 16
+    assert trained_context(tmp_path / "elsewhere") is None  # not a moekit run: the model's own context
+    model = tiny()
+    assert scoring_engine(model, tok, context=16).max_len == 16
+    assert scoring_engine(model, tok, context=1000).max_len == 48 and scoring_engine(model, tok).max_len == 48
+    text = "Now is the winter of our discontent made glorious summer by this sun of York. " * 3
+    short = score_texts(scoring_engine(model, tok, context=16), [text])[0]
+    long = score_texts(scoring_engine(model, tok), [text])[0]
+    assert short.tokens == long.tokens and short.logprob != long.logprob  # every token once, shorter windows

@@ -28,7 +28,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
 from moekit.config import ConfigError
-from moekit.eval.score import max_length, score_continuations, score_texts, scoring_engine
+from moekit.eval.score import max_length, score_continuations, score_texts, scoring_engine, trained_context
 from moekit.infer.engine import SamplingParams
 
 DEFAULT_MAX_BATCH = 32
@@ -72,11 +72,12 @@ class MoekitLM(LM):
 
             model, tokenizer = load(pretrained, device=_device(device))
             self.name = str(pretrained)
+            context = trained_context(pretrained)
         else:
-            model, self.name = pretrained, type(pretrained).__name__
+            model, self.name, context = pretrained, type(pretrained).__name__, None
         if tokenizer is None:
             raise ConfigError(f"{self.name} has no tokenizer: the harness sends text")
-        self.engine = scoring_engine(model, tokenizer, max_batch=max_batch)
+        self.engine = scoring_engine(model, tokenizer, max_batch=max_batch, context=context)
         self.max_gen_toks = max_gen_toks
         self._device = self.engine.device
 

@@ -241,12 +241,13 @@ def check_texts(tokenizer, texts_by_kind) -> None:
         raise ValueError("texts_by_kind must map each kind's name to a list of strings")
 
 
-def routing_engine(model, tokenizer):
+def routing_engine(model, tokenizer, context: int | None = None):
     """The engine the routing views prefill through: 16 requests in flight, windows of at most
-    :data:`MAX_WINDOW` tokens (its ``max_len``), prefilled in chunks of four windows."""
+    :data:`MAX_WINDOW` tokens and ``context`` (default: the model's ``max_seq_len``; a run's trained
+    context, :func:`moekit.eval.score.trained_context`) -- its ``max_len`` -- prefilled four at a time."""
     from moekit.infer.engine import Engine
 
-    window = min(model.cfg.max_seq_len, MAX_WINDOW)
+    window = min(model.cfg.max_seq_len, MAX_WINDOW, context or model.cfg.max_seq_len)
     return Engine(model, tokenizer, max_batch=16, max_len=window, prefill_chunk=4 * window)
 
 
@@ -283,7 +284,7 @@ def count_assignments(chunks: Sequence[tuple[str, list[int], int]], completions,
 
 
 def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int = 0,
-            pairs: Sequence[tuple[str, str]] | None = None) -> dict | None:
+            pairs: Sequence[tuple[str, str]] | None = None, context: int | None = None) -> dict | None:
     """Route every passage of every kind through the engine and summarise; None for a dense model.
 
     Returns:
@@ -302,6 +303,8 @@ def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int 
     ``pairs``: which kinds to contrast; default :data:`PAIRS` where both kinds are present, else every
     pair of the kinds given. Kinds with no tokens are left out of ``share_per_kind`` and the pairs.
     ``seed`` seeds the requests (prefill only, so nothing is sampled: the result does not depend on it).
+    ``context``: the longest window (default: the model's ``max_seq_len``; ``moekit eval`` gives a run's
+    trained context, :func:`moekit.eval.score.trained_context`).
     """
     from moekit.infer.engine import SamplingParams
 
@@ -314,7 +317,7 @@ def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int 
     # Many requests in flight (continuous batching); the probe sums the entropy of every row it sees. A
     # prepended BOS is the first row of its request's first window: with no context, its hidden state, and
     # so its entropy, is the same in every request, measured once alone and subtracted per request.
-    engine = routing_engine(model, tokenizer)
+    engine = routing_engine(model, tokenizer, context)
     params = SamplingParams(max_new_tokens=0, temperature=0.0, seed=seed, routing=True)
     chunks = routing_windows(engine, texts_by_kind)
     routers = [model.layers[i].ffn.router for i in layers]

@@ -30,7 +30,7 @@ from moekit.eval import metrics
 from moekit.eval.data import austen_text, held_out_speeches, held_out_text, pieces, user_documents
 from moekit.eval.perturb import PERTURBATIONS, perturb
 from moekit.eval.report import headline
-from moekit.eval.score import TextScore, score_continuations, score_texts, scoring_engine
+from moekit.eval.score import TextScore, score_continuations, score_texts, scoring_engine, trained_context
 from moekit.eval.tasks import CHOICES, MC_TASKS, Item, build_items
 
 REPORT_VERSION = 1
@@ -182,10 +182,12 @@ def evaluate_model(path: str, name: str, suite: Suite, tasks: Sequence[str], see
         raise ConfigError(f"{path} has no tokenizer: moekit eval scores text")
     progress = bar.update if bar is not None else None
     torch.manual_seed(seed)
-    engine = scoring_engine(model, tokenizer)
+    context = trained_context(path)
+    engine = scoring_engine(model, tokenizer, context=context)
     total, active = model.cfg.param_counts()
     out: dict = {"name": name, "path": str(path), "format": fmt, "params_total": total, "params_active": active,
                  "experts": model.cfg.num_experts, "top_k": model.cfg.top_k if model.cfg.num_experts else 0,
+                 "context": engine.max_len,
                  "lm": {}, "mc": {}}
     raw: dict = {"lm": {}, "mc": {}}  # per-document scores and per-item outcomes, for paired differences
     parts: dict[str, float] = {}  # seconds by part: where the time goes (BENCHMARKS.md)
@@ -230,7 +232,7 @@ def evaluate_model(path: str, name: str, suite: Suite, tasks: Sequence[str], see
     if "routing" in tasks:
         from moekit.eval import routing
 
-        out["routing"] = routing.analyse(model, tokenizer, suite.routing_texts, seed=seed)
+        out["routing"] = routing.analyse(model, tokenizer, suite.routing_texts, seed=seed, context=out["context"])
         lap("routing")
         if bar is not None:
             bar.update(1)

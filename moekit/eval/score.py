@@ -58,13 +58,39 @@ class TextScore:
     bytes: int  # UTF-8 bytes of the text (bits per byte = -logprob / ln 2 / bytes)
 
 
-def scoring_engine(model, tokenizer, *, max_batch: int = 32, prefill_chunk: int = 4096) -> Engine:
-    """An engine sized for scoring: many short prompts per step (``prefill_chunk`` tokens in all).
+def trained_context(path) -> int | None:
+    """The sequence length a moekit run (or one of its checkpoints) was trained at, from the run's
+    ``config.json``; None when ``path`` is not a moekit run (a Hugging Face folder, a .gguf file).
+
+    NOTE: a run may declare a longer ``max_seq_len`` than it ever trained on (micro-moe: 256, trained at
+    128); positions beyond its training windows were never seen, so its scores there measure rotary
+    extrapolation, not the model. Scoring stays within the trained context.
+    """
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    for candidate in (p / "config.json", p.parent.parent / "config.json"):
+        try:
+            train = json.loads(candidate.read_text()).get("train")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(train, dict) and isinstance(train.get("seq_len"), int) and train["seq_len"] > 1:
+            return train["seq_len"]
+    return None
+
+
+def scoring_engine(model, tokenizer, *, max_batch: int = 32, prefill_chunk: int = 4096,
+                   context: int | None = None) -> Engine:
+    """An engine sized for scoring: many short prompts per step (``prefill_chunk`` tokens in all);
+    ``context`` (default: the model's ``max_seq_len``) caps the tokens a prompt may hold
+    (:func:`trained_context` gives a run's own).
 
     NOTE: the engine's default ``prefill_chunk`` (512) suits serving, where a long prompt must not stall
     decoding; scoring has nothing to decode, so a larger budget lets one forward pass read many prompts.
     """
-    return Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    max_len = min(context, model.cfg.max_seq_len) if context else None
+    return Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk, max_len=max_len)
 
 
 def max_length(engine: Engine) -> int:

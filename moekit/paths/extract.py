@@ -43,6 +43,7 @@ import torch
 from moekit.config import ConfigError, ModelConfig
 from moekit.data.dataset import list_data_files
 from moekit.eval.routing import moe_layers
+from moekit.eval.score import trained_context
 from moekit.paths.coverage import check_coverage, held_share, kept_experts
 from moekit.paths.trace import (
     DEFAULT_LIMIT,
@@ -230,7 +231,7 @@ def extract(src: str | os.PathLike, dst: str | os.PathLike, task: str, *, covera
         if tokenizer is None:
             raise ConfigError(f"{src} has no tokenizer; cannot turn the task's text into tokens")
         texts = read_tasks([(task, str(data))], limit)
-        counts, tokens, lead = route_tasks(model, tokenizer, texts, seed=seed)
+        counts, tokens, lead = route_tasks(model, tokenizer, texts, seed=seed, context=trained_context(src))
         assignments, n_tokens, bos = counts[task].tolist(), tokens[task], lead[task]
         statistics = f"{n_tokens:,} tokens of {data}"
     elif paths_file is not None:

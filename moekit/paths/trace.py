@@ -31,6 +31,7 @@ from moekit.config import ConfigError, ModelConfig
 from moekit.data.dataset import list_data_files
 from moekit.data.errors import DataError
 from moekit.eval import routing
+from moekit.eval.score import trained_context
 from moekit.paths.coverage import COVERAGES, coverage_summary
 
 PATHS_VERSION = 1
@@ -121,7 +122,7 @@ def check_traceable(cfg: ModelConfig, where: str) -> None:
                           "batch: a task's path depends on the other text beside it, and the engine cannot run it")
 
 
-def route_tasks(model, tokenizer, texts: dict[str, list[str]], *, seed: int = 0,
+def route_tasks(model, tokenizer, texts: dict[str, list[str]], *, seed: int = 0, context: int | None = None,
                 progress=None) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, list[list[int]]]]:
     """({task: [L, E] assignments}, {task: tokens}, {task: [L] experts of the leading BOS}) from the
     engine's routing of each task's documents.
@@ -129,12 +130,13 @@ def route_tasks(model, tokenizer, texts: dict[str, list[str]], *, seed: int = 0,
     A BOS the engine puts before every passage is not counted (as in :mod:`moekit.eval.routing`), but the
     experts it goes to are returned: every request starts with it, so an extraction keeps them.
     A task-aware model gets the task with each request (``SamplingParams(task=...)``); prefill only, so
-    nothing is sampled and ``seed`` changes nothing. ``progress``: called with 1 per finished request."""
+    nothing is sampled and ``seed`` changes nothing. ``context``: the longest window (a run's trained
+    context, :func:`moekit.eval.score.trained_context`). ``progress``: called with 1 per finished request."""
     from moekit.infer.engine import SamplingParams
 
     cfg = model.cfg
     routing.check_texts(tokenizer, texts)
-    engine = routing.routing_engine(model, tokenizer)
+    engine = routing.routing_engine(model, tokenizer, context)
     chunks = routing.routing_windows(engine, texts)
     aware = task_routing(cfg) != "none"
     params = {name: SamplingParams(max_new_tokens=0, temperature=0.0, seed=seed, routing=True,
@@ -221,7 +223,8 @@ def trace_paths(checkpoint: str | os.PathLike, data: Sequence[str], *, limit: in
 
         bar = tqdm(desc="paths", unit="window", file=sys.stderr)
     try:
-        counts, tokens, lead = route_tasks(model, tokenizer, texts, seed=seed, progress=bar.update if bar else None)
+        counts, tokens, lead = route_tasks(model, tokenizer, texts, seed=seed, context=trained_context(checkpoint),
+                                           progress=bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()
