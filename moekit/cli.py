@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import re
 import sys
@@ -33,6 +34,14 @@ def _parse_value(kind: tuple[type, ...]):
     def parse(text: str) -> Any:
         if type(None) in kind and text.lower() in ("none", "null"):
             return None
+        if dict in kind:  # a mapping (task_experts): JSON
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = None
+            if not isinstance(value, dict):
+                raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"code\": [0, 1]}}', got {text!r}")
+            return value
         if bool in kind:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -204,7 +213,7 @@ def _sampling_params(args: argparse.Namespace, stop: tuple[str, ...] = ()):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
-                          stop=tuple(args.stop or ()) + stop)
+                          stop=tuple(args.stop or ()) + stop, task=args.task)
 
 
 def _check_sampling_flags(args: argparse.Namespace) -> None:
@@ -323,6 +332,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     tune_cpu_allocator()
     model, tokenizer = _load_for_generation(args.checkpoint, args)
     engine = Engine(model, tokenizer, max_batch=1)
+    engine.task_id(args.task)  # an unknown task fails now, not at the first line typed
     interactive = sys.stdin.isatty()
     if interactive:
         template = "its chat template" if engine.special.chat_template else "plain User:/Assistant: turns"
@@ -523,9 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the number of processes and of experts; default 1 = plain data parallelism). "
                             "See docs/distributed.md")
         _add_dataclass_flags(p.add_argument_group("training settings"), TrainConfig)
-        # The model's vocab_size always follows the tokenizer; --vocab-size trains a new one.
+        # The model's vocab_size always follows the tokenizer (--vocab-size trains a new one), its tasks the data.
         _add_dataclass_flags(p.add_argument_group("model settings (default: the preset's values)"), ModelConfig,
-                             skip={"vocab_size"}, preset="tiny-moe")
+                             skip={"vocab_size", "tasks"}, preset="tiny-moe")
 
     p = sub.add_parser("train", help="train a model on the embedded corpus or your text",
                        description="Train a model. Example: moekit train --preset tiny-moe --max-steps 60 --out runs/a")
@@ -577,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
         p.add_argument("--stop", action="append", default=None, metavar="STRING",
                        help="end the answer at this text (not printed); repeatable")
+        p.add_argument("--task", default=None, metavar="NAME",
+                       help="the task, for a model trained with task-aware routing (one of the tasks in its config; "
+                            "required when its task_routing is 'task')")
 
     def offload_flags(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("expert offloading", "keep the expert weights in the checkpoint file and only "

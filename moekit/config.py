@@ -11,10 +11,13 @@ import dataclasses
 import difflib
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 ROUTERS = ("topk", "switch", "noisy_topk", "expert_choice", "sigmoid_bias")
+TASK_ROUTINGS = ("none", "embedding", "task")
+# Routers whose choice can be limited to a task's experts (expert choice picks tokens, not experts).
+TASK_ROUTERS = ("topk", "switch", "noisy_topk", "sigmoid_bias")
 QK_NORMS = (None, "head", "full")
 ATTENTIONS = ("gqa", "mla")
 
@@ -78,6 +81,14 @@ class ModelConfig:
     n_group: int = 1  # sigmoid_bias: experts are split into groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen (DeepSeek-V3)
     bias_update_rate: float = 1e-3  # sigmoid_bias: step of the balance bias update (DeepSeek-V3)
+
+    # --- tasks (issue 20): a task's id is its index in ``tasks``; the forward pass takes task_ids [B]
+    tasks: list[str] = field(default_factory=list)  # task names, in id order; empty = no tasks
+    task_routing: str = "none"  # none | embedding (a learned task vector added to the router input) | task (own experts)
+    # "task" is Task-MoE (Kudugunta et al. 2021): a task's tokens may only go to that task's experts
+    task_experts: dict[str, list[int]] | None = None  # task routing: each task's routed experts, the same in
+    # every MoE layer (sets may overlap; shared experts stay on). None = the experts split evenly into len(tasks)
+    # disjoint contiguous blocks (task_expert_sets()). A task routing with no tasks yet: training fills them in.
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -145,6 +156,7 @@ class ModelConfig:
         if not 0 <= self.router_jitter < 1:
             raise ConfigError(f"router_jitter={self.router_jitter} must be in [0, 1)")
         if self.num_experts == 0:
+            self._validate_tasks()
             return
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
@@ -171,6 +183,86 @@ class ModelConfig:
                 raise ConfigError(f"top_k={self.top_k} exceeds the experts in topk_group={self.topk_group} groups")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ConfigError("shared_expert_gate=True needs num_shared_experts >= 1")
+        self._validate_tasks()
+
+    def _validate_tasks(self) -> None:
+        """Task names, the routing mode, and (task routing) the router and each task's expert set.
+
+        ``tasks`` may still be empty with a task routing: training fills it with the data's task names
+        (as ``vocab_size`` follows the tokenizer); building a model from such a config is refused
+        (:meth:`check_tasks`). Like the other MoE fields, the routing is not checked for a dense model.
+        """
+        seen = set()
+        for name in self.tasks:
+            if not isinstance(name, str) or not name or name != name.strip():
+                raise ConfigError(f"task name {name!r} must be a non-empty string without surrounding spaces")
+            if name in seen:
+                raise ConfigError(f"task {name!r} is named twice in tasks={self.tasks}")
+            seen.add(name)
+        if self.task_routing not in TASK_ROUTINGS:
+            hint = _did_you_mean(self.task_routing, TASK_ROUTINGS)
+            raise ConfigError(f"task_routing={self.task_routing!r} is not one of {list(TASK_ROUTINGS)}{hint}")
+        if self.task_experts is not None and self.task_routing != "task":
+            raise ConfigError(f"task_experts is a setting of task_routing='task' (task_routing is "
+                              f"{self.task_routing!r}); leave it None")
+        if self.task_routing != "task" or self.num_experts == 0:
+            return
+        if self.router not in TASK_ROUTERS:
+            raise ConfigError(f"task_routing='task' limits the experts a token may choose; router={self.router!r} "
+                              f"lets experts choose tokens instead: use one of {list(TASK_ROUTERS)}")
+        if self.n_group > 1:
+            raise ConfigError(f"task_routing='task' and group-limited routing (n_group={self.n_group}) both limit "
+                              "the experts a token may choose: set n_group=1")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) is not None:
+                # Capacity is sized for tokens spread over all E experts; a task's tokens share its few.
+                raise ConfigError(f"{name}={getattr(self, name)} with task_routing='task': a task's tokens crowd "
+                                  "its own experts, so a capacity sized for all of them would drop most tokens; set "
+                                  f"{name}=None (dropless)")
+        E, K = self.num_experts, self.top_k
+        if self.task_experts is None:
+            if self.tasks and E // len(self.tasks) < K:
+                raise ConfigError(f"num_experts={E} split among {len(self.tasks)} tasks gives blocks of "
+                                  f"{E // len(self.tasks)} experts, fewer than top_k={K}: give task_experts, more "
+                                  "experts or a smaller top_k")
+            return
+        if not self.tasks:  # checked once training has filled in the data's task names
+            return
+        for name in self.task_experts:
+            if name not in self.tasks:
+                raise ConfigError(f"task_experts names task {name!r}{_did_you_mean(name, self.tasks)}, which is not "
+                                  f"one of tasks={self.tasks}")
+        for name in self.tasks:
+            experts = self.task_experts.get(name)
+            if experts is None:
+                raise ConfigError(f"task_experts has no expert set for task {name!r}: give one for each of "
+                                  f"tasks={self.tasks}")
+            if not isinstance(experts, list) or any(isinstance(e, bool) or not isinstance(e, int) for e in experts):
+                raise ConfigError(f"task_experts[{name!r}]={experts!r} must be a list of expert indices")
+            bad = [e for e in experts if not 0 <= e < E]
+            if bad:
+                raise ConfigError(f"task_experts[{name!r}] holds {bad[0]}, not an expert index in [0, {E})")
+            if len(set(experts)) != len(experts):
+                raise ConfigError(f"task_experts[{name!r}]={experts} names an expert twice")
+            if len(experts) < K:
+                raise ConfigError(f"task_experts[{name!r}] has {len(experts)} expert(s), fewer than top_k={K}: each "
+                                  "token of the task chooses top_k of them")
+
+    def check_tasks(self) -> None:
+        """Raise a ConfigError if a model of this config cannot be built for lack of task names (a task
+        routing whose ``tasks`` training had not filled in)."""
+        if self.num_experts and self.task_routing != "none" and not self.tasks:
+            raise ConfigError(f"task_routing={self.task_routing!r} needs tasks: train on data with task labels "
+                              "(--data NAME=PATH, or a \"task\" field in JSONL records), or set task_routing='none'")
+
+    def task_expert_sets(self) -> dict[str, list[int]]:
+        """Each task's routed experts under ``task_routing='task'``: ``task_experts``, or by default the
+        experts split into len(tasks) contiguous blocks whose sizes differ by at most one."""
+        if self.task_experts is not None:
+            return {name: list(self.task_experts[name]) for name in self.tasks}
+        n, E = len(self.tasks), self.num_experts
+        bounds = [t * E // n for t in range(n + 1)]
+        return {name: list(range(bounds[t], bounds[t + 1])) for t, name in enumerate(self.tasks)}
 
     # ------------------------------------------------------------------ structure
     def is_moe_layer(self, layer: int) -> bool:
@@ -207,6 +299,8 @@ class ModelConfig:
         expert = 3 * d * self.expert_ffn_dim
         shared = 3 * d * self.shared_expert_ffn_dim + (d if self.shared_expert_gate else 0)
         router = d * self.num_experts * (2 if self.router == "noisy_topk" else 1)
+        if self.task_routing == "embedding":
+            router += len(self.tasks) * d  # each router's task embedding
         total = active = 0
         for i in range(self.n_layers):
             block = attn + 2 * d  # two RMSNorm weights
@@ -286,7 +380,9 @@ def check_field_types(obj: Any) -> None:
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...]:
-    names = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+    # (containers by their outer type; their items are checked where the field is validated)
+    names = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list[str]": list,
+             "dict[str, list[int]]": dict}
     return tuple(names[part.strip()] for part in str(annotation).split("|"))
 
 

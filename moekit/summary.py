@@ -41,7 +41,27 @@ def describe_config(cfg: ModelConfig) -> str:
         )
     else:
         lines.append(f"dense SwiGLU MLP of width {cfg.ffn_dim}")
+    if cfg.tasks:
+        routing = cfg.task_routing if cfg.num_experts else "none"
+        line = f"tasks: {', '.join(cfg.tasks)}; task routing {routing}"
+        if routing == "task":
+            line += " (experts " + "; ".join(f"{name}: {_ranges(e)}" for name, e in cfg.task_expert_sets().items()) + ")"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _ranges(ids: list[int]) -> str:
+    """Expert indices as ranges: [0, 1, 2, 5] -> "0-2, 5"."""
+    out, ids = [], sorted(ids)
+    start = prev = ids[0]
+    for i in ids[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(out)
 
 
 def routing_table(stats: list[RouterStats], moe_layer_ids: list[int]) -> str:

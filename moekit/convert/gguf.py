@@ -559,6 +559,9 @@ def check_exportable(cfg: ModelConfig) -> None:
                             "weight scale)")
         if cfg.num_shared_experts:
             problems.append(f"num_shared_experts={cfg.num_shared_experts}")
+        if cfg.task_routing != "none":
+            problems.append(f"task_routing={cfg.task_routing!r} (llama.cpp routers see only the token, not its task; "
+                            "export a task's path taken out with moekit extract)")
         if cfg.first_dense_layers or cfg.moe_every != 1:
             problems.append(f"first_dense_layers={cfg.first_dense_layers}, moe_every={cfg.moe_every} "
                             "(llama.cpp makes every layer MoE)")
@@ -569,7 +572,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     if problems:
         raise ConfigError("cannot export to GGUF (llama.cpp 'llama' architecture): " + "; ".join(problems)
                           + ". Supported: dense models, or MoE with router='topk', norm_topk_prob=True, every layer "
-                          "MoE, no shared experts, eval_capacity_factor=None; no qk_norm, no attention_bias")
+                          "MoE, no shared experts, eval_capacity_factor=None, task_routing='none'; no qk_norm, no "
+                          "attention_bias")
 
 
 def _export_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:

@@ -358,6 +358,10 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str | os.Path
     ids in ``config.json`` and ``generation_config.json``, names and template in ``tokenizer_config.json``.
     """
     cfg: ModelConfig = model.cfg
+    if cfg.num_experts and cfg.task_routing != "none":
+        raise ConfigError(f"task_routing={cfg.task_routing!r} has no Hugging Face equivalent (their routers see only "
+                          "the token, not its task): export a model trained with task_routing='none', or a task's "
+                          "path taken out with moekit extract")
     model_type = model_type or export_model_type(cfg)
     spec = ARCHITECTURES.get(model_type)
     exportable = sorted(k for k, s in ARCHITECTURES.items() if s.from_config is not None)

@@ -218,12 +218,12 @@ class _EntropyProbe:
             router.__dict__.pop("select", None)
 
     def _wrap(self, j: int, router, select):
-        def probed(x_TD: torch.Tensor):
+        def probed(x_TD: torch.Tensor, task_T: torch.Tensor | None = None):
             if len(x_TD):
                 # NOTE: host sync per layer and call; routing analysis is not a hot path.
-                self.total[j] += float(router.forward(x_TD).stats.entropy) * len(x_TD)
+                self.total[j] += float(router.forward(x_TD, None, task_T).stats.entropy) * len(x_TD)
                 self.tokens[j] += len(x_TD)
-            return select(router, x_TD)
+            return select(router, x_TD, task_T)
 
         return probed
 

@@ -25,6 +25,7 @@ Plan of one step:
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 from collections import deque
@@ -82,6 +83,8 @@ class SamplingParams:
     #                                A scorer that needs a continuation's tokens skips the head on the context.
     top_logprobs: int = 0  # 0..20: with logprobs / prompt_logprobs, also the k most likely tokens at each position
     routing: bool = False  # record which experts each token went to, with gate weights
+    task: str | None = None  # the task, one of the model's ModelConfig.tasks, for task-aware routing (issue 20);
+    #                          required by a task-routed model (task_routing='task'); None: no task
 
     @property
     def penalized(self) -> bool:
@@ -167,6 +170,7 @@ class Request:
     generator: torch.Generator
     detok: Detokenizer | None
     notice: str | None = None  # e.g. how the prompt was cut to fit the context
+    task_id: int | None = None  # params.task's index in the model's tasks
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the cache
     output_ids: list[int] = field(default_factory=list)
@@ -265,12 +269,34 @@ class Engine:
             raise EngineError("this engine has no tokenizer: give prompts as token ids")
         return prepend_bos(self.tokenizer.encode(text, add_special_tokens=False).ids, self.special)
 
+    def task_id(self, task: str | None) -> int | None:
+        """The id of ``task`` (its index in the model's ``ModelConfig.tasks``), None for no task. An
+        :class:`EngineError` names the valid tasks for an unknown one, and for None on a model that
+        routes each task to its own experts (``task_routing='task'``), which needs one."""
+        cfg = self.model.cfg
+        if task is None:
+            if cfg.num_experts and cfg.task_routing == "task":
+                raise EngineError(f"this model routes each task to its own experts (task_routing='task'): give a "
+                                  f"task, one of {cfg.tasks}")
+            return None
+        if not isinstance(task, str):
+            raise EngineError(f"task={task!r} must be a task name (a string)")
+        if not cfg.tasks:
+            raise EngineError(f"task {task!r}: this model has no tasks (it was trained without task labels); "
+                              "leave the task out")
+        if task not in cfg.tasks:
+            close = difflib.get_close_matches(task, cfg.tasks, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise EngineError(f"task {task!r} is not one of this model's tasks {cfg.tasks}{hint}")
+        return cfg.tasks.index(task)
+
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Queue a request; returns its id. Raises :class:`EngineError` for a bad request and
         :class:`EngineFull` when every slot is busy and the queue is full."""
         params = params or SamplingParams()
         params.check(self.vocab_size, self.max_len)
+        task_id = self.task_id(params.task)
         ids = self.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         if not ids:  # an unconditional sample starts where a document starts: BOS, else end-of-text
             start = self.special.bos_id if self.special.bos_id is not None else self.special.eos_id
@@ -289,7 +315,7 @@ class Engine:
         stop_ids = frozenset(self.special.eos_ids if params.stop_ids is None else params.stop_ids)
         detok = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
         req = Request(request_id, ids, params, stop_ids, torch.Generator(device=self.device).manual_seed(seed),
-                      detok, notice)
+                      detok, notice, task_id)
         self.requests[request_id] = req
         self.waiting.append(req)
         return request_id
@@ -369,8 +395,10 @@ class Engine:
         skips = [0] * len(decoding) + [_rows_skipped(req, n) for req, n in chunks]
         wants_routing = any(r.params.routing for r in decoding) or any(r.params.routing for r, _ in chunks)
         routing = [] if wants_routing else None
+        tasks = [r.task_id for r in decoding] + [req.task_id for req, _ in chunks]
         logits = self.runner.forward(torch.tensor(tokens, device=self.device), segments, all_logits, routing,
-                                     skip=skips if any(skips) else None)
+                                     skip=skips if any(skips) else None,
+                                     tasks=tasks if any(t is not None for t in tasks) else None)
         fed = _split_routing(routing, [n for _, _, n in segments])
         for r in decoding:
             r.next_token = None

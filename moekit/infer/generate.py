@@ -91,14 +91,15 @@ def _give_back(model: Transformer, engine: Engine, request_ids: Sequence[str], k
 def generate_tokens(model: Transformer, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int,
                     temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
                     eos_id: int | None = None, stop_at_eos: bool = True, *,
-                    repetition_penalty: float = 1.0) -> Generator[torch.Tensor, None, None]:
+                    repetition_penalty: float = 1.0, task: str | None = None) -> Generator[torch.Tensor, None, None]:
     """Yield the next token of every row, LongTensor [B], as soon as every row has it (streaming).
 
     ``input_ids``: LongTensor [B, T] (or [T]) or a list of ids (B = 1); each row is its own request
     of one continuous batch. At most ``max_new_tokens`` steps are yielded. With ``eos_id`` and
     ``stop_at_eos``, a row that has produced ``eos_id`` keeps yielding ``eos_id`` and generation ends
     once every row has. ``seed`` makes sampling deterministic (row b uses ``seed + b``; None draws
-    from torch's global RNG); ``temperature == 0`` is greedy.
+    from torch's global RNG); ``temperature == 0`` is greedy. ``task``: every row's task (a name in
+    ``model.cfg.tasks``), for a model with task-aware routing.
 
     A prompt too long for ``model.cfg.max_seq_len`` with ``max_new_tokens`` is cut from the left
     (see :func:`moekit.infer.engine.fit_prompt`), with a warning. Arguments are checked here, at the
@@ -119,7 +120,7 @@ def generate_tokens(model: Transformer, input_ids: torch.Tensor | Sequence[int],
         for b, row in enumerate(ids_BT.tolist()):
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, seed=None if seed is None else seed + b,
-                                    stop_ids=stop_ids)
+                                    stop_ids=stop_ids, task=task)
             requests.append(engine.add_request(row, params))
             notice = engine.request(requests[-1]).notice
             if notice:
@@ -182,13 +183,14 @@ def _as_batch(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
              stream: Callable[[str], None] | None = None, *, repetition_penalty: float = 1.0,
-             stop: Sequence[str] = ()) -> str:
+             stop: Sequence[str] = (), task: str | None = None) -> str:
     """The text continuing ``prompt`` (the prompt itself is not included); stops at the model's end
     tokens (read from the checkpoint), a ``stop`` string, or ``max_new_tokens``.
 
     ``stream`` is called with each new piece of text as it is produced, ready to print as is
     (``stream=lambda s: print(s, end="", flush=True)``); the pieces join to the returned string.
     Special tokens are not part of the text. An empty prompt starts from the end-of-text token.
+    ``task``: the task (a name in ``model.cfg.tasks``) of a model with task-aware routing.
     """
     was_training = model.training
     engine, rids, keep = None, [], False
@@ -196,7 +198,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_toke
         engine = _lease(model, tokenizer, 1)
         model.eval()
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+                                repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop), task=task)
         try:
             rids.append(engine.add_request(prompt, params))
         except EngineError:

@@ -389,11 +389,11 @@ class _MoEPlan:
         self.shared = None if moe.shared_expert is None else _MLPPlan(moe.shared_expert)
         self.shared_gate = None if moe.shared_expert_gate is None else _detach(moe.shared_expert_gate.weight)
 
-    def __call__(self, x_BTD: torch.Tensor, routing: list | None) -> torch.Tensor:
+    def __call__(self, x_BTD: torch.Tensor, routing: list | None, task_N: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
         N = B * T
         x_ND = x_BTD.reshape(N, D)
-        ids_NK, w_NK = self.router.select(x_ND)
+        ids_NK, w_NK = self.router.select(x_ND, task_N)
         if routing is not None:
             routing.append((ids_NK, w_NK))
         y_ND = self._routed(x_ND, ids_NK, w_NK)
@@ -494,21 +494,22 @@ class Runner:
         return _signature(self.model) == self._signature
 
     def __call__(self, tokens_BT: torch.Tensor, slots: list[int], starts: list[int], all_logits: bool = False,
-                 routing: list | None = None) -> torch.Tensor:
+                 routing: list | None = None, tasks: list[int | None] | None = None) -> torch.Tensor:
         """The two plain call shapes: B rows decoding one token each, or one row of T tokens.
 
         Logits [B, V] of each row's last token (``all_logits``: [B, T, V]). See :meth:`forward`.
         """
         B, T = tokens_BT.shape
         if B == 1:
-            logits = self.forward(tokens_BT[0], [(slots[0], starts[0], T)], [all_logits], routing)
+            logits = self.forward(tokens_BT[0], [(slots[0], starts[0], T)], [all_logits], routing, tasks=tasks)
             return logits[None] if all_logits else logits
         if T != 1:
             raise ValueError("rows of a batched call decode one token each (or give one row of T tokens)")
-        return self.forward(tokens_BT[:, 0], [(s, p, 1) for s, p in zip(slots, starts)], None, routing)
+        return self.forward(tokens_BT[:, 0], [(s, p, 1) for s, p in zip(slots, starts)], None, routing, tasks=tasks)
 
     def forward(self, tokens_N: torch.Tensor, segments: list[tuple[int, int, int]], all_logits: list[bool] | None = None,
-                routing: list | None = None, skip: list[int] | None = None) -> torch.Tensor:
+                routing: list | None = None, skip: list[int] | None = None,
+                tasks: list[int | None] | None = None) -> torch.Tensor:
         """One pass over a mixed batch: ``segments`` are (slot, start, length) in the order of ``tokens_N``.
 
         Each segment's keys/values go to positions ``start .. start + length - 1`` of its slot and it
@@ -520,9 +521,12 @@ class Runner:
         Returns logits [R, V]: each segment's last token, or all its tokens where ``all_logits[i]`` (from its
         ``skip[i]``-th token on, when given: the head runs only on the rows someone reads).
         ``routing``, when a list, receives per MoE layer (expert ids [N, K], gate weights [N, K]).
+        ``tasks``: each segment's task id (an index into ``cfg.tasks``; None: no task), for task-aware
+        routing (``cfg.task_routing``); rows of one call may have different tasks.
         """
         device = tokens_N.device
         plan = self._attention_plan(segments, device)
+        task_N = self._task_ids(segments, tasks, device)
         if plan.single is None and plan.n_decode:
             for s, _, _ in segments[:plan.n_decode]:
                 self.cache.ensure_clean(s, plan.dec_len)
@@ -535,7 +539,7 @@ class Runner:
             y = plan.attend(q, k, v, self.cache.k[i], self.cache.v[i], attn.attn.scale if attn.mla else None)
             x = x + attn.out(y)
             h = _rms_norm(ffn_norm, x)
-            x = x + (ffn(h, routing) if isinstance(ffn, _MoEPlan) else ffn(h))
+            x = x + (ffn(h, routing, task_N) if isinstance(ffn, _MoEPlan) else ffn(h))
         for s, p, n in segments:
             self.cache.written(s, p + n)
         rows = plan.output_rows(all_logits, skip)
@@ -544,6 +548,30 @@ class Runner:
         x = x[0] if rows is None else x[0].index_select(0, rows)
         h = _rms_norm(self.model.norm, x)
         return head_logits(h, self.head) if isinstance(self.head, QuantizedWeight) else F.linear(h, self.head)
+
+    def _task_ids(self, segments: list[tuple[int, int, int]], tasks: list[int | None] | None,
+                  device: torch.device) -> torch.Tensor | None:
+        """Each token's task id [N] for the routers, or None where the routing ignores tasks."""
+        cfg = self.cfg
+        routing = cfg.task_routing if cfg.num_experts else "none"
+        if routing == "none":
+            return None
+        tasks = [None] * len(segments) if tasks is None else list(tasks)
+        if len(tasks) != len(segments):
+            raise ValueError(f"{len(tasks)} task ids for {len(segments)} segments")
+        n = len(cfg.tasks)
+        for t in tasks:
+            if t is None:
+                if routing == "task":
+                    raise ValueError(f"this model routes each task to its own experts (task_routing='task'): every "
+                                     f"row needs a task id, an index into tasks={cfg.tasks}")
+            elif isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n:
+                raise ValueError(f"task id {t!r} is not in [0, {n}) (tasks={cfg.tasks})")
+        if routing == "embedding" and all(t is None for t in tasks):
+            return None  # the zero task vector for every row: the routers add nothing
+        # (embedding: id n, one past the last task, is the zero vector of "no task"; see moekit.model.router)
+        ids = [n if t is None else t for t, (_, _, length) in zip(tasks, segments) for _ in range(length)]
+        return torch.tensor(ids, dtype=torch.long, device=device)
 
     def _attention_plan(self, segments: list[tuple[int, int, int]], device: torch.device) -> _AttentionPlan:
         if not segments:

@@ -32,11 +32,14 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.dispatch = "fast"
 
-    def forward(self, x_BTD: torch.Tensor, mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
+    def forward(self, x_BTD: torch.Tensor, mask_BT: torch.Tensor | None = None,
+                task_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
+        """``task_B`` [B] long: each sequence's task id (task-aware routing; see moekit.model.router)."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         mask_N = None if mask_BT is None else mask_BT.reshape(B * T)
-        routing = self.router(x_ND, mask_N)
+        task_N = None if task_B is None else task_B.repeat_interleave(T)  # one task per sequence, every token
+        routing = self.router(x_ND, mask_N, task_N)
         run = self.experts.reference if self.dispatch == "reference" else self.experts
         y_ND = run(x_ND, routing.token_ids_A, routing.expert_ids_A, routing.weights_A)
         if self.shared_expert is not None:

@@ -7,6 +7,15 @@ Legend: T tokens, D model dim, E experts, K experts per token (token choice), C 
 Why assignments rather than [T, K] tensors: expert choice gives a token 0..E experts and capacity drops
 remove pairs, so the one form every policy shares is a flat list of (token, expert, weight) triples.
 The experts module consumes that list; it never needs to know which router produced it.
+
+Tasks (issue 20, ``ModelConfig.task_routing``): every router method takes ``task_T`` [T] long, each
+token's task id (None: no task). "embedding" adds the task's learned vector to the router's input
+(the residual stream is untouched); the id ``len(cfg.tasks)`` stands for "no task", the zero vector,
+which is also what a call without task ids computes. "task" sets the logits (sigmoid_bias: also the
+biased selection scores) of the experts outside the token's task's set to -inf before the top-k, so a
+token can only reach its task's experts; its softmax probability for the others is exactly 0, so the
+balance loss and the z-loss get no gradient through them (the balance loss, still summed over all E
+experts, spreads each task's tokens over that task's experts).
 """
 
 from __future__ import annotations
@@ -104,23 +113,56 @@ class Router(nn.Module):
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.weight = nn.Parameter(torch.randn(cfg.num_experts, cfg.dim) * cfg.init_std)
+        self.task_routing = cfg.task_routing
+        if cfg.task_routing == "embedding":  # one learned vector per task, added to this router's input only
+            self.task_embed = nn.Parameter(torch.randn(len(cfg.tasks), cfg.dim) * cfg.init_std)  # [n_tasks, D]
+        else:
+            self.register_parameter("task_embed", None)
+        # task routing: [n_tasks, E] bool, which experts each task may use, per device. NOTE: derived from the
+        # config, so neither a parameter nor a buffer: checkpoints and state dicts stay as they were, and a
+        # model built on the meta device (quantized loading) needs nothing filled in.
+        self._task_masks: dict[torch.device, torch.Tensor] = {}
 
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def allowed_experts(self, task_T: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """[T, E] bool: the experts each token may be routed to (task routing), or None: all of them."""
+        if self.task_routing != "task":
+            return None
+        if task_T is None:
+            raise ValueError(f"this model routes each task to its own experts (task_routing='task'): every token "
+                             f"needs a task id, an index into tasks={self.cfg.tasks}")
+        mask_NE = self._task_masks.get(device)
+        if mask_NE is None:
+            mask_NE = torch.zeros(len(self.cfg.tasks), self.num_experts, dtype=torch.bool)
+            for t, experts in enumerate(self.cfg.task_expert_sets().values()):
+                mask_NE[t, experts] = True
+            mask_NE = self._task_masks[device] = mask_NE.to(device)
+        return mask_NE[task_T]
+
+    def logits(self, x_TD: torch.Tensor, task_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Router logits [T, E] float32; with task routing, -inf outside each token's task's experts."""
         x = x_TD.float()
+        if self.task_embed is not None and task_T is not None:
+            # Row len(tasks) of the padded table is the zero vector: "no task" (see the module docstring).
+            x = x + F.pad(self.task_embed.float(), (0, 0, 0, 1))[task_T]
         if self.training and self.cfg.router_jitter > 0:  # Switch: multiplicative jitter on the input
             eps = self.cfg.router_jitter
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         # NOTE: autocast would run this matmul in bf16 and flip near-tie expert choices; keep it fp32.
         # (Checked first: entering the context costs ~10 us, a noticeable share of a decode step.)
         if not torch.is_autocast_enabled(x.device.type):
-            return F.linear(x, self.weight.float())  # [T, E] float32
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, self.weight.float())
+            logits_TE = F.linear(x, self.weight.float())  # [T, E] float32
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                logits_TE = F.linear(x, self.weight.float())
+        if self.task_routing == "task":
+            logits_TE = logits_TE.masked_fill(~self.allowed_experts(task_T, logits_TE.device), float("-inf"))
+        return logits_TE
 
-    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, x_TD: torch.Tensor, task_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference-time choice for token-choice routers: (expert ids [T, K] long, gate weights [T, K]
         float32), exactly what ``forward`` keeps in eval mode when dropless, without losses or
-        statistics. The inference engine calls this at decode time (no sort, no bincount, no sync)."""
+        statistics. The inference engine calls this at decode time (no sort, no bincount, no sync).
+        ``task_T`` [T]: each token's task id (see the module docstring)."""
         raise NotImplementedError(f"{type(self).__name__} does not route tokens independently")
 
     def capacity_factor(self) -> float | None:
@@ -172,7 +214,9 @@ class TopKRouter(Router):
 
     def _choose(self, logits_TE: torch.Tensor):
         probs_TE = logits_TE.softmax(-1)
-        ids_TK = topk_ids(probs_TE, self.top_k)
+        # NOTE: task routing picks from the logits, where the experts outside the task are -inf: a task's own
+        # expert whose probability underflows to 0 would tie with them in the probabilities.
+        ids_TK = topk_ids(logits_TE if self.task_routing == "task" else probs_TE, self.top_k)
         top_TK = probs_TE.gather(1, ids_TK)
         if self.cfg.norm_topk_prob:
             top_TK = top_TK / top_TK.sum(-1, keepdim=True)
@@ -180,8 +224,8 @@ class TopKRouter(Router):
             top_TK = top_TK * self.cfg.routed_scaling_factor
         return probs_TE, ids_TK, top_TK
 
-    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_TE = self.logits(x_TD)
+    def select(self, x_TD: torch.Tensor, task_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_TE = self.logits(x_TD, task_T)
         if self.cfg.norm_topk_prob:  # softmax renormalised over the top k == softmax of the top-k logits
             ids_TK = topk_ids(logits_TE, self.top_k)
             weights_TK = logits_TE.gather(1, ids_TK).softmax(-1)
@@ -191,8 +235,9 @@ class TopKRouter(Router):
         _, ids_TK, top_TK = self._choose(logits_TE)
         return ids_TK, top_TK
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        logits_TE = self.logits(x_TD)
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None,
+                task_T: torch.Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD, task_T)
         probs_TE, ids_TK, top_TK = self._choose(logits_TE)
         balance = losses.load_balance_loss(probs_TE, ids_TK, mask_T, self.global_sum)
         zl = losses.z_loss(logits_TE, mask_T)
@@ -217,12 +262,13 @@ class SwitchRouter(Router):
             top_T1 = top_T1 * self.cfg.routed_scaling_factor
         return top_T1
 
-    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top_T1, ids_T1 = self.logits(x_TD).softmax(-1).max(dim=-1, keepdim=True)
+    def select(self, x_TD: torch.Tensor, task_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        top_T1, ids_T1 = self.logits(x_TD, task_T).softmax(-1).max(dim=-1, keepdim=True)
         return ids_T1, self._gate(top_T1)
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        logits_TE = self.logits(x_TD)
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None,
+                task_T: torch.Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD, task_T)
         probs_TE = logits_TE.softmax(-1)
         top_T1, ids_T1 = probs_TE.max(dim=-1, keepdim=True)
         balance = losses.load_balance_loss(probs_TE, ids_T1, mask_T, self.global_sum)
@@ -245,13 +291,14 @@ class NoisyTopKRouter(Router):
         super().__init__(cfg)
         self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.dim))  # starts at softplus(0) noise
 
-    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top_TK, ids_TK = self.logits(x_TD).topk(self.top_k, dim=-1)  # no noise at inference
+    def select(self, x_TD: torch.Tensor, task_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        top_TK, ids_TK = self.logits(x_TD, task_T).topk(self.top_k, dim=-1)  # no noise at inference
         return ids_TK, top_TK.softmax(-1)
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None,
+                task_T: torch.Tensor | None = None) -> Routing:
         K, E = self.top_k, self.num_experts
-        clean_TE = self.logits(x_TD)
+        clean_TE = self.logits(x_TD, task_T)
         noisy = self.training
         if noisy:
             with torch.autocast(x_TD.device.type, enabled=False):
@@ -268,10 +315,21 @@ class NoisyTopKRouter(Router):
             # P(expert i stays in the top k if only its own noise is redrawn), appendix A eq. 9.
             threshold_in_T1 = top_TM[:, K:K + 1]  # the (k+1)-th value: beat it to stay in
             threshold_out_T1 = top_TM[:, K - 1:K]  # the k-th value: beat it to get in
+            allowed_TE = self.allowed_experts(task_T, clean_TE.device)
+            cdf_clean_TE = clean_TE
+            if allowed_TE is not None:
+                # NOTE: the experts outside a token's task are at -inf, and so is the (k+1)-th value when the
+                # task has exactly k experts: -inf - -inf would be NaN, in the forward or (through the branch
+                # torch.where does not take) the backward. Those experts can never be chosen (probability 0,
+                # set below), and a task's k experts always stay in (a finite stand-in threshold gives 1).
+                cdf_clean_TE = clean_TE.masked_fill(~allowed_TE, 0.0)
+                threshold_in_T1 = threshold_in_T1.clamp_min(-1e4)
             normal = torch.distributions.Normal(0.0, 1.0)
-            prob_in = normal.cdf((clean_TE - threshold_in_T1) / std_TE)
-            prob_out = normal.cdf((clean_TE - threshold_out_T1) / std_TE)
+            prob_in = normal.cdf((cdf_clean_TE - threshold_in_T1) / std_TE)
+            prob_out = normal.cdf((cdf_clean_TE - threshold_out_T1) / std_TE)
             prob_in_topk_TE = torch.where(logits_TE > threshold_in_T1, prob_in, prob_out)
+            if allowed_TE is not None:
+                prob_in_topk_TE = prob_in_topk_TE.masked_fill(~allowed_TE, 0.0)
         else:
             prob_in_topk_TE = (gates_TE > 0).float()
         balance = (losses.importance_loss(gates_TE, mask_T, self.global_sum)
@@ -290,9 +348,10 @@ class ExpertChoiceRouter(Router):
     on later tokens (the paper's own caveat). At decode time (one token) every expert picks it.
     """
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None,
+                task_T: torch.Tensor | None = None) -> Routing:
         T, E = x_TD.shape[0], self.num_experts
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.logits(x_TD, task_T)  # (a task embedding only: config refuses task routing here)
         probs_TE = logits_TE.softmax(-1)
         n_valid = T if mask_T is None else int(mask_T.sum())  # NOTE: host sync
         cf = self.capacity_factor() or 1.0
@@ -339,12 +398,13 @@ class SigmoidBiasRouter(Router):
             self.bias = bias.to(self.bias.device)
         return self
 
-    def select(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, ids_TK, weights_TK = self._choose(self.logits(x_TD))
+    def select(self, x_TD: torch.Tensor, task_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        _, ids_TK, weights_TK = self._choose(self.logits(x_TD, task_T))
         return ids_TK, weights_TK
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
-        logits_TE = self.logits(x_TD)
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None,
+                task_T: torch.Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD, task_T)
         scores_TE, ids_TK, weights_TK = self._choose(logits_TE)
         zl = losses.z_loss(logits_TE, mask_T)
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
@@ -352,9 +412,13 @@ class SigmoidBiasRouter(Router):
                                   torch.zeros(()), zl)
 
     def _choose(self, logits_TE: torch.Tensor):
-        """Sigmoid scores, biased (and group-limited) selection, unbiased renormalised gate weights."""
+        """Sigmoid scores, biased (and group-limited) selection, unbiased renormalised gate weights.
+        Task routing: the logits outside a token's task are -inf, so their scores are 0, and their
+        selection scores -inf (the balance bias could otherwise lift them over a task's own experts)."""
         scores_TE = logits_TE.sigmoid()
         choice_TE = scores_TE + self.bias
+        if self.task_routing == "task":
+            choice_TE = choice_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
         G = self.cfg.n_group
         if G > 1:
             T, E = choice_TE.shape

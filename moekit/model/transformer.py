@@ -36,11 +36,11 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoE(cfg) if self.is_moe else MLP(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, attn_mask, token_mask, cache=None):
+    def forward(self, x, cos, sin, attn_mask, token_mask, cache=None, task_B=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, aux, stats = self.ffn(h, token_mask)
+            y, aux, stats = self.ffn(h, token_mask, task_B)
             return x + y, aux, stats
         return x + self.ffn(h), None, None
 
@@ -50,10 +50,15 @@ class Transformer(nn.Module):
 
     ``attention_mask`` [B, T]: 1 = real token, 0 = padding. Padding keys are never attended to, and
     padding tokens are excluded from routing, capacity and the router losses.
+
+    ``task_ids`` [B] long: each sequence's task, an index into ``cfg.tasks`` (issue 20). What it changes
+    is ``cfg.task_routing``: "none" nothing; "embedding" each router's input (None: no task, the zero
+    task vector); "task" which experts each token may use (required: refused when None).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        cfg.check_tasks()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -83,7 +88,23 @@ class Transformer(nn.Module):
         if self.cfg.num_experts and self.cfg.router == "switch" and self.cfg.switch_gate == "matched":
             # The gate p is ~1/E at init: E times larger outputs make p * expert(x) start at the dense scale.
             for moe in self.moe_layers():
-                moe.experts.down_proj.mul_(self.cfg.num_experts)
+                moe.experts.down_proj.mul_(self._switch_scale())
+
+    def _switch_scale(self) -> float | torch.Tensor:
+        """The "matched" switch init's output scale: E, or under task routing per expert the size m of its
+        task's set (a token's probability is spread over those m experts only, p ~ 1/m; the mean size
+        for an expert in several sets)."""
+        cfg = self.cfg
+        if cfg.task_routing != "task":
+            return float(cfg.num_experts)
+        sizes: dict[int, list[int]] = {}
+        for experts in cfg.task_expert_sets().values():
+            for e in experts:
+                sizes.setdefault(e, []).append(len(experts))
+        scale_E = torch.full((cfg.num_experts,), float(cfg.num_experts))  # (experts no task uses: as before)
+        for e, ms in sizes.items():
+            scale_E[e] = sum(ms) / len(ms)
+        return scale_E[:, None, None]
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.layers if b.is_moe]
@@ -97,15 +118,17 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 labels: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: list[KVCache] | None = None) -> ModelOutput:
+                cache: list[KVCache] | None = None, task_ids: torch.Tensor | None = None) -> ModelOutput:
         """``positions`` [T] or [B, T] default to 0..T-1 (offset by the cache length when decoding).
 
         ``labels`` [B, T] (targets already aligned with the inputs; -100 = ignore) makes the model
         return ``loss`` computed by the fused linear cross-entropy, without materialising the logits.
+        ``task_ids`` [B]: each sequence's task (see the class docstring).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        task_B = self._task_ids(task_ids, B, input_ids.device)
         past = cache[0].length if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + T, device=input_ids.device)
@@ -116,7 +139,7 @@ class Transformer(nn.Module):
         aux = torch.zeros((), device=input_ids.device)
         stats: list[RouterStats] = []
         for i, block in enumerate(self.layers):
-            x, layer_aux, layer_stats = block(x, cos, sin, attn_mask, token_mask, None if cache is None else cache[i])
+            x, layer_aux, layer_stats = block(x, cos, sin, attn_mask, token_mask, None if cache is None else cache[i], task_B)
             if layer_aux is not None:
                 aux = aux + layer_aux
                 stats.append(layer_stats)
@@ -135,6 +158,29 @@ class Transformer(nn.Module):
             loss = linear_cross_entropy(x.reshape(B * T, -1), head_weight, labels.reshape(B * T))
             return ModelOutput(logits=None, aux_loss=aux, router_stats=stats, loss=loss)
         return ModelOutput(logits=F.linear(x, head_weight), aux_loss=aux, router_stats=stats)
+
+    def _task_ids(self, task_ids: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor | None:
+        """``task_ids`` checked, on ``device``; None where the routing does not use them."""
+        cfg = self.cfg
+        routing = cfg.task_routing if cfg.num_experts else "none"
+        if task_ids is None:
+            if routing == "task":
+                raise ValueError(f"this model routes each task to its own experts (task_routing='task'): give "
+                                 f"task_ids [batch], each sequence's index into tasks={cfg.tasks}")
+            return None
+        if not cfg.tasks:
+            raise ValueError("task_ids were given, but this model has no tasks (ModelConfig.tasks is empty)")
+        if (not isinstance(task_ids, torch.Tensor) or tuple(task_ids.shape) != (B,) or task_ids.dtype.is_floating_point
+                or task_ids.dtype.is_complex or task_ids.dtype == torch.bool):
+            got = f"{task_ids.dtype} {tuple(task_ids.shape)}" if isinstance(task_ids, torch.Tensor) else repr(task_ids)
+            raise ValueError(f"task_ids must be an integer tensor [batch] = [{B}], one task per sequence; got {got}")
+        if routing == "none":
+            return None
+        lo, hi = torch.stack([task_ids.min(), task_ids.max()]).tolist()  # NOTE: host sync (only with a task routing)
+        if lo < 0 or hi >= len(cfg.tasks):
+            raise ValueError(f"task_ids holds {lo if lo < 0 else hi}, not a task id in [0, {len(cfg.tasks)}) "
+                             f"(tasks={cfg.tasks})")
+        return task_ids.to(device=device, dtype=torch.long)
 
     @staticmethod
     def _masks(attention_mask, B, T, past, device):

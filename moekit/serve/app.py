@@ -124,10 +124,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             from fastapi.openapi.utils import get_openapi
 
             max_choices = None if engine.max_queue is None else engine.max_batch + engine.max_queue
+            cfg = engine.model.cfg
             app.openapi_schema = narrow_schema(get_openapi(title=app.title, version=app.version, routes=app.routes),
                                                model_name, engine.max_len, max_choices,
                                                engine.vocab_size,
-                                               engine.max_len - chat.max_tokens_limit)
+                                               engine.max_len - chat.max_tokens_limit, tasks=cfg.tasks,
+                                               task_required=bool(cfg.num_experts) and cfg.task_routing == "task")
         return app.openapi_schema
 
     app.openapi = openapi

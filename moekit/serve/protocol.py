@@ -7,7 +7,8 @@ fields a client may send that change nothing for a text model served on one mach
 moekit does not have (tools, structured output, images, audio) are refused with a 400 that says so,
 and any other field is refused as OpenAI itself does ("unrecognized request argument"), so that a
 typo never silently changes nothing. Every optional field also takes an explicit ``null``, which the
-official clients send.
+official clients send. One field is moekit's own: ``task``, for a model trained with task-aware routing
+(``ModelConfig.tasks``; the official clients send it through ``extra_body``).
 """
 
 from __future__ import annotations
@@ -68,15 +69,27 @@ def below(n: int) -> str:
 
 
 def narrow_schema(schema: dict[str, Any], model_name: str, max_len: int, max_choices: int | None,
-                  vocab_size: int, min_chat_prompt: int = 1) -> dict[str, Any]:
+                  vocab_size: int, min_chat_prompt: int = 1, tasks: list[str] | None = None,
+                  task_required: bool = False) -> dict[str, Any]:
     """What this server accepts, in ``/openapi.json``: its one model name, ``max_tokens`` within its
     context (less the shortest prompt: one token, or a chat template around one empty message), at most
     as many prompts as it can hold, ``logit_bias`` keys that are token ids of its
-    vocabulary (client generators and schemathesis read it)."""
+    vocabulary, and a ``task`` among the model's ``tasks`` (none without tasks; required when
+    ``task_required``) (client generators and schemathesis read it)."""
     for name in ("CompletionRequest", "ChatRequest"):
-        props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+        request = schema.get("components", {}).get("schemas", {}).get(name, {})
+        props = request.get("properties", {})
         if "model" in props:
             props["model"] = {**props["model"], "enum": [model_name]}
+        if "task" in props:
+            branches = [{"type": "string", "enum": list(tasks)}] if tasks else []
+            task = {k: v for k, v in props["task"].items() if k not in ("anyOf", "default")}
+            if task_required:
+                request["required"] = [*request.get("required", []), "task"]
+            else:
+                branches.append({"type": "null"})
+                task["default"] = None
+            props["task"] = {**task, "anyOf": branches}
         for branch in props.get("logit_bias", {}).get("anyOf", []):
             if branch.get("type") == "object":  # pydantic writes patternProperties, which let any other key through
                 (value,) = branch.pop("patternProperties", {"": {"type": "number"}}).values()
@@ -147,6 +160,7 @@ class _Common(_Strict):
     presence_penalty: Float(ge=-2.0, le=2.0) | None = None
     frequency_penalty: Float(ge=-2.0, le=2.0) | None = None
     logit_bias: dict[TokenKey, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    task: str | None = None  # moekit's own: the task of a model with task-aware routing (one of its tasks)
     # accepted, no effect on a single-machine text model
     user: str | None = None
     metadata: dict[str, str] | None = None

@@ -117,6 +117,10 @@ class OpenAIServing(abc.ABC):
     def sampling_params(self, body: _Common, max_tokens: int, seed: int | None, *, logprobs: bool = False,
                         top_logprobs: int = 0, prompt_logprobs: bool = False, stop: tuple[str, ...] = ()
                         ) -> SamplingParams:
+        try:
+            self.engine.task_id(body.task)  # an unknown task (or none for a task-routed model): a 400 naming the valid ones
+        except EngineError as e:
+            raise APIError(400, str(e), param="task", code="invalid_value") from None
         bias = tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items())
         for token, _ in bias:
             if token >= self.engine.vocab_size:
@@ -127,7 +131,8 @@ class OpenAIServing(abc.ABC):
             top_p=1.0 if body.top_p is None else body.top_p, seed=None if seed is None else seed % 2**63,
             stop=tuple(body.stop or ()) + stop,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            logit_bias=bias, logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+            logit_bias=bias, logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+            task=body.task)
 
     def fit(self, prompts: list[Prompt], max_tokens: int | None, n: int, param: str, max_param: str) -> int:
         """Checks steps 2 of the plan; returns the tokens each choice may generate."""
