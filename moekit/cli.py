@@ -489,11 +489,11 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     tune_cpu_allocator()
     x = extract(args.src, args.dst, args.task, coverage=args.coverage, per_layer=args.experts_per_layer,
                 data=args.data, paths_file=args.paths, limit=args.limit, seed=args.seed, overwrite=args.overwrite)
-    held = min(x.held)
+    held = "its own experts" if x.held is None else f"at least {min(x.held):.1%} of its assignments in every layer"
     print(f"wrote {x.path}: task {x.task!r}, {x.num_experts[1]} of {x.num_experts[0]} experts per layer "
-          f"(top-{x.top_k[1]}), holding at least {held:.1%} of its assignments in every layer; expert parameters "
+          f"(top-{x.top_k[1]}), holding {held}; expert parameters "
           f"{x.expert_params[0]:,} -> {x.expert_params[1]:,}, total {x.params[0]:,} -> {x.params[1]:,}")
-    print(f"{'exact' if x.exact else 'not exact'} on the statistics' text: {x.why}")
+    print(f"{'exact' if x.exact else 'not exact'} on the task's text: {x.why}")
 
 
 def _int_list(text: str) -> list[int]:

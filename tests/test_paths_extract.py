@@ -16,7 +16,7 @@ from moekit.config import ConfigError, ModelConfig  # noqa: E402
 from moekit.data import load_tokenizer  # noqa: E402
 from moekit.data.special import SpecialTokens  # noqa: E402
 from moekit.eval.data import austen_text, held_out_text, pieces  # noqa: E402
-from moekit.infer import Engine  # noqa: E402
+from moekit.infer import Engine, SamplingParams  # noqa: E402
 from moekit.model import Transformer  # noqa: E402
 from moekit.paths import coverage as cov  # noqa: E402
 from moekit.paths.extract import exactness, extract  # noqa: E402
@@ -301,3 +301,67 @@ def test_extract_refuses_a_dense_model_and_an_existing_destination(texts, moe8, 
     (tmp_path / "taken").mkdir()
     code, err = run(capsys, "extract", moe8, tmp_path / "taken", "--task", "a", "--data", texts / "question.txt")
     assert code == 2 and "already exists; pass --overwrite" in err and not any((tmp_path / "taken").iterdir())
+
+
+# --------------------------------------------------------------------------- task-aware checkpoints
+def save_task_model(path, routing, experts=8, **overrides):
+    """tiny MoE of 8 experts trained (here: built) with the tasks plays and austen; under task routing
+    plays owns experts 0-3 and austen 4-7 (the default even blocks)."""
+    return save_model(path, experts=experts, tasks=["plays", "austen"], task_routing=routing, **overrides)
+
+
+def test_paths_on_a_task_routed_model_stays_in_each_tasks_experts(texts, tmp_path, capsys):
+    src = save_task_model(tmp_path / "task", "task")
+    out = tmp_path / "out"
+    assert main(["paths", str(src), "--data", f"plays={texts / 'plays.txt'}", "--data",
+                 f"austen={texts / 'austen.jsonl'}", "--out", str(out), "--quiet"]) == 0
+    r = json.loads((out / "paths.json").read_text())
+    assert r["task_routing"] == "task" and "task-level routing" in capsys.readouterr().out
+    for name, own in (("plays", range(0, 4)), ("austen", range(4, 8))):
+        for row in r["tasks"][name]["assignments"]:
+            assert sum(row[e] for e in own) == sum(row) > 0  # every assignment in the task's own experts
+    assert all(js == 1.0 for js in r["specialisation"]["js_divergence"][0])  # disjoint experts: 1 bit
+    code, err = run(capsys, "paths", src, "--data", f"code={texts / 'question.txt'}", "--out", tmp_path / "x")
+    assert code == 2 and "unknown task 'code': this model (task_routing='task') knows the tasks plays, austen" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_a_task_routed_models_own_experts_give_its_logits_on_any_text(tmp_path, capsys):
+    # Without renormalisation the gates are a softmax over the task's experts: exact only with all of them.
+    src = save_task_model(tmp_path / "task", "task", norm_topk_prob=False)
+    assert main(["extract", str(src), str(tmp_path / "austen"), "--task", "austen"]) == 0
+    assert "4 of 8 experts per layer (top-2), holding its own experts" in capsys.readouterr().out
+    x = json.loads((tmp_path / "austen" / "extraction.json").read_text())
+    assert x["selection"] == "task_experts" and x["kept"] == [[4, 5, 6, 7]] * 2 and x["exact"]
+    assert x["task_routing"] == ["task", "none"] and x["held"] is None
+    full, tok = moekit.load(src)
+    cut, _ = moekit.load(tmp_path / "austen")
+    assert cut.cfg.task_routing == "none" and cut.cfg.tasks == ["austen"] and cut.cfg.num_experts == 4
+    ids = tok.encode("It is a truth universally acknowledged, ROMEO.").ids
+    with torch.no_grad():
+        want = full(torch.tensor([ids]), task_ids=torch.tensor([1])).logits
+        torch.testing.assert_close(cut(torch.tensor([ids])).logits, want, atol=1e-5, rtol=1e-5)
+    # The engine takes the task name (or none) and the path exports like any plain MoE.
+    engine = Engine(cut, tok)
+    assert engine.generate(["Anne"], SamplingParams(max_new_tokens=2, temperature=0.0, task="austen"))[0].text == (
+        engine.generate(["Anne"], SamplingParams(max_new_tokens=2, temperature=0.0))[0].text)
+    assert main(["convert", str(tmp_path / "austen"), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    for flags, message in ((["--task", "code"], "unknown task 'code': this model (task_routing='task') knows"),
+                           (["--task", "plays", "--coverage", "0.9"], "choose by the task's statistics")):
+        code, err = run(capsys, "extract", src, tmp_path / "bad", *flags)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_an_embedding_routed_path_keeps_its_task_vector(texts, tmp_path):
+    src = save_task_model(tmp_path / "emb", "embedding", experts=32)
+    x = extract(src, tmp_path / "path", "austen", coverage=1.0, data=texts / "question.txt")
+    assert x.exact and x.num_experts[1] < 32 and x.task_routing == ("embedding", "embedding")
+    full, tok = moekit.load(src)
+    cut, _ = moekit.load(tmp_path / "path")
+    assert cut.cfg.tasks == ["austen"] and cut.layers[0].ffn.router.task_embed.shape == (1, 64)
+    ids = tok.encode(QUESTION).ids
+    with torch.no_grad():
+        # austen: task id 1 in the full model, 0 in the path (its only task)
+        want = full(torch.tensor([ids]), task_ids=torch.tensor([1])).logits
+        torch.testing.assert_close(cut(torch.tensor([ids]), task_ids=torch.tensor([0])).logits, want,
+                                   atol=1e-5, rtol=1e-5)

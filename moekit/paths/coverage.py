@@ -72,7 +72,7 @@ def coverage_summary(counts_LE: Sequence[Sequence[int]], coverage: float, params
 
 
 def kept_experts(counts_LE: Sequence[Sequence[int]], *, coverage: float | None = None, per_layer: int | None = None,
-                 always: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+                 always: Sequence[Sequence[int]] | None = None, within: Sequence[int] | None = None) -> list[list[int]]:
     """The experts an extraction keeps in each layer, ascending ids; every layer keeps the same number.
 
     ``always`` [L]: experts kept in any case (those of the BOS that starts every request), ahead of the
@@ -80,13 +80,16 @@ def kept_experts(counts_LE: Sequence[Sequence[int]], *, coverage: float | None =
     ``coverage``: each layer's :func:`coverage_set`. Since one config holds one ``num_experts`` for every
     layer (as the Hugging Face and GGUF formats do), layers that need fewer are filled up to the largest
     layer's number with their next experts by assignments. Filling only adds experts, so every assignment
-    a set holds stays.
+    a set holds stays. ``within``: the only experts that may be kept (a task-routed model's task set: its
+    tokens can reach no other, so filling must not take them).
     """
     if (coverage is None) == (per_layer is None):
         raise ValueError("give exactly one of coverage and per_layer")
     always = always or [[] for _ in counts_LE]
+    allowed = set(range(max(map(len, counts_LE), default=0))) if within is None else set(within)
     # Per layer: the always-kept experts, then the rest in ranking order.
-    order = [list(keep) + [e for e in ranking(row) if e not in keep] for row, keep in zip(counts_LE, always, strict=True)]
+    order = [list(keep) + [e for e in ranking(row) if e not in keep and e in allowed]
+             for row, keep in zip(counts_LE, always, strict=True)]
     if per_layer is None:
         per_layer = max((len(set(keep) | set(coverage_set(row, coverage))) for row, keep in zip(counts_LE, always)),
                         default=0)

@@ -53,6 +53,7 @@ from moekit.paths.trace import (
     expert_params,
     read_tasks,
     route_tasks,
+    task_routing,
 )
 
 DEFAULT_COVERAGE = 0.95
@@ -69,13 +70,14 @@ class Extraction:
     path: Path
     source: str
     task: str
-    selection: str  # "coverage" | "experts_per_layer"
+    selection: str  # "coverage" | "experts_per_layer" | "task_experts" (a task-routed model's own set)
     coverage: float | None
     statistics: str  # where the task's assignments came from
     tokens: int | None  # tokens behind the statistics
     layers: list[int]  # MoE block indices
     kept: list[list[int]]  # [L] original ids of the kept experts, ascending
-    held: list[float]  # [L] share of the task's assignments the kept experts received
+    held: list[float] | None  # [L] share of the task's assignments the kept experts received (None: no statistics)
+    task_routing: tuple[str, str]  # before, after
     num_experts: tuple[int, int]  # before, after
     top_k: tuple[int, int]
     params: tuple[int, int]  # total parameters before, after
@@ -99,21 +101,32 @@ def gates_depend_on_chosen_only(cfg: ModelConfig) -> bool:
     return cfg.router in ("noisy_topk", "sigmoid_bias")
 
 
-def exactness(cfg: ModelConfig, new_cfg: ModelConfig, assignments: Sequence[Sequence[int]],
-              kept: Sequence[Sequence[int]]) -> tuple[bool, str]:
+def exactness(cfg: ModelConfig, new_cfg: ModelConfig, assignments: Sequence[Sequence[int]] | None,
+              kept: Sequence[Sequence[int]], own: Sequence[int] | None = None) -> tuple[bool, str]:
     """(whether the cut model gives the full model's logits on the statistics' text, why): see the module
-    docstring."""
-    if not all({e for e, n in enumerate(row) if n} <= set(ids) for row, ids in zip(assignments, kept)):
+    docstring. ``assignments`` None: no statistics (a task-routed model's own experts). ``own``: under
+    task routing, the task's own experts: the only ones its tokens can reach, and the only ones in the
+    denominator of a softmax gate."""
+    whole_set = own is not None and all(set(own) <= set(ids) for ids in kept)
+    if assignments is None:
+        if not whole_set:
+            return False, "no statistics, and not all of the task's own experts were kept"
+    elif not all({e for e, n in enumerate(row) if n} <= set(ids) for row, ids in zip(assignments, kept)):
         return False, "some experts the task's tokens reach were left out"
     if new_cfg.top_k != cfg.top_k:
         return False, f"top_k fell from {cfg.top_k} to {new_cfg.top_k}"
+    if whole_set:
+        return True, ("the task's own experts are all kept: its tokens can reach no other, and a gate's softmax "
+                      "never counted the others")
     if not gates_depend_on_chosen_only(cfg):
         return False, f"router={cfg.router!r} gates with a softmax over all experts, and the removed ones left its denominator"
     return True, "every expert the task's tokens reach is kept, and gate weights depend only on the chosen experts"
 
 
-def cut_state(state: dict[str, torch.Tensor], cfg: ModelConfig, kept: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-    """Step 5 on a state dict: each MoE block's per-expert tensors indexed by that layer's kept ids."""
+def cut_state(state: dict[str, torch.Tensor], cfg: ModelConfig, kept: Sequence[Sequence[int]],
+              task_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Step 5 on a state dict: each MoE block's per-expert tensors indexed by that layer's kept ids; with
+    ``task_id`` (embedding routing), each router's task embedding [n_tasks, D] cut to that task's row."""
     out = dict(state)
     for ids, i in zip(kept, moe_layers(cfg), strict=True):
         index = torch.tensor(list(ids), dtype=torch.long)
@@ -121,19 +134,39 @@ def cut_state(state: dict[str, torch.Tensor], cfg: ModelConfig, kept: Sequence[S
             key = f"layers.{i}.{suffix}"
             if key in out:
                 out[key] = out[key].index_select(0, index).contiguous()
+        key = f"layers.{i}.ffn.router.task_embed"
+        if task_id is not None and key in out:
+            out[key] = out[key][task_id:task_id + 1].contiguous()
     return out
 
 
-def cut_model(model, kept: Sequence[Sequence[int]]):
-    """A new model holding only the ``kept`` experts of each MoE layer (step 5), special tokens and chat
-    template carried over."""
+def cut_config(cfg: ModelConfig, n: int, task: str) -> ModelConfig:
+    """The cut model's config: ``n`` experts, top_k capped at n, and the tasks as one task's model sees them.
+
+    Task routing ("task") becomes plain routing over the kept experts (they are the task's own, or some of
+    them) with ``tasks=[task]``, so ``--task NAME`` is still accepted, and exports work. Embedding routing
+    stays, with the one task: its vector is part of every router input, so requests keep naming the task.
+    A plain model keeps ``[task]`` if it knew the task, else no tasks."""
+    mode = task_routing(cfg)
+    fields = dict(num_experts=n, top_k=min(cfg.top_k, n))
+    if mode == "task":
+        fields.update(task_routing="none", task_experts=None, tasks=[task])
+    elif mode == "embedding":
+        fields.update(tasks=[task])
+    elif getattr(cfg, "tasks", None):
+        fields.update(tasks=[task] if task in cfg.tasks else [])
+    return dataclasses.replace(cfg, **fields)
+
+
+def cut_model(model, kept: Sequence[Sequence[int]], task: str):
+    """A new model holding only the ``kept`` experts of each MoE layer for ``task`` (step 5), special tokens
+    and chat template carried over."""
     from moekit.model import Transformer
 
     cfg: ModelConfig = model.cfg
-    n = len(kept[0])
-    new_cfg = dataclasses.replace(cfg, num_experts=n, top_k=min(cfg.top_k, n))
-    new = Transformer(new_cfg)
-    new.load_state_dict(cut_state(model.state_dict(), cfg, kept), strict=True)
+    new = Transformer(cut_config(cfg, len(kept[0]), task))
+    task_id = cfg.tasks.index(task) if task_routing(cfg) == "embedding" else None
+    new.load_state_dict(cut_state(model.state_dict(), cfg, kept, task_id), strict=True)
     for attr in ("special_tokens", "chat_template"):
         if hasattr(model, attr):
             setattr(new, attr, getattr(model, attr))
@@ -163,23 +196,31 @@ def read_paths_file(path: str | os.PathLike, task: str, cfg: ModelConfig) -> tup
 def _card(cfg: ModelConfig, x: Extraction) -> str:
     from moekit.checkpoint import model_card
 
-    what = (f"the experts holding {x.coverage:g} of the task's (token, expert) assignments in each layer"
-            if x.selection == "coverage" else f"the {x.num_experts[1]} experts with the most of the task's assignments")
+    if x.selection == "coverage":
+        what = f"the experts holding {x.coverage:g} of the task's (token, expert) assignments in each layer"
+    elif x.selection == "experts_per_layer":
+        what = f"the {x.num_experts[1]} experts with the most of the task's assignments"
+    else:
+        what = "the task's own experts (task routing: its tokens can reach no other)"
+    routing = x.task_routing[1] + ("" if x.task_routing[0] == x.task_routing[1] else f" (was {x.task_routing[0]})")
     lines = [model_card(cfg).rstrip("\n"), "", "## Extracted path", "",
-             f"Extracted by `moekit extract` from `{x.source}` for task **{x.task}**: {what} "
-             f"(statistics: {x.statistics}), and the experts of the BOS token that starts every request. Every layer "
-             "keeps the same number of experts; a layer that needs fewer "
-             "is filled with its next most used ones.", "",
-             "| | |", "|---|---|",
+             f"Extracted by `moekit extract` from `{x.source}` for task **{x.task}**: {what}; statistics: "
+             f"{x.statistics}. The experts a BOS token that starts every request goes to are always kept. Every "
+             "layer keeps the same number of experts; a layer that needs fewer is filled with its next most used ones.",
+             "", "| | |", "|---|---|",
              f"| task | {x.task} |",
+             f"| task routing | {routing}" + (" (give the task with each request)" if x.task_routing[1] == "embedding"
+                                             else "") + " |",
              f"| experts per MoE layer | {x.num_experts[1]} of {x.num_experts[0]} |",
              f"| experts per token (top_k) | {x.top_k[1]}" + (f" (was {x.top_k[0]})" if x.top_k[0] != x.top_k[1] else "")
              + " |",
              f"| routed-expert parameters | {x.expert_params[0]:,} -> {x.expert_params[1]:,} |",
              f"| parameters (total) | {x.params[0]:,} -> {x.params[1]:,} |",
-             f"| same logits as the full model on the statistics' text | {'yes' if x.exact else 'no'}: {x.why} |",
+             f"| same logits as the full model on the task's text | {'yes' if x.exact else 'no'}: {x.why} |",
              "", "| layer | kept experts (original ids) | share of the task's assignments |", "|---|---|---:|"]
-    lines += [f"| {i} | {', '.join(map(str, ids))} | {h:.1%} |" for i, ids, h in zip(x.layers, x.kept, x.held)]
+    held = x.held or [None] * len(x.layers)
+    lines += [f"| {i} | {', '.join(map(str, ids))} | {'-' if h is None else f'{h:.1%}'} |"
+              for i, ids, h in zip(x.layers, x.kept, held)]
     return "\n".join(lines) + "\n"
 
 
@@ -226,8 +267,12 @@ def extract(src: str | os.PathLike, dst: str | os.PathLike, task: str, *, covera
         raise ConfigError(f"--experts-per-layer {per_layer} must be between top_k={cfg.top_k} and "
                           f"num_experts={cfg.num_experts}")
     # 3. statistics
+    check_task_names(cfg, [task])
+    mode = task_routing(cfg)
+    own = cfg.task_expert_sets()[task] if mode == "task" else None
+    layers = moe_layers(cfg)
+    assignments, n_tokens, bos = None, None, [[] for _ in layers]
     if data is not None:
-        check_task_names(cfg, [task])
         if tokenizer is None:
             raise ConfigError(f"{src} has no tokenizer; cannot turn the task's text into tokens")
         texts = read_tasks([(task, str(data))], limit)
@@ -237,23 +282,36 @@ def extract(src: str | os.PathLike, dst: str | os.PathLike, task: str, *, covera
     elif paths_file is not None:
         assignments, n_tokens, bos = read_paths_file(paths_file, task, cfg)
         statistics = f"{n_tokens:,} tokens, from {paths_file}"
+    elif own is not None:
+        if coverage is not None or per_layer is not None:
+            raise ConfigError(f"--coverage and --experts-per-layer choose by the task's statistics: give --data PATH "
+                              f"or --paths FILE (without them, task {task!r} keeps its own {len(own)} experts)")
+        statistics = "the task's own experts (task_routing='task')"
     else:
         raise ConfigError(f"task {task!r} has no statistics: give its text with --data PATH, or a paths.json from "
                           "moekit paths with --paths FILE")
-    if not any(n for row in assignments for n in row):
+    if assignments is not None and not any(n for row in assignments for n in row):
         raise ConfigError(f"task {task!r} has no statistics: its text routed no token")
-    # 4. the kept experts
-    if per_layer is None and coverage is None:
-        coverage = DEFAULT_COVERAGE
-    kept = kept_experts(assignments, coverage=None if per_layer else coverage, per_layer=per_layer, always=bos)
+    # 4. the kept experts (under task routing, only the task's own: its tokens can reach no other)
+    if assignments is None:
+        kept, selection = [sorted(own) for _ in layers], "task_experts"
+    else:
+        if per_layer is not None and own is not None and per_layer > len(own):
+            raise ConfigError(f"--experts-per-layer {per_layer} is more than task {task!r}'s {len(own)} experts")
+        if per_layer is None and coverage is None:
+            coverage = DEFAULT_COVERAGE
+        selection = "coverage" if per_layer is None else "experts_per_layer"
+        kept = kept_experts(assignments, coverage=None if per_layer else coverage, per_layer=per_layer, always=bos,
+                            within=own)
     # 5. cut
-    new = cut_model(model, kept)
-    exact, why = exactness(cfg, new.cfg, assignments, kept)
-    layers = moe_layers(cfg)
+    new = cut_model(model, kept, task)
+    exact, why = exactness(cfg, new.cfg, assignments, kept, own)
     x = Extraction(
-        path=dst, source=str(src), task=task, selection="coverage" if per_layer is None else "experts_per_layer",
-        coverage=coverage if per_layer is None else None, statistics=statistics, tokens=n_tokens, layers=layers,
-        kept=kept, held=[held_share(row, ids) for row, ids in zip(assignments, kept)],
+        path=dst, source=str(src), task=task, selection=selection,
+        coverage=coverage if selection == "coverage" else None, statistics=statistics, tokens=n_tokens,
+        layers=layers, kept=kept,
+        held=None if assignments is None else [held_share(row, ids) for row, ids in zip(assignments, kept)],
+        task_routing=(mode, task_routing(new.cfg)),
         num_experts=(cfg.num_experts, new.cfg.num_experts), top_k=(cfg.top_k, new.cfg.top_k),
         params=(cfg.param_counts()[0], new.cfg.param_counts()[0]),
         expert_params=(expert_params(cfg) * cfg.num_experts * len(layers),

@@ -97,8 +97,8 @@ def read_tasks(tasks: Sequence[tuple[str, str]], limit: int | None = DEFAULT_LIM
 
 # --------------------------------------------------------------------------- tasks in the model
 def task_routing(cfg: ModelConfig) -> str:
-    """The model's ``task_routing`` ("none" for a config without the field)."""
-    return getattr(cfg, "task_routing", "none") or "none"
+    """The routing by task the model does: its ``task_routing``, "none" for a dense model."""
+    return cfg.task_routing if cfg.num_experts else "none"
 
 
 def check_task_names(cfg: ModelConfig, names: Sequence[str]) -> None:
@@ -106,7 +106,7 @@ def check_task_names(cfg: ModelConfig, names: Sequence[str]) -> None:
     every name must be one of them. A plain model takes any name (it is only a label)."""
     if task_routing(cfg) == "none":
         return
-    known = list(getattr(cfg, "tasks", None) or [])
+    known = cfg.tasks
     for name in names:
         if name not in known:
             raise ConfigError(f"unknown task {name!r}: this model (task_routing={task_routing(cfg)!r}) knows the "
