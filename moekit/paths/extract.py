@@ -8,13 +8,16 @@ Plan:
   2. load the checkpoint in float; refuse what cannot be cut (dense, expert choice, group-limited routing)
      and a K outside [top_k, E];
   3. the task's statistics: its (token, expert) assignments per layer, routed now from ``data`` (as
-     ``moekit paths`` does) or read from a paths.json;
+     ``moekit paths`` does) or read from a paths.json; a task-routed model (``task_routing="task"``)
+     without them: the task's own experts;
   4. the kept experts (:func:`moekit.paths.coverage.kept_experts`): the same number E' in every layer,
-     ids ascending, so expert e' of the new model is the e'-th kept expert of the old one;
+     ids ascending, so expert e' of the new model is the e'-th kept expert of the old one; the BOS's
+     experts always; under task routing only the task's own;
   5. cut: the router's rows (``weight`` [E, D], the sigmoid_bias ``bias`` [E], the noisy router's
      ``noise_weight`` [E, D]) and the stacked experts (``gate_up_proj`` [E, 2F, D], ``down_proj`` [E, D, F])
-     indexed by the kept ids; ``num_experts`` E', ``top_k`` min(K, E'); shared experts, attention and
-     dense layers unchanged;
+     indexed by the kept ids; ``num_experts`` E', ``top_k`` min(K, E'); the tasks as one task's model sees
+     them (:func:`cut_config`; an embedding router's task vector cut to that task's row); shared experts,
+     attention and dense layers unchanged;
   6. write into a temporary sibling of DST (weights in the source's storage dtype, the tokenizer, special
      tokens, a model card saying what was kept, extraction.json) and rename it into place.
 
@@ -24,7 +27,8 @@ so it picks the same ones. The gate weights are the same when they depend only o
 softmax over the top-K logits (``norm_topk_prob``), the noisy router's softmax of its top K, sigmoid
 scores, Switch's unit gate. A softmax over *all* experts (``topk`` without ``norm_topk_prob``, Switch's
 probability gate) loses the removed experts from its denominator: the card then says the copy is close
-but not exact.
+but not exact -- unless the model routes by task and all of the task's experts are kept, since its
+softmax never counted the others.
 """
 
 from __future__ import annotations
