@@ -83,8 +83,9 @@ def test_exactness_names_the_reason():
 def test_data_specs():
     assert parse_data_specs(["plays=a.txt", "novel=b/"]) == [("plays", "a.txt"), ("novel", "b/")]
     assert parse_data_specs(["corpus/persuasion.txt"]) == [("persuasion", "corpus/persuasion.txt")]
+    assert parse_data_specs(["./a=b.txt"]) == [("a_b", "./a=b.txt")]  # no NAME= before a '/': a plain path
     for specs, message in ((["a=x", "a=y"], "task 'a' is given twice"), (["a="], "no path after '='"),
-                           (["=x"], "task name '' must be"), ([], "give each task's text")):
+                           (["=x"], "task name '' is not valid"), ([], "give each task's text")):
         with pytest.raises(ConfigError, match=message):
             parse_data_specs(specs)
     assert spread_evenly(list(range(10)), 3) == [0, 3, 6]
@@ -265,7 +266,7 @@ def test_paths_refusals_write_nothing(case, moe8, texts, tmp_path, capsys):
     }[case]
     message = {"missing": "data path not found", "empty": "is empty (no text)",
                "dense": "nothing to trace: the model has no experts", "limit": "--limit 0 must be an integer >= 1",
-               "bad name": "task name 'a b' must be"}[case]
+               "bad name": "task name 'a b' is not valid"}[case]
     code, err = run(capsys, "paths", *args, "--out", tmp_path / "out", "--quiet")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

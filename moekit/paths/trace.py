@@ -38,26 +38,29 @@ PATHS_VERSION = 1
 #: Documents (of about 2,000 characters) per task by default: enough for stable shares in a few seconds
 #: per task on 2 cores for the tiny presets.
 DEFAULT_LIMIT = 100
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as moekit train's task names
 
 
 # --------------------------------------------------------------------------- tasks and their text
 def parse_data_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """``--data`` values -> [(task, path)]: ``name=PATH``, or a bare ``PATH`` named by its file or folder
-    name without the extension. Checks the names and that no task comes twice (paths: :func:`read_tasks`)."""
+    """``--data`` values -> [(task, path)]: ``NAME=PATH``, or a bare ``PATH`` named by its file or folder
+    name without the extension (characters a name cannot hold turned into '_'). A value is ``NAME=PATH``
+    when it holds ``=`` and the part before it holds no ``/`` (write ``./a=b.txt`` for a path whose name
+    holds ``=``): the rule of ``moekit train --data``. Checks the names and that no task comes twice (the
+    paths: :func:`read_tasks`)."""
     if not specs:
-        raise ConfigError("give each task's text with --data name=PATH (a .txt/.jsonl file or a folder of them)")
+        raise ConfigError("give each task's text with --data NAME=PATH (a .txt/.jsonl file or a folder of them)")
     out: list[tuple[str, str]] = []
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep:
-            path = spec
-            name = Path(spec.rstrip("/")).name.split(".")[0]
+        if not sep or "/" in name or os.sep in name:
+            # A bare PATH is named after its file or folder, characters a name cannot hold turned into '_'.
+            name, path = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(spec.rstrip("/")).name.split(".")[0])[:64], spec
         if not path:
-            raise ConfigError(f"--data {spec}: no path after '=' (give name=PATH)")
+            raise ConfigError(f"--data {spec}: no path after '=' (give NAME=PATH)")
         if not _NAME.fullmatch(name):
-            raise ConfigError(f"--data {spec}: task name {name!r} must be letters, digits, '_', '.' or '-' "
-                              "(starting with a letter or digit); write --data name=PATH")
+            raise ConfigError(f"--data {spec}: task name {name!r} is not valid: use 1-64 letters, digits, '_', '-' "
+                              "or '.' (write --data NAME=PATH)")
         if name in (n for n, _ in out):
             raise ConfigError(f"task {name!r} is given twice with --data; each task takes one PATH (a folder may "
                               "hold many files)")
