@@ -206,8 +206,10 @@ def test_full_coverage_gives_the_full_models_logits(tmp_path, texts, router, bos
     assert cut.cfg.num_experts == x.num_experts[1] and cut.cfg.router == router
     ids = Engine(full, tok).encode(QUESTION)
     assert (ids[0] == 2) == bos
-    # The BOS's own expert (layer 0, expert 31) is kept though no text token reaches it (save_model).
-    assert 31 in x.kept[0] or not bos
+    if bos:  # the BOS's own expert (layer 0, expert 31: save_model) is kept though no text token reaches it
+        assert 31 in x.bos_experts[0] and 31 in x.kept[0]
+    else:
+        assert x.bos_experts == [[], []]
     torch.testing.assert_close(logits_of(cut, ids), logits_of(full, ids), atol=1e-5, rtol=1e-5)
     if router == "topk":  # Cutting further (top_k experts per layer) changes them: the comparison can fail.
         y = extract(src, tmp_path / "small", "question", per_layer=2, data=texts / "question.txt")

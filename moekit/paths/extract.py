@@ -80,6 +80,7 @@ class Extraction:
     tokens: int | None  # tokens behind the statistics
     layers: list[int]  # MoE block indices
     kept: list[list[int]]  # [L] original ids of the kept experts, ascending
+    bos_experts: list[list[int]]  # [L] experts of the BOS that starts every request, always kept ([] without one)
     held: list[float] | None  # [L] share of the task's assignments the kept experts received (None: no statistics)
     task_routing: tuple[str, str]  # before, after
     num_experts: tuple[int, int]  # before, after
@@ -209,8 +210,10 @@ def _card(cfg: ModelConfig, x: Extraction) -> str:
     routing = x.task_routing[1] + ("" if x.task_routing[0] == x.task_routing[1] else f" (was {x.task_routing[0]})")
     lines = [model_card(cfg).rstrip("\n"), "", "## Extracted path", "",
              f"Extracted by `moekit extract` from `{x.source}` for task **{x.task}**: {what}; statistics: "
-             f"{x.statistics}. The experts a BOS token that starts every request goes to are always kept. Every "
-             "layer keeps the same number of experts; a layer that needs fewer is filled with its next most used ones.",
+             f"{x.statistics}." + (" The experts of the BOS token that starts every request are always kept."
+                                   if any(x.bos_experts) else "")
+             + " Every layer keeps the same number of experts; a layer that needs fewer is filled with its next most "
+             "used ones.",
              "", "| | |", "|---|---|",
              f"| task | {x.task} |",
              f"| task routing | {routing}" + (" (give the task with each request)" if x.task_routing[1] == "embedding"
@@ -313,7 +316,7 @@ def extract(src: str | os.PathLike, dst: str | os.PathLike, task: str, *, covera
     x = Extraction(
         path=dst, source=str(src), task=task, selection=selection,
         coverage=coverage if selection == "coverage" else None, statistics=statistics, tokens=n_tokens,
-        layers=layers, kept=kept,
+        layers=layers, kept=kept, bos_experts=bos,
         held=None if assignments is None else [held_share(row, ids) for row, ids in zip(assignments, kept)],
         task_routing=(mode, task_routing(new.cfg)),
         num_experts=(cfg.num_experts, new.cfg.num_experts), top_k=(cfg.top_k, new.cfg.top_k),
