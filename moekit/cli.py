@@ -758,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, metavar="NAME", help="the task whose experts to keep")
     p.add_argument("--coverage", type=float, default=None, metavar="C",
                    help="keep the experts holding this share of the task's assignments in each layer, in (0, 1] "
-                        "(default 0.95; 1 = every expert the task reaches)")
+                        "(default 0.95; 1 = every expert the task reaches). A task-routed model given no statistics "
+                        "keeps the task's own experts")
     p.add_argument("--experts-per-layer", type=int, default=None, metavar="K",
                    help="keep the K experts per layer with the most of the task's assignments (top_k <= K <= experts)")
     p.add_argument("--data", default=None, metavar="PATH", help="the task's text (.txt, .jsonl or a folder), routed now")
