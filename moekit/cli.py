@@ -75,9 +75,16 @@ def _add_dataclass_flags(group, cls, skip: set[str] = frozenset(), preset: str |
 
 
 def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from moekit.data.tasks import parse_data_flags, parse_task_weights
     from moekit.train.config import MODEL_KEYS, TRAIN_KEYS
 
-    return {k: v for k, v in vars(args).items() if k in MODEL_KEYS or k in TRAIN_KEYS}
+    settings = {k: v for k, v in vars(args).items() if k in MODEL_KEYS or k in TRAIN_KEYS}
+    # parsed here, not by argparse, so that a bad value is one line (argparse adds its usage text)
+    if "data" in settings:
+        settings["data"] = parse_data_flags(settings["data"])
+    if "task_weights" in settings:
+        settings["task_weights"] = parse_task_weights(settings["task_weights"])
+    return settings
 
 
 def _configs(args: argparse.Namespace, default_preset: str):
@@ -143,6 +150,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed_s:.1f} s; "
           f"train loss {result.train_loss:.4f}"
           + (f", val loss {result.val_loss:.4f} ({result.val_bpb:.4f} bits/byte)" if result.val_loss else ""))
+    if result.val_loss_task:
+        print("per task: " + ", ".join(f"{task} {loss:.4f} ({result.val_bpb_task[task]:.4f} bits/byte)"
+                                       for task, loss in result.val_loss_task.items()))
     print(f"run: {result.run_dir}  (metrics.jsonl, plots/, checkpoints/)")
 
 
@@ -199,6 +209,9 @@ def _compare_table(summary: dict) -> str:
         if n > 1 and m["name"] != "dense":
             per = ", ".join("-" if v is None else f"{v:.2f}" for v in m["time_fraction_per_seed"])
             rows.append(f"{'':<{w}} time fraction per seed: {per}")
+        if m.get("final_val_loss_task"):
+            per = ", ".join(f"{task} {_fmt_spread(v, '{:.4f}')}" for task, v in m["final_val_loss_task"].items())
+            rows.append(f"{'':<{w}} val loss per task: {per}")
         if "recovery" in m:
             per = ", ".join(f"s{seed} " + ("-" if v is None else f"{v:.2f}")
                             for seed, v in zip(m["ceiling_seeds"], m["recovery_per_seed"]))
@@ -532,7 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="under torchrun: split each MoE layer's experts over groups of EP processes (EP divides "
                             "the number of processes and of experts; default 1 = plain data parallelism). "
                             "See docs/distributed.md")
-        _add_dataclass_flags(p.add_argument_group("training settings"), TrainConfig)
+        group = p.add_argument_group("training settings")
+        _add_dataclass_flags(group, TrainConfig, skip={"data", "task_weights"})
+        group.add_argument("--data", dest="data", action="append", default=argparse.SUPPRESS, metavar="PATH|NAME=PATH",
+                           help="training text: a .txt / .jsonl file or a folder of them (.jsonl records may carry a "
+                                "\"task\"), or NAME=PATH once per task (default: the embedded Shakespeare corpus)")
+        group.add_argument("--task-weights", dest="task_weights", default=argparse.SUPPRESS, metavar="NAME=W,...",
+                           help="each task's relative share of the batch rows, e.g. code=2,prose=1 (default: "
+                                "proportional to its training tokens)")
         # The model's vocab_size always follows the tokenizer (--vocab-size trains a new one), its tasks the data.
         _add_dataclass_flags(p.add_argument_group("model settings (default: the preset's values)"), ModelConfig,
                              skip={"vocab_size", "tasks"}, preset="tiny-moe")

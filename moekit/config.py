@@ -86,9 +86,10 @@ class ModelConfig:
     tasks: list[str] = field(default_factory=list)  # task names, in id order; empty = no tasks
     task_routing: str = "none"  # none | embedding (a learned task vector added to the router input) | task (own experts)
     # "task" is Task-MoE (Kudugunta et al. 2021): a task's tokens may only go to that task's experts
-    task_experts: dict[str, list[int]] | None = None  # task routing: each task's routed experts, the same in
-    # every MoE layer (sets may overlap; shared experts stay on). None = the experts split evenly into len(tasks)
-    # disjoint contiguous blocks (task_expert_sets()). A task routing with no tasks yet: training fills them in.
+    task_experts: dict[str, list[int]] | None = None  # task routing: {task: [expert ids]}; None = even blocks
+    # Each task's routed experts, the same in every MoE layer (sets may overlap; shared experts stay on). None: the
+    # experts split evenly into len(tasks) disjoint contiguous blocks (task_expert_sets()). A task routing whose
+    # tasks are still empty is valid: training fills them in from the data (as vocab_size follows the tokenizer).
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -380,10 +381,9 @@ def check_field_types(obj: Any) -> None:
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...]:
-    # (containers by their outer type; their items are checked where the field is validated)
-    names = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list[str]": list,
-             "dict[str, list[int]]": dict}
-    return tuple(names[part.strip()] for part in str(annotation).split("|"))
+    # A container ("dict[str, float]") is checked as its container; its owner's validation checks the items.
+    names = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list, "dict": dict}
+    return tuple(names[part.split("[")[0].strip()] for part in str(annotation).split("|"))
 
 
 def _did_you_mean(word: str, choices: Any) -> str:

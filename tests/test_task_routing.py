@@ -295,7 +295,8 @@ def test_engine_refuses_unknown_and_missing_tasks_naming_the_valid_ones():
     with pytest.raises(EngineError, match=r"routes each task to its own experts .* give a task, one of \['prose'"):
         engine.add_request([1, 2], SamplingParams(max_new_tokens=4))
     with pytest.raises(EngineError, match=r"task 'code': this model has no tasks"):
-        Engine(make_model("topk", "none", tasks=[]), max_batch=1).add_request([1, 2], SamplingParams(max_new_tokens=4, task="code"))
+        Engine(make_model("topk", "none", tasks=[]), max_batch=1).add_request([1, 2],
+                                                                              SamplingParams(max_new_tokens=4, task="code"))
     assert not engine.requests and not engine.waiting  # nothing was queued
     # plain routing with task names: a task is accepted and changes nothing
     plain = make_model("topk", "none")

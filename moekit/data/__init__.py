@@ -9,7 +9,9 @@ works offline (the README's "make run" section):
   or train your own offline (:func:`train_tokenizer`);
 - datasets: a user's ``.txt`` / ``.jsonl`` files or folder (:func:`iter_texts`), tokenized once to a
   cached token file (:func:`tokenize_to_file`) and sampled deterministically (:class:`TokenDataset`);
-  :func:`prepare_data` does all of it for the trainer.
+  :func:`prepare_data` does all of it for the trainer;
+- tasks: a corpus per task (``--data NAME=PATH``, or ``"task"`` fields in ``.jsonl`` records), each with
+  its own held-out tail (:func:`prepare_tasks`), mixed into batches row by row (:class:`TaskMixture`).
 
 Every input problem raises :class:`DataError` (a ``ValueError``) with one line naming the file.
 """
@@ -26,6 +28,7 @@ from moekit.data.dataset import (
     tokenize_to_file,
 )
 from moekit.data.errors import DataError
+from moekit.data.tasks import TaskMixture, prepare_tasks
 from moekit.data.tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
@@ -43,6 +46,7 @@ __all__ = [
     "PAD_TOKEN",
     "VAL_PLAYS",
     "DataError",
+    "TaskMixture",
     "TokenDataset",
     "TokenFileInfo",
     "bytes_per_token",
@@ -56,6 +60,7 @@ __all__ = [
     "load_shakespeare",
     "load_tokenizer",
     "prepare_data",
+    "prepare_tasks",
     "read_token_meta",
     "source_fingerprint",
     "tokenize_to_file",

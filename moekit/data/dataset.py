@@ -91,22 +91,38 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda f: f.relative_to(root).parts)
 
 
-def iter_texts(path: str | os.PathLike) -> Iterator[str]:
+def iter_texts(path: str | os.PathLike, task: str | None = None) -> Iterator[str]:
     """Yield the documents at ``path``: a ``.txt`` file, a ``.jsonl`` file, or a folder of them.
 
     A ``.txt`` file is one document (pieces of about ``TXT_PIECE_BYTES`` when larger); a ``.jsonl``
-    file holds one JSON object per line with a ``text`` string (blank lines are skipped). Text must
-    be UTF-8 (a leading byte-order mark is dropped). The path is checked now; each file's content
-    as it is read, raising :class:`DataError` for a file with no text, bytes that are not UTF-8, or
-    a ``.jsonl`` line that is not a JSON object with a ``text`` string.
+    file holds one JSON object per line with a ``text`` string (blank lines are skipped) and
+    optionally a ``task`` string. Text must be UTF-8 (a leading byte-order mark is dropped). The path
+    is checked now; each file's content as it is read, raising :class:`DataError` for a file with no
+    text, bytes that are not UTF-8, or a ``.jsonl`` line that is not a JSON object with a ``text``
+    string. ``task``: only the ``.jsonl`` records of that task (:mod:`moekit.data.tasks`); ``None``
+    yields every document, whatever its task.
     """
     files = list_data_files(path)  # eager: a bad path fails at the call, not at the first next()
 
     def generate() -> Iterator[str]:
         for f in files:
-            yield from (_iter_jsonl(f) if f.suffix.lower() == ".jsonl" else _iter_txt(f))
+            if f.suffix.lower() == ".jsonl":
+                yield from (text for _, label, text in _iter_jsonl(f) if task is None or label == task)
+            elif task is None:  # a .txt file carries no task
+                yield from _iter_txt(f)
 
     return generate()
+
+
+def iter_task_labels(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """``(where, task)`` for each document at ``path``, ``where`` naming the file (and line); ``task`` is
+    the record's ``"task"`` field as is (unchecked), or None (a ``.txt`` file, a record without one).
+    ``.txt`` files are not read: they never carry a task."""
+    for f in list_data_files(path):
+        if f.suffix.lower() == ".jsonl":
+            yield from ((f"{f}, line {lineno}", label) for lineno, label, _ in _iter_jsonl(f))
+        else:
+            yield str(f), None
 
 
 def _decode(data: bytes, file: Path, offset: int) -> str:
@@ -163,7 +179,8 @@ def _iter_txt(file: Path) -> Iterator[str]:
         raise DataError(f"{file} is empty (no text): remove it or add text")
 
 
-def _iter_jsonl(file: Path) -> Iterator[str]:
+def _iter_jsonl(file: Path) -> Iterator[tuple[int, Any, str]]:
+    """``(line number, "task" field or None, text)`` of each record with non-empty text."""
     found_text = False
     offset = 0
     with open(file, "rb") as fh:
@@ -189,7 +206,7 @@ def _iter_jsonl(file: Path) -> Iterator[str]:
                 raise DataError(f'{file}, line {lineno}: "text" is a {type(text).__name__}, not a string: fix the line')
             if text.strip():
                 found_text = True
-                yield text
+                yield lineno, record.get("task"), text  # checked where tasks are used (moekit.data.tasks)
     if not found_text:
         raise DataError(f'{file} has no text (no line with a non-empty "text"): remove it or add records')
 
@@ -519,7 +536,8 @@ def prepare_data(
     A user path (``.txt``, ``.jsonl`` or a folder) trains on all of it except the last ~1% of tokens,
     held out as ``val`` (``None`` when the corpus is under ``MIN_TOKENS_FOR_VAL`` tokens). Cache files
     are named by source and tokenizer hash and rebuilt when the files or the tokenizer change.
-    ``eos_id`` defaults to the tokenizer's end-of-text token.
+    ``eos_id`` defaults to the tokenizer's end-of-text token. Records' ``"task"`` fields are ignored
+    here: :func:`moekit.data.tasks.prepare_tasks` splits a corpus by task.
     """
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)

@@ -27,10 +27,18 @@ import torch
 
 from moekit.checkpoint import find_checkpoints
 from moekit.config import ConfigError, ModelConfig
+from moekit.data.tasks import describe_data
 from moekit.parallel import Parallel
 from moekit.summary import human
 from moekit.train.config import TrainConfig
-from moekit.train.loop import RESUMABLE_CHANGES, RunError, new_run_tokenizer, read_metrics, train
+from moekit.train.loop import (
+    RESUMABLE_CHANGES,
+    RunError,
+    new_run_tokenizer,
+    read_metrics,
+    train,
+    with_data_tasks,
+)
 from moekit.utils import atomic_write_text, data_cache_dir
 
 ALL_ROUTERS = ("topk", "switch", "expert_choice", "sigmoid_bias", "noisy_topk")
@@ -234,17 +242,30 @@ def _run_one(run: Path, name: str, seed: int, cfg: ModelConfig, tcfg: TrainConfi
                  last["tokens"] / max(last["elapsed_s"], 1e-9))
 
 
-def validation_data(tcfg: TrainConfig) -> str:
-    """What the runs are validated on, in words; refuses a ``--data`` corpus with no validation split
-    (every curve is a validation curve), before anything trains. Tokenizes into the data cache, which
-    the runs then read."""
+def validation_data(tcfg: TrainConfig, order: list[str] | None = None) -> tuple[str, list[str]]:
+    """What the runs are validated on, in words, and the data's task names ([] without tasks); refuses a
+    ``--data`` corpus with no validation split (every curve is a validation curve), a task too small to
+    validate on and bad ``--task-weights``, before anything trains. Tokenizes into the data cache, which
+    the runs then read. ``order``: the model config's own task order, if it lists tasks."""
     from moekit.data import prepare_data
     from moekit.data.corpus import list_plays
     from moekit.data.dataset import MIN_TOKENS_FOR_VAL
+    from moekit.data.tasks import check_tasks, mixture_weights, prepare_tasks
 
+    tokenizer = new_run_tokenizer(tcfg)
+    tasks = prepare_tasks(tcfg.data, tokenizer, data_cache_dir(), order=order)
+    if tasks:
+        check_tasks(tasks, tcfg.seq_len)
+        mixture_weights(tasks, tcfg.task_weights)
+        parts = ", ".join(f"{t.name} {t.val.num_tokens:,}" for t in tasks)
+        return (f"the held-out tail of each task ({parts} tokens), held out from training; the overall loss is the "
+                "token-weighted mean over the tasks", [t.name for t in tasks])
+    if tcfg.task_weights is not None:
+        raise ConfigError("--task-weights needs tasks in the data: give --data NAME=PATH once per task, or .jsonl "
+                          'records with a "task" field')
     if tcfg.data is None:
-        return f"the held-out plays of the embedded Shakespeare corpus ({', '.join(list_plays('val'))})"
-    train_ds, val_ds = prepare_data(tcfg.data, new_run_tokenizer(tcfg), data_cache_dir())
+        return f"the held-out plays of the embedded Shakespeare corpus ({', '.join(list_plays('val'))})", []
+    train_ds, val_ds = prepare_data(tcfg.data, tokenizer, data_cache_dir())
     total = train_ds.num_tokens + (val_ds.num_tokens if val_ds is not None else 0)
     if val_ds is None:
         raise ConfigError(f"--data {tcfg.data} holds {total:,} tokens, too few to hold out validation: compare "
@@ -253,7 +274,7 @@ def validation_data(tcfg: TrainConfig) -> str:
         raise ConfigError(f"--data {tcfg.data} holds {total:,} tokens; its held-out tail of {val_ds.num_tokens:,} is "
                           f"shorter than one validation window (--seq-len {tcfg.seq_len} + 1): give more text or "
                           f"a --seq-len under {val_ds.num_tokens}")
-    return f"the last {val_ds.num_tokens:,} tokens of {tcfg.data}, held out from training"
+    return f"the last {val_ds.num_tokens:,} tokens of {tcfg.data}, held out from training", []
 
 
 def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: list[str] | None = None,
@@ -301,13 +322,14 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
     # Seconds are compared, so every run is timed with the same threads (train applies tcfg.threads) and processes.
     timing = {"threads": tcfg.threads or torch.get_num_threads(), "world_size": par.world}
 
-    def check() -> str:
+    def check() -> tuple[str, list[str]]:
+        validation, names = validation_data(tcfg, moe_cfg.tasks or None)
         recorded = _read_timing(out)
-        for run, _, _, cfg, run_cfg in runs:
-            _check_run(run, cfg, run_cfg, timing, recorded)
-        return validation_data(tcfg)
+        for run, _, _, cfg, run_cfg in runs:  # train() gives each model the data's tasks: compare with them
+            _check_run(run, with_data_tasks(cfg, names, False), run_cfg, timing, recorded)
+        return validation, names
 
-    validation = par.main_first(check)  # every refusal before anything trains
+    validation, task_names = par.main_first(check)  # every refusal before anything trains
     created = not out.exists()
     par.main_first(lambda: out.mkdir(parents=True, exist_ok=True))
     curves = []
@@ -323,7 +345,7 @@ def compare(out: str | Path, moe_cfg: ModelConfig, tcfg: TrainConfig, routers: l
     summary = summarize(curves)
     summary["settings"] = {"train": tcfg.to_dict(), "dense_lr": dense_lr if dense_lr is not None else tcfg.lr,
                            "seeds": list(range(tcfg.seed, tcfg.seed + seeds)), "experts": experts,
-                           "validation": validation, **timing}
+                           "validation": validation, "tasks": task_names, **timing}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_compare(out, curves)
     if experts:
@@ -345,9 +367,10 @@ def evaluate_final_models(out: Path, runs: list[tuple], progress: bool, limit: i
     from moekit.eval.run import evaluate
 
     first = min(seed for _, _, seed, _, _ in runs)
-    # expert choice sees later tokens: its scores would not be those of a causal model (see the report)
+    # expert choice sees later tokens: its scores would not be those of a causal model (see the report);
+    # a model routing each task to its own experts cannot score text without a task, as moekit eval does
     paths = [str(run) for run, _, seed, cfg, _ in runs
-             if seed == first and (cfg.num_experts == 0 or cfg.router != "expert_choice")]
+             if seed == first and (cfg.num_experts == 0 or (cfg.router != "expert_choice" and cfg.task_routing != "task"))]
     report = evaluate(paths, limit=limit, progress=progress)
     write_report(report, out / "eval")
     return report["headline"]
@@ -383,11 +406,13 @@ def summarize(curves: list[Curve]) -> dict[str, Any]:
         t_secs = time_to_reach(c.evals, target, "elapsed_s")
         runs.append({
             "name": c.name, "seed": c.seed, "run": str(c.run), "router": c.cfg.router if c.cfg.num_experts else None,
+            "task_routing": c.cfg.task_routing if c.cfg.num_experts else None,
             "num_experts": c.cfg.num_experts, "top_k": c.cfg.top_k if c.cfg.num_experts else None,
             "expert_ffn_dim": c.cfg.expert_ffn_dim if c.cfg.num_experts else None,
             "params_total": total, "params_active": active, "target_val_loss": target,
             "final_val_loss": c.final["val_loss"], "final_val_bpb": c.final["val_bpb"],
             "final_val_loss_se": c.final.get("val_loss_se"),
+            "final_val_loss_task": c.final.get("val_loss_task"), "final_val_bpb_task": c.final.get("val_bpb_task"),
             "tokens": c.final["tokens"], "train_seconds": c.final["elapsed_s"], "tokens_per_s": c.tokens_per_s,
             "step_cost_vs_dense": d.tokens_per_s / c.tokens_per_s,
             "tokens_to_dense_final": t_tokens, "seconds_to_dense_final": t_secs,
@@ -412,6 +437,9 @@ def summarize(curves: list[Curve]) -> dict[str, Any]:
                                      "params_active")}
         row["seeds"] = [r["seed"] for r in rs]
         row["final_val_loss"] = _spread([r["final_val_loss"] for r in rs])
+        for key in ("final_val_loss_task", "final_val_bpb_task"):  # data with tasks: {task: spread over seeds}
+            if rs[0][key]:
+                row[key] = {task: _spread([r[key][task] for r in rs]) for task in rs[0][key]}
         row["tokens_per_s"] = statistics.fmean(r["tokens_per_s"] for r in rs)
         row["step_cost_vs_dense"] = statistics.fmean(r["step_cost_vs_dense"] for r in rs)
         row["reached"] = sum(r["time_fraction"] is not None for r in rs)
@@ -524,7 +552,7 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
     d = summary["dense_final_val_loss"]
     validation = settings.get("validation") or (
         "the held-out plays of the embedded Shakespeare corpus" if tcfg.data is None
-        else f"the held-out tail of {tcfg.data}")
+        else f"the held-out tail of {describe_data(tcfg.data)}")
     timed = f" with {_layout(settings)}" if "threads" in settings and "world_size" in settings else ""
     lines = [
         "# Dense vs sparse: the Switch experiment, measured", "",
@@ -547,6 +575,7 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
             f"{_fmt_spread(m['final_val_loss'], '{:.4f}')} | {m['tokens_per_s']:,.0f} | {m['step_cost_vs_dense']:.2f}x | "
             f"{_fmt_spread(m['token_fraction'])} | **{_fmt_spread(m['time_fraction'])}** | "
             f"{m['reached']}/{len(m['seeds'])} |")
+    lines += per_task_table(summary)
     with_ceiling = [m for m in summary["models"] if "recovery" in m]
     if with_ceiling:
         lines += ["", f"Against the ceiling ({CEILING}: a dense model with the MoE's total parameters, final loss "
@@ -599,6 +628,10 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
         lines += ["NOTE: expert choice routes each batch's tokens per expert across whole sequences, so a token's "
                   "output (and its validation loss) depends on later tokens; its loss is not comparable to a causal "
                   "model's, and it cannot generate text. It is never picked for samples.", ""]
+    if any(r.get("task_routing") == "task" for r in summary["runs"]):
+        lines += ["NOTE: a model with task routing sends each task's tokens to that task's experts only, so it needs a "
+                  "task for every text; `moekit eval` scores text without one, so such models are left out of its "
+                  "evaluation (their per-task losses are above).", ""]
     if summary.get("eval_headline"):
         lines += ["## Evaluation of the final models (`moekit eval`, first seed)", "", summary["eval_headline"], "",
                   "Every figure, with calibration, robustness, efficiency and routing: [eval/report.md](eval/report.md).",
@@ -609,6 +642,22 @@ def render_report(summary: dict[str, Any], tcfg: TrainConfig) -> str:
     return "\n".join(lines)
 
 
+def per_task_table(summary: dict[str, Any]) -> list[str]:
+    """Report lines: each model's final validation loss and bits per byte on each task (data with tasks)."""
+    models = [m for m in summary["models"] if m.get("final_val_loss_task")]
+    if not models:
+        return []
+    tasks = list(models[0]["final_val_loss_task"])
+    lines = ["", "Per task (final validation loss in nats/token / bits per byte; the overall loss above is the "
+             "token-weighted mean over the tasks' held-out parts):", "",
+             "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in models:
+        cells = [f"{_fmt_spread(m['final_val_loss_task'][t], '{:.4f}')} / "
+                 f"{_fmt_spread(m['final_val_bpb_task'][t], '{:.4f}')}" for t in tasks]
+        lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _warmup_text(tcfg: TrainConfig) -> str:
     if tcfg.effective_warmup < tcfg.warmup_steps:
         return f"{tcfg.effective_warmup} steps (capped from {tcfg.warmup_steps} at a tenth of the run)"
@@ -617,8 +666,9 @@ def _warmup_text(tcfg: TrainConfig) -> str:
 
 def sample_candidates(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Runs that can generate text, best validation loss first: MoE runs with a causal router
-    (expert choice sees later tokens; see the report's note), else the dense twin."""
-    causal = [r for r in summary["runs"] if r["router"] and r["router"] != "expert_choice"]
+    (expert choice sees later tokens; see the report's note) that need no task, else the dense twin."""
+    causal = [r for r in summary["runs"] if r["router"] and r["router"] != "expert_choice"
+              and r.get("task_routing") != "task"]
     return sorted(causal or summary["runs"][:1], key=lambda r: r["final_val_loss"])
 
 
@@ -704,4 +754,4 @@ def plot_scaling(out: Path, summary: dict[str, Any]) -> Path:
 
 
 __all__ = ["ALL_ROUTERS", "Curve", "compare", "dense_twin", "model_variants", "router_variant", "summarize",
-           "time_to_reach", "render_report", "sample_candidates", "plot_compare", "plot_scaling"]
+           "time_to_reach", "render_report", "per_task_table", "sample_candidates", "plot_compare", "plot_scaling"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import ConfigError, ModelConfig, _did_you_mean, check_field_types
+from moekit.data.tasks import check_data_setting, check_weights_setting
 from moekit.train.optim import SCHEDULES
 
 
@@ -41,7 +42,8 @@ class TrainConfig:
     save_every: int = 100  # steps between checkpoints (and at the end)
     keep_last: int = 2  # checkpoints kept; older ones are pruned
     log_every: int = 10  # steps between lines in metrics.jsonl
-    data: str | None = None  # .txt / .jsonl / folder; None = the embedded Shakespeare corpus
+    data: str | dict[str, str] | None = None  # .txt/.jsonl/folder, or {task: path} (--data NAME=PATH each); None = Shakespeare
+    task_weights: dict[str, float] | None = None  # each task's relative share of batch rows (a=2,b=1); None = by its tokens
     tokenizer: str | None = None  # tokenizer.json (or a folder with one); None = embedded or trained
     vocab_size: int | None = None  # train a new BPE tokenizer of this size on the training data (the model's vocab follows)
     threads: int | None = None  # torch CPU threads; None = torch's default
@@ -66,6 +68,8 @@ class TrainConfig:
             raise ConfigError("give either tokenizer (load one) or vocab_size (train one), not both")
         if self.vocab_size is not None and self.vocab_size < 260:
             raise ConfigError(f"vocab_size={self.vocab_size} must be >= 260 (256 bytes + special tokens)")
+        check_data_setting(self.data)
+        check_weights_setting(self.task_weights)
 
     @property
     def effective_warmup(self) -> int:

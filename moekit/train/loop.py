@@ -35,7 +35,14 @@ from moekit.checkpoint import (
 from moekit.config import ConfigError, ModelConfig
 from moekit.data import DataError, TokenDataset, decode, load_tokenizer, prepare_data, train_tokenizer
 from moekit.data.corpus import load_shakespeare
-from moekit.data.dataset import iter_texts
+from moekit.data.tasks import (
+    TaskMixture,
+    check_tasks,
+    describe_data,
+    iter_data_texts,
+    mixture_weights,
+    prepare_tasks,
+)
 from moekit.model import Transformer, update_router_biases
 from moekit.model.losses import max_violation
 from moekit.parallel import (
@@ -72,6 +79,8 @@ class TrainResult:
     val_loss: float | None
     val_bpb: float | None
     evals: list[dict[str, Any]] = field(default_factory=list)  # every evaluation of this run
+    val_loss_task: dict[str, float] | None = None  # final validation loss of each task (data with tasks)
+    val_bpb_task: dict[str, float] | None = None
 
 
 def train(out: str | os.PathLike, model_cfg: ModelConfig | None = None, cfg: TrainConfig | None = None, *,
@@ -170,9 +179,11 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
             raise RunError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                            f"{model_cfg.vocab_size}")
         model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.get_vocab_size()})
-    prepare = lambda: prepare_data(cfg.data, tokenizer, data_cache_dir())  # noqa: E731
-    train_ds, val_ds = par.main_first(prepare, then=prepare)  # rank 0 tokenizes into the cache, the others read it
-    val_bytes = _eval_bytes_per_token(val_ds, tokenizer, cfg) if val_ds is not None else None
+    prepare = lambda: _prepare_data(cfg, tokenizer, model_cfg.tasks)  # noqa: E731
+    train_ds, val_sets = par.main_first(prepare, then=prepare)  # rank 0 tokenizes into the cache, the others read it
+    model_cfg = with_data_tasks(model_cfg, train_ds.names, resume)
+    use_tasks = bool(model_cfg.tasks)  # give the model each row's task
+    val_sizes = [_eval_size(ds, tokenizer, cfg) for _, ds in val_sets]  # (bytes, tokens) each evaluation scores
     if not resume and par.is_main:
         atomic_write_text(run / "config.json", json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()},
                                                          indent=2) + "\n")
@@ -181,6 +192,10 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)  # the whole model on every rank, from the same seed: the same init
     if init_model is not None:
+        missing = sorted(set(model.state_dict()) - set(init_model.state_dict()))
+        if missing:  # e.g. task routing needs weights a checkpoint trained without tasks does not have
+            raise RunError(f"--init {init}: the checkpoint has no {missing[0]} ({len(missing)} tensors missing), which "
+                           f"this model with tasks {', '.join(train_ds.names)} needs")
         model.load_state_dict(init_model.state_dict())
         # the checkpoint's end tokens and chat template go on into this run's checkpoints
         model.special_tokens = getattr(init_model, "special_tokens", None)
@@ -221,12 +236,12 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
                 group["lr"] = lr
             step_loss, step_aux, loads = 0.0, 0.0, None
             for micro in range(cfg.grad_accum):
-                # every rank: its rows of the same global batch
-                x, y = par.local_rows(*train_ds.get_batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len,
-                                                          cfg.seed))
+                # every rank: its rows of the same global batch; task_ids [B]: each row's task
+                x, y, task_ids = par.local_rows(*train_ds.get_batch(step * cfg.grad_accum + micro, cfg.batch_size,
+                                                                    cfg.seq_len, cfg.seed))
                 with no_sync(train_model, micro < cfg.grad_accum - 1):  # DDP reduces on the last one
-                    with autocast:
-                        out = train_model(x, labels=y)  # fused linear cross-entropy: no [B, T, V] logits
+                    with autocast:  # fused linear cross-entropy: no [B, T, V] logits
+                        out = _forward(train_model, x, y, task_ids if use_tasks else None)
                     loss = out.loss
                     ((loss + out.aux_loss) / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
@@ -268,15 +283,10 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
                 _append_metrics(run, record)
             if step % cfg.log_every == 0 or is_last:
                 window_loss, window_aux, window_n = 0.0, 0.0, 0
-            if val_ds is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last):
+            if val_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last):
                 t_eval = time.perf_counter()
-                batch_losses: list[float] = []
-                val_loss = evaluate(model, val_ds, cfg, autocast, par, batch_losses)
-                record = {"step": step, "tokens": tokens, "elapsed_s": round(t_eval - t_start, 3), "val_loss": val_loss,
-                          "val_bpb": val_loss / math.log(2) / val_bytes}
-                se = standard_error(batch_losses)
-                if se is not None:  # one process (under torchrun the batches are split over the ranks)
-                    record["val_loss_se"] = se
+                record = {"step": step, "tokens": tokens, "elapsed_s": round(t_eval - t_start, 3),
+                          **_validate(model, val_sets, val_sizes, cfg, autocast, par, use_tasks)}
                 if par.is_main:
                     _append_metrics(run, record)
                 evals.append(record)
@@ -289,7 +299,7 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
                     trainer_state = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "optimizer": optimizer_state,
                                      "rng": _get_rng_state(), "train_config": cfg.to_dict(),
                                      "loss_window": (window_loss, window_aux, window_n)}
-                    card = {"data": cfg.data or "embedded Shakespeare (train split)", "step": step, "tokens": tokens,
+                    card = {"data": describe_data(cfg.data), "step": step, "tokens": tokens,
                             "train_loss": last_loss, "val_loss": evals[-1]["val_loss"] if evals else None,
                             "val_bpb": evals[-1]["val_bpb"] if evals else None, "elapsed_s": elapsed}
                     save_checkpoint(run, step, model, tokenizer, trainer_state, card, cfg.keep_last, state=weights)
@@ -307,14 +317,82 @@ def _train(run: Path, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *,
     par.barrier()  # no rank returns (and reads the run) before rank 0 has written all of it
     final_eval = evals[-1] if evals else {}
     return TrainResult(run, step, tokens, time.perf_counter() - t_start, last_loss, final_eval.get("val_loss"),
-                       final_eval.get("val_bpb"), evals)
+                       final_eval.get("val_bpb"), evals, final_eval.get("val_loss_task"), final_eval.get("val_bpb_task"))
+
+
+def _prepare_data(cfg: TrainConfig, tokenizer, model_tasks: list[str]):
+    """(training batches, [(task name or None, held-out dataset)]): each task its own held-out part, in
+    the model's task order when it has one (else sorted); a corpus without tasks as one unnamed set (none
+    when it is too small to hold one out)."""
+    tasks = prepare_tasks(cfg.data, tokenizer, data_cache_dir(), order=model_tasks or None)
+    if not tasks:
+        if cfg.task_weights is not None:
+            raise ConfigError(f"--task-weights needs tasks in the data, and {describe_data(cfg.data)} has none: give "
+                              '--data NAME=PATH once per task, or .jsonl records with a "task" field')
+        train_ds, val_ds = prepare_data(cfg.data, tokenizer, data_cache_dir())
+        return TaskMixture([train_ds]), ([] if val_ds is None else [(None, val_ds)])
+    check_tasks(tasks, cfg.seq_len)
+    names = [t.name for t in tasks]
+    return (TaskMixture([t.train for t in tasks], mixture_weights(tasks, cfg.task_weights), names),
+            [(t.name, t.val) for t in tasks])
+
+
+def with_data_tasks(model_cfg: ModelConfig, names: list[str], resume: bool) -> ModelConfig:
+    """``model_cfg`` with the data's task names, as its vocabulary follows the tokenizer (the model's own
+    names, when it has them, were matched by :func:`moekit.data.tasks.prepare_tasks`); refuses a task
+    routing with no tasks to route by, and a run trained without tasks whose data now has them."""
+    if model_cfg.tasks != names:
+        if resume:
+            raise RunError(f"the run was trained without tasks, and its data now has tasks ({', '.join(names)}); "
+                           "start a new run to train with them")
+        model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "tasks": names})
+    model_cfg.check_tasks()
+    return model_cfg
+
+
+def _forward(model, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor | None):
+    """The model's output with its loss; ``task_ids`` ([B], each row's task) only for a model with tasks."""
+    if task_ids is None:
+        return model(x, labels=y)
+    return model(x, labels=y, task_ids=task_ids)
+
+
+def _validate(model: Transformer, val_sets: list[tuple[str | None, TokenDataset]], sizes: list[tuple[int, int]],
+              cfg: TrainConfig, autocast, par: Parallel, use_tasks: bool) -> dict[str, Any]:
+    """The evaluation record: ``val_loss``, ``val_bpb`` (and ``val_loss_se``); with tasks, also
+    ``val_loss_task`` and ``val_bpb_task`` ({task: figure}), each task scored on ``eval_batches`` batches
+    of its own held-out part. The overall figures are then the token-weighted means over the tasks:
+    all scored nats over all scored tokens (bytes for bpb), as if the held-out parts were one corpus,
+    so they do not depend on ``task_weights``."""
+    losses, ses = [], []
+    for i, (_, ds) in enumerate(val_sets):
+        batch_losses: list[float] = []
+        losses.append(evaluate(model, ds, cfg, autocast, par, batch_losses, task_id=i if use_tasks else None))
+        ses.append(standard_error(batch_losses))  # None under torchrun: the batches are split over the ranks
+    bpb = [loss / math.log(2) / (n_bytes / max(n_tokens, 1)) for loss, (n_bytes, n_tokens) in zip(losses, sizes)]
+    if val_sets[0][0] is None:  # one corpus without tasks
+        record = {"val_loss": losses[0], "val_bpb": bpb[0]}
+        if ses[0] is not None:
+            record["val_loss_se"] = ses[0]
+        return record
+    n_tokens = sum(n for _, n in sizes)
+    nats = sum(loss * n for loss, (_, n) in zip(losses, sizes))
+    record = {"val_loss": nats / n_tokens, "val_bpb": nats / math.log(2) / sum(b for b, _ in sizes)}
+    if None not in ses:  # the tasks' batches are independent: the weighted mean's variance adds up
+        record["val_loss_se"] = math.sqrt(sum((n / n_tokens * se) ** 2 for se, (_, n) in zip(ses, sizes)))
+    names = [name for name, _ in val_sets]
+    record["val_loss_task"] = dict(zip(names, losses))
+    record["val_bpb_task"] = dict(zip(names, bpb))
+    return record
 
 
 @torch.no_grad()
 def evaluate(model: Transformer, val_ds: TokenDataset, cfg: TrainConfig, autocast=None,
-             parallel: Parallel | None = None, batch_losses: list[float] | None = None) -> float:
+             parallel: Parallel | None = None, batch_losses: list[float] | None = None,
+             task_id: int | None = None) -> float:
     """Mean cross-entropy (nats/token) over the first ``eval_batches`` sequential validation windows.
     ``batch_losses``, when given, receives each batch's mean (for the standard error, :func:`standard_error`).
+    ``task_id``: every window is of that task (given to a model with tasks as ``task_ids``).
 
     With ``parallel`` every rank scores its rows of each batch (a short last batch is padded with
     ignored rows so that each rank runs every forward, as expert parallelism needs) and the sums are
@@ -327,8 +405,9 @@ def evaluate(model: Transformer, val_ds: TokenDataset, cfg: TrainConfig, autocas
     for x, y in val_ds.iter_eval_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches):
         if par.distributed:
             x, y = par.local_rows(*_pad_rows(x, y, par.world))
+        task_ids = None if task_id is None else torch.full((x.shape[0],), task_id, dtype=torch.long)
         with autocast or torch.autocast("cpu", enabled=False):
-            loss = model(x, labels=y).loss
+            loss = _forward(model, x, y, task_ids).loss
         n = int((y != -100).sum())
         if n:  # a rank holding only padding rows has a NaN mean over nothing
             total += loss.item() * n
@@ -453,19 +532,25 @@ def new_run_tokenizer(cfg: TrainConfig, init_tokenizer=None):
     if init_tokenizer is not None and cfg.tokenizer is None and cfg.vocab_size is None:
         return init_tokenizer
     if cfg.vocab_size is not None:
-        texts = iter_texts(cfg.data) if cfg.data else iter([load_shakespeare("train")])
+        texts = iter_data_texts(cfg.data) if cfg.data else iter([load_shakespeare("train")])
         return train_tokenizer(texts, cfg.vocab_size)
     return load_tokenizer(cfg.tokenizer)
 
 
 def _eval_bytes_per_token(val_ds: TokenDataset, tokenizer, cfg: TrainConfig) -> float:
     """UTF-8 bytes per predicted token over exactly the windows :func:`evaluate` scores (for bpb)."""
+    n_bytes, n_tokens = _eval_size(val_ds, tokenizer, cfg)
+    return n_bytes / max(n_tokens, 1)
+
+
+def _eval_size(val_ds: TokenDataset, tokenizer, cfg: TrainConfig) -> tuple[int, int]:
+    """(UTF-8 bytes, tokens) predicted over exactly the windows :func:`evaluate` scores (for bpb)."""
     n_bytes, n_tokens = 0, 0
     for _, y in val_ds.iter_eval_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches):
         for row in y.tolist():
             n_bytes += len(decode(tokenizer, row).encode("utf-8"))
             n_tokens += len(row)
-    return n_bytes / max(n_tokens, 1)
+    return n_bytes, n_tokens
 
 
 def _get_rng_state() -> dict[str, Any]:
