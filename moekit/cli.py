@@ -480,6 +480,35 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"\nreport: {files[1]}  (report.json; plots: {', '.join(f.name for f in files[2:]) or 'none'})")
 
 
+def _cmd_paths(args: argparse.Namespace) -> None:
+    from moekit.paths.report import headline, write_paths
+    from moekit.paths.trace import trace_paths
+    from moekit.utils import tune_cpu_allocator
+
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file: give a directory for paths.json, paths.md and the heatmaps")
+    tune_cpu_allocator()
+    result = trace_paths(args.checkpoint, args.data, limit=args.limit, seed=args.seed, progress=not args.quiet)
+    print(textwrap.fill(headline(result), width=110, break_on_hyphens=False))
+    if args.out is not None:
+        files = write_paths(result, args.out)
+        print(f"\nreport: {files[1]}  (paths.json; heatmaps: {', '.join(f.name for f in files[2:])})")
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    from moekit.paths.extract import extract
+    from moekit.utils import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    x = extract(args.src, args.dst, args.task, coverage=args.coverage, per_layer=args.experts_per_layer,
+                data=args.data, paths_file=args.paths, limit=args.limit, seed=args.seed, overwrite=args.overwrite)
+    held = "its own experts" if x.held is None else f"at least {min(x.held):.1%} of its assignments in every layer"
+    print(f"wrote {x.path}: task {x.task!r}, {x.num_experts[1]} of {x.num_experts[0]} experts per layer "
+          f"(top-{x.top_k[1]}), holding {held}; expert parameters "
+          f"{x.expert_params[0]:,} -> {x.expert_params[1]:,}, total {x.params[0]:,} -> {x.params[1]:,}")
+    print(f"{'exact' if x.exact else 'not exact'} on the task's text: {x.why}")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -694,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_cmd_upcycle)
     from moekit.eval.run import ALL_TASKS, DEFAULT_LM_LIMIT, DEFAULT_MC_LIMIT
+    from moekit.paths.trace import DEFAULT_LIMIT as DEFAULT_PATHS_LIMIT
 
     p = sub.add_parser("eval", help="evaluate models side by side: language modelling, multiple choice, calibration, "
                                     "robustness, efficiency, routing",
@@ -717,6 +747,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's choice; 1 is faster for tiny models on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("paths", help="which experts serve each task, and how much of the network each task uses",
+                       description="Route each task's text through the inference engine and report, per task and MoE "
+                                   "layer, each expert's share of the (token, expert) assignments and the smallest "
+                                   "expert sets covering 90/95/99% of them; heatmaps per layer. Works on any MoE "
+                                   "checkpoint, with or without task labels. Example: moekit paths CKPT --data "
+                                   "plays=plays.txt --data code=src/ --out paths/. Keys: docs/pathways.md.")
+    p.add_argument("checkpoint", metavar="CKPT", help="MoE model: moekit/run directory, Hugging Face directory or .gguf")
+    p.add_argument("--data", action="append", required=True, metavar="NAME=PATH",
+                   help="a task and its text (.txt, .jsonl or a folder of them); repeat for each task (a bare PATH is "
+                        "named after its file or folder). A task-aware model must know NAME")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write paths.json, paths.md and the heatmaps into DIR (default: print the summary only)")
+    p.add_argument("--limit", type=int, default=DEFAULT_PATHS_LIMIT, metavar="N",
+                   help=f"documents (pieces of ~2,000 characters, spread through the text) per task (default "
+                        f"{DEFAULT_PATHS_LIMIT})")
+    p.add_argument("--seed", type=int, default=0, help="request seed (prefill only: nothing is sampled; default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_paths)
+
+    p = sub.add_parser("extract", help="a smaller checkpoint holding only one task's experts",
+                       description="Keep, in every MoE layer, the experts that serve a task (from its routing "
+                                   "statistics: --data its text, or --paths a paths.json), with the router cut to "
+                                   "them. The result is an ordinary checkpoint (load, generate, eval, quantize, serve, "
+                                   "convert). At --coverage 1 it gives the full model's logits on that text. "
+                                   "Example: moekit extract CKPT plays-path --task plays --data plays.txt --coverage 0.95")
+    p.add_argument("src", metavar="CKPT", help="MoE model: moekit/run directory, Hugging Face directory or .gguf")
+    p.add_argument("dst", metavar="DST", help="output moekit checkpoint directory")
+    p.add_argument("--task", required=True, metavar="NAME", help="the task whose experts to keep")
+    p.add_argument("--coverage", type=float, default=None, metavar="C",
+                   help="keep the experts holding this share of the task's assignments in each layer, in (0, 1] "
+                        "(default 0.95; 1 = every expert the task reaches). A task-routed model given no statistics "
+                        "keeps the task's own experts")
+    p.add_argument("--experts-per-layer", type=int, default=None, metavar="K",
+                   help="keep the K experts per layer with the most of the task's assignments (top_k <= K <= experts)")
+    p.add_argument("--data", default=None, metavar="PATH", help="the task's text (.txt, .jsonl or a folder), routed now")
+    p.add_argument("--paths", default=None, metavar="FILE", help="the task's statistics from a paths.json (moekit paths)")
+    p.add_argument("--limit", type=int, default=DEFAULT_PATHS_LIMIT, metavar="N",
+                   help=f"with --data: documents of ~2,000 characters to route (default {DEFAULT_PATHS_LIMIT})")
+    p.add_argument("--seed", type=int, default=0, help="request seed (prefill only; default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_cmd_extract)
 
     # Parsed by the harness, not here (main() hands everything after the verb over untouched); this entry
     # puts it in `moekit --help`.

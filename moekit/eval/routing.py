@@ -228,6 +228,61 @@ class _EntropyProbe:
         return probed
 
 
+def moe_layers(cfg) -> list[int]:
+    """Indices of the MoE blocks of a model with config ``cfg``."""
+    return [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+
+
+def check_texts(tokenizer, texts_by_kind) -> None:
+    """The routing views need a tokenizer and ``{kind: [text, ...]}``; ValueError otherwise."""
+    if tokenizer is None:
+        raise ValueError("routing analysis needs the model's tokenizer to encode the passages; this model has none")
+    if not isinstance(texts_by_kind, dict) or not all(isinstance(t, str) for ts in texts_by_kind.values() for t in ts):
+        raise ValueError("texts_by_kind must map each kind's name to a list of strings")
+
+
+def routing_engine(model, tokenizer, context: int | None = None):
+    """The engine the routing views prefill through: 16 requests in flight, windows of at most
+    :data:`MAX_WINDOW` tokens and ``context`` (default: the model's ``max_seq_len``; a run's trained
+    context, :func:`moekit.eval.score.trained_context`) -- its ``max_len`` -- prefilled four at a time."""
+    from moekit.infer.engine import Engine
+
+    window = min(model.cfg.max_seq_len, MAX_WINDOW, context or model.cfg.max_seq_len)
+    return Engine(model, tokenizer, max_batch=16, max_len=window, prefill_chunk=4 * window)
+
+
+def routing_windows(engine, texts_by_kind: dict[str, list[str]]) -> list[tuple[str, list[int], int]]:
+    """Every passage of every kind as requests of at most ``engine.max_len`` tokens: ``(kind, token ids,
+    leading rows to leave out)``, the rows left out being a BOS the engine puts before a passage (in its
+    first window only). A window that would hold nothing but that BOS is dropped."""
+    window, chunks = engine.max_len, []
+    for kind, texts in texts_by_kind.items():
+        for text in texts:
+            ids = engine.encode(text)
+            prefix = len(ids) - len(engine.tokenizer.encode(text, add_special_tokens=False).ids)  # 1 with BOS
+            for start in range(0, len(ids), window):
+                chunk, skip = ids[start:start + window], prefix if start == 0 else 0
+                if len(chunk) > skip:
+                    chunks.append((kind, chunk, skip))
+    return chunks
+
+
+def count_assignments(chunks: Sequence[tuple[str, list[int], int]], completions, kinds, n_layers: int,
+                      num_experts: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """({kind: [L, E] (token, expert) assignments}, {kind: text tokens}) from the engine's routing record
+    of each of :func:`routing_windows`' requests (``completions`` in the same order), the leading BOS
+    rows left out. Every kind of ``kinds`` is in both dicts, with zeros when it got no window."""
+    counts = {kind: np.zeros((n_layers, num_experts), dtype=np.int64) for kind in kinds}
+    tokens = dict.fromkeys(kinds, 0)
+    for (kind, _, skip), done in zip(chunks, completions, strict=True):
+        fed = done.routing[skip:]
+        ids_TLK = np.array([[ids_K for ids_K, _ in per_layer] for per_layer in fed], dtype=np.int64)
+        for j in range(n_layers):
+            counts[kind][j] += np.bincount(ids_TLK[:, j].ravel(), minlength=num_experts)
+        tokens[kind] += len(fed)
+    return counts, tokens
+
+
 def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int = 0,
             pairs: Sequence[tuple[str, str]] | None = None, context: int | None = None) -> dict | None:
     """Route every passage of every kind through the engine and summarise; None for a dense model.
@@ -251,34 +306,20 @@ def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int 
     ``context``: the longest window (default: the model's ``max_seq_len``; ``moekit eval`` gives a run's
     trained context, :func:`moekit.eval.score.trained_context`).
     """
-    from moekit.infer.engine import Engine, SamplingParams
+    from moekit.infer.engine import SamplingParams
 
     cfg = model.cfg
     if not cfg.num_experts:
         return None
-    if tokenizer is None:
-        raise ValueError("routing analysis needs the model's tokenizer to encode the passages; this model has none")
-    if not isinstance(texts_by_kind, dict) or not all(isinstance(t, str) for ts in texts_by_kind.values() for t in ts):
-        raise ValueError("texts_by_kind must map each kind's name to a list of strings")
-    layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+    check_texts(tokenizer, texts_by_kind)
+    layers = moe_layers(cfg)
     E = cfg.num_experts
-    window = min(cfg.max_seq_len, MAX_WINDOW, context or cfg.max_seq_len)
     # Many requests in flight (continuous batching); the probe sums the entropy of every row it sees. A
     # prepended BOS is the first row of its request's first window: with no context, its hidden state, and
     # so its entropy, is the same in every request, measured once alone and subtracted per request.
-    engine = Engine(model, tokenizer, max_batch=16, max_len=window, prefill_chunk=4 * window)
+    engine = routing_engine(model, tokenizer, context)
     params = SamplingParams(max_new_tokens=0, temperature=0.0, seed=seed, routing=True)
-    counts = {kind: np.zeros((len(layers), E), dtype=np.int64) for kind in texts_by_kind}
-    tokens = dict.fromkeys(texts_by_kind, 0)
-    chunks: list[tuple[str, list[int], int]] = []  # (kind, token ids, leading BOS rows to leave out)
-    for kind, texts in texts_by_kind.items():
-        for text in texts:
-            ids = engine.encode(text)
-            prefix = len(ids) - len(tokenizer.encode(text, add_special_tokens=False).ids)  # 1 with BOS
-            for start in range(0, len(ids), window):
-                chunk, skip = ids[start:start + window], prefix if start == 0 else 0
-                if len(chunk) > skip:
-                    chunks.append((kind, chunk, skip))
+    chunks = routing_windows(engine, texts_by_kind)
     routers = [model.layers[i].ffn.router for i in layers]
     bos_entropy = [0.0] * len(layers)
     n_bos = sum(skip for _, _, skip in chunks)
@@ -288,12 +329,7 @@ def analyse(model, tokenizer, texts_by_kind: dict[str, list[str]], *, seed: int 
         bos_entropy = [t / n for t, n in zip(probe.total, probe.tokens)]
     with _EntropyProbe(routers) as probe:
         completions = engine.generate([chunk for _, chunk, _ in chunks], params)
-    for (kind, _, skip), done in zip(chunks, completions):
-        fed = done.routing[skip:]
-        ids_TLK = np.array([[ids_K for ids_K, _ in per_layer] for per_layer in fed], dtype=np.int64)
-        for j in range(len(layers)):
-            counts[kind][j] += np.bincount(ids_TLK[:, j].ravel(), minlength=E)
-        tokens[kind] += len(fed)
+    counts, tokens = count_assignments(chunks, completions, texts_by_kind, len(layers), E)
     entropy = [(t - n_bos * b) / (n - n_bos) if n > n_bos else 0.0
                for t, n, b in zip(probe.total, probe.tokens, bos_entropy)]
     present = [k for k in texts_by_kind if tokens[k]]
