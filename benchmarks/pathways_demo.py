@@ -97,9 +97,8 @@ def costs(path: Path, task: str | None) -> dict:
     from moekit.eval.efficiency import measure
 
     model, tok = load(path)
-    if task is not None and model.cfg.tasks:  # the full model decodes with its task (engine default: none)
-        model.default_task = task
-    fig = measure(model, tok, prompt_tokens=64, decode_tokens=48)
+    fig = measure(model, tok, prompt_tokens=64, decode_tokens=48,
+                  task=task if task is not None and model.cfg.tasks else None)
     cfg = model.cfg
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers)) if cfg.num_experts else 0
     experts = n_moe * cfg.num_experts * 3 * cfg.dim * cfg.expert_ffn_dim if cfg.num_experts else \

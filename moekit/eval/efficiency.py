@@ -124,7 +124,8 @@ def peak_rss() -> int:
 
 
 # --------------------------------------------------------------------------- the measurement
-def measure(model, tokenizer, *, seed: int = 0, prompt_tokens: int = 128, decode_tokens: int = 32) -> dict:
+def measure(model, tokenizer, *, seed: int = 0, prompt_tokens: int = 128, decode_tokens: int = 32,
+            task: str | None = None) -> dict:
     """Cost of running ``model`` on this machine: parameters, FLOPs/token, prefill and decode tokens/s
     through the engine, peak resident memory during the measurement, and how the weights are held.
 
@@ -153,7 +154,8 @@ def measure(model, tokenizer, *, seed: int = 0, prompt_tokens: int = 128, decode
                     prefill_chunk=prompt_tokens)
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, cfg.vocab_size, (prompt_tokens,), generator=g).tolist()
-    params = SamplingParams(max_new_tokens=decode_tokens + 1, temperature=0.0, seed=seed, stop_ids=())
+    # ``task``: a task-aware model (issue 20) is measured on one of its tasks' paths
+    params = SamplingParams(max_new_tokens=decode_tokens + 1, temperature=0.0, seed=seed, stop_ids=(), task=task)
     _timed_run(engine, prompt, params)  # warm-up
     runs = [_timed_run(engine, prompt, params) for _ in range(REPEATS)]
     total, active = cfg.param_counts()
