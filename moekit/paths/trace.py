@@ -227,7 +227,7 @@ def trace_paths(checkpoint: str | os.PathLike, data: Sequence[str], *, limit: in
         bar = tqdm(desc="paths", unit="window", file=sys.stderr)
     try:
         counts, tokens, lead = route_tasks(model, tokenizer, texts, seed=seed, context=trained_context(checkpoint),
-                                           progress=bar.update if bar else None)
+                                           progress=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
