@@ -141,7 +141,8 @@ def main() -> None:
             moekit("extract", str(moe_dir), str(path_dir), "--task", t)
         dense_dir = out / f"dense-{t}"
         steps = max(1, round(args.steps * share[t]))  # the task's tokens in the MoE's run
-        dense_cfg = {**body, "num_experts": 0, "ffn_dim": 4 * 64}  # the path's four experts of 64, as one FFN
+        # the path's four experts of 64, as one FFN; the vocabulary follows the MoE's tokenizer
+        dense_cfg = {**{k: v for k, v in body.items() if k != "vocab_size"}, "num_experts": 0, "ffn_dim": 4 * 64}
         dfile = out / f"dense-{t}.json"
         dfile.write_text(json.dumps({**dense_cfg, **{k: v for k, v in train.items() if k != "vocab_size"},
                                      "max_steps": steps, "save_every": steps, "eval_every": max(1, steps // 5)}))
