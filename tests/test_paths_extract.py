@@ -366,3 +366,12 @@ def test_an_embedding_routed_path_keeps_its_task_vector(texts, tmp_path):
         want = full(torch.tensor([ids]), task_ids=torch.tensor([1])).logits
         torch.testing.assert_close(cut(torch.tensor([ids]), task_ids=torch.tensor([0])).logits, want,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_paths_with_its_progress_bar_gives_the_quiet_figures(moe8, texts, capsys):
+    """The progress bar (on unless --quiet) is shown on stderr and changes nothing (a bar with no total
+    has no truth value: asking for one crashed the command)."""
+    specs = [f"plays={texts / 'plays.txt'}", f"austen={texts / 'austen.jsonl'}"]
+    loud, quiet = trace_paths(moe8, specs, progress=True), trace_paths(moe8, specs, progress=False)
+    assert loud["tasks"]["plays"]["assignments"] == quiet["tasks"]["plays"]["assignments"]
+    assert "paths:" in capsys.readouterr().err
