@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load_checkpoint import _status_bytes  # noqa: E402 - /proc/self/status fields, shared with that benchmark
+from moekit.utils import proc_status_bytes  # noqa: E402 - /proc/self/status fields
 
 DEFAULT = Path(os.environ.get("MOEKIT_TEST_CACHE", Path.home() / ".cache" / "moekit-tests")) / \
     "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,12 +47,12 @@ def child(path: str, tokens: int, quantized: bool) -> dict:
     # fork + exec it can still hold the parent's high-water mark (a pytest parent is ~0.5 GB).
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_bytes("VmRSS")
+    base = proc_status_bytes("VmRSS")
     model, tok = moekit.load(path, quantized=quantized)
-    loaded_peak, loaded = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    loaded_peak, loaded = proc_status_bytes("VmHWM"), proc_status_bytes("VmRSS")
     text = generate(model, tok, "The capital of France is", max_new_tokens=tokens, temperature=0)
     size = Path(path).stat().st_size
-    peak, after = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    peak, after = proc_status_bytes("VmHWM"), proc_status_bytes("VmRSS")
     return {"file_bytes": size, "base_bytes": base, "load_peak_bytes": loaded_peak - base,
             "loaded_bytes": loaded - base, "peak_bytes": peak - base, "after_bytes": after - base,
             "peak_over_file": (peak - base) / size, "after_over_file": (after - base) / size,

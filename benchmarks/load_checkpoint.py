@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.utils import proc_status_bytes
+
 SHARD_BYTES = 1 << 30  # at most 1 GiB per shard, like the hub's large checkpoints
 LOADERS = ("moekit load_hf", "transformers from_pretrained")
 
@@ -135,7 +137,7 @@ def child(loader: str, directory: str, dtype_name: str) -> None:
         def load():
             return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     _reset_peak_rss()
-    base, base_anon = _current_rss(), _status_bytes("RssAnon")
+    base, base_anon = _current_rss(), proc_status_bytes("RssAnon")
     t0 = time.perf_counter()
     model = load()
     seconds = time.perf_counter() - t0
@@ -151,21 +153,11 @@ def child(loader: str, directory: str, dtype_name: str) -> None:
     touch_seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "touch_seconds": touch_seconds, "base_bytes": base,
                       "peak_bytes": peak, "rss_after_bytes": rss_after, "peak_touched_bytes": _peak_rss(),
-                      "rss_touched_bytes": _current_rss(), "anon_touched_bytes": _status_bytes("RssAnon"),
+                      "rss_touched_bytes": _current_rss(), "anon_touched_bytes": proc_status_bytes("RssAnon"),
                       "base_anon_bytes": base_anon, "parameters": sum(p.numel() for p in params),
                       "dtypes": sorted({str(p.dtype) for p in params})}))
 
 
-def _status_bytes(field: str) -> int:
-    """A size field of ``/proc/self/status`` (e.g. ``RssAnon``: private memory, not file pages); 0 elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _peak_rss() -> int:
@@ -175,7 +167,7 @@ def _peak_rss() -> int:
     memory's high-water mark in the process's rusage), which inflated the children's figures here;
     ``VmHWM`` belongs to the new image alone and can be reset (below).
     """
-    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return proc_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _reset_peak_rss() -> None:

@@ -145,3 +145,16 @@ def _libc():
     import ctypes.util
 
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def proc_status_bytes(field: str) -> int:
+    """A size field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``, ``RssAnon``), bytes; 0 where there
+    is none (not Linux, or an older kernel)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -34,6 +34,7 @@ import time
 import torch
 
 from moekit.config import ModelConfig
+from moekit.utils import proc_status_bytes
 
 #: Timed runs after the warm-up; the median of each rate is reported.
 REPEATS = 3
@@ -94,16 +95,6 @@ def weights_kind(model) -> str:
 
 
 # --------------------------------------------------------------------------- memory (Linux /proc)
-def _status_bytes(field: str) -> int:
-    """A size field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``), bytes; 0 where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def reset_peak_rss() -> bool:
@@ -120,7 +111,7 @@ def reset_peak_rss() -> bool:
 def peak_rss() -> int:
     """Peak resident set size of this process, bytes: ``VmHWM`` on Linux, else ``ru_maxrss``."""
     # NOTE: ru_maxrss is KiB on Linux but bytes on macOS; it is only the fallback off Linux.
-    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return proc_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # --------------------------------------------------------------------------- the measurement
