@@ -2,8 +2,9 @@
 
 Endpoints: ``GET /health`` (503 once the engine thread is gone), ``GET /metrics`` (Prometheus text),
 ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true`` as
-SSE ending in ``data: [DONE]``). Every error is OpenAI-shaped -- ``{"error": {"message", "type",
-"param", "code"}}`` -- and declared in ``/openapi.json``: 4xx for what the client can fix (429 with
+SSE ending in ``data: [DONE]``), and moekit's own ``POST /v1/moekit/route`` (the experts of each
+token, :mod:`moekit.serve.serving_route`) and ``GET /v1/moekit/info``. Every error is OpenAI-shaped --
+``{"error": {"message", "type", "param", "code"}}`` -- and declared in ``/openapi.json``: 4xx for what the client can fix (429 with
 ``Retry-After`` when the server is full), 5xx for faults (the detail goes to the server's log, not to
 the client). With an API key every endpoint but ``/health`` needs ``Authorization: Bearer KEY``; CORS
 preflights are answered before the key is checked, so a page on an allowed origin can call the server.
@@ -36,11 +37,13 @@ from moekit.serve.protocol import (
     ChatRequest,
     CompletionRequest,
     ErrorResponse,
+    RouteRequest,
     error_responses,
     narrow_schema,
 )
 from moekit.serve.serving_chat import ChatServing
 from moekit.serve.serving_completion import CompletionServing
+from moekit.serve.serving_route import RouteServing
 
 log = logging.getLogger("moekit.serve")
 
@@ -66,7 +69,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     completion = CompletionServing(engine, lambda: app.state.client, metrics, model_name)
     chat = ChatServing(engine, lambda: app.state.client, metrics, model_name)
     completion.retry_after_s = chat.retry_after_s = retry_after_s
-    app.state.serving = {"completions": completion, "chat": chat}
+    route = RouteServing(completion)
+    app.state.serving = {"completions": completion, "chat": chat, "route": route}
 
     # Middleware, inner to outer: the guard (auth, body size, counting, 500s), then CORS outermost, so
     # that preflights never need the key and every answer, a 401 included, carries the CORS headers.
@@ -118,6 +122,21 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     @app.post("/v1/chat/completions", responses=answers)
     async def chat_completions(body: ChatRequest, request: Request):
         return await chat.create(body, request)
+
+    @app.post("/v1/moekit/route", responses=error_responses(400, 401, 404, 413, 429, 500, 503))
+    async def moekit_route(body: RouteRequest, request: Request):
+        """Per prompt token: its id, its text and each MoE layer's expert ids and gate weights; per layer
+        the tokens each expert got."""
+        return await route.create(body, request)
+
+    @app.get("/v1/moekit/info", responses=error_responses(401))
+    async def moekit_info():
+        """What the page needs to know about the served model: its experts, MoE layers and tasks."""
+        cfg = engine.model.cfg
+        return {"model": model_name, "max_len": engine.max_len, "num_experts": cfg.num_experts,
+                "top_k": cfg.top_k if cfg.num_experts else 0, "moe_layers": route.moe_layers(),
+                "tasks": list(cfg.tasks or []),
+                "task_required": bool(cfg.num_experts) and cfg.task_routing == "task"}
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -255,3 +255,11 @@ class ChatRequest(_Common):
     response_format: ResponseFormat | None = None
     modalities: list[Literal["text"]] | None = None
     audio: None = None
+
+
+class RouteRequest(_Strict):
+    """``POST /v1/moekit/route``: which experts each token of ``prompt`` goes to (moekit's own endpoint)."""
+
+    prompt: str | Annotated[list[TokenId], Field(min_length=1)]
+    task: str | None = None  # as in completions: one of the model's tasks, for task-aware routing
+    model: str | None = None  # optional; when given it must name the served model
