@@ -200,7 +200,7 @@ def validation_error(e: RequestValidationError) -> APIError:
         return APIError(400, f"the body is not valid JSON: {err.get('msg')}", code="invalid_json")
     # a union's failed branch names itself in the location (str, list[int]...): keep the field's path
     roles = ("system", "developer", "user", "assistant", "tool", "function")
-    loc = [x for x in loc if not x.startswith(("str", "list[", "function-", "int", "float", "bool", "dict["))
+    loc = [x for x in loc if not x.startswith(("str", "constrained-", "list[", "function-", "int", "float", "bool", "dict["))
            and x not in ("TextPart",) and not (x in roles and "messages" in loc)] or loc
     param = ".".join(loc) or None
     if err.get("type") == "union_tag_invalid" and "messages" in loc:
