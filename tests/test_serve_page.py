@@ -2,6 +2,8 @@
 (no key) while the data stays behind it, every asset they reference served, nothing from another origin."""
 
 import re
+import shutil
+import subprocess
 
 import pytest
 from serve_util import InProcessServer
@@ -81,3 +83,10 @@ def test_no_asset_refers_to_another_origin():
         text = f.read_text()
         assert not re.search(r"https?://", text), f.name
         assert "@import" not in text and "url(" not in text, f.name  # CSS fetches nothing either
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (a syntax check of the page's scripts)")
+def test_the_scripts_parse():
+    for f in sorted(STATIC.glob("*.js")):
+        out = subprocess.run(["node", "--check", str(f)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (f.name, out.stderr)

@@ -104,6 +104,7 @@ def test_info(server, loaded):
     ({"prompt": [5, 99999999]}, "prompt", "99999999"),
     ({"prompt": [-1]}, "prompt", "prompt: "),
     ({"prompt": []}, "prompt", "prompt: "),
+    ({"prompt": ""}, "prompt", "at least 1 character"),
     ({"prompt": [True]}, "prompt", "prompt: "),
     ({"prompt": "hi", "task": "code"}, "task", "has no tasks"),
     ({"prompt": "hi", "temperature": 1}, "temperature", "Unrecognized request argument"),
