@@ -410,6 +410,23 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                           timeout_graceful_shutdown=10)).run()
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from moekit.serve import create_dashboard_app
+    except ImportError as e:
+        raise ConfigError(f"moekit dashboard needs the serve extra (pip install 'moekit[serve]'): {e}") from None
+    if not Path(args.run).is_dir():
+        raise ConfigError(f"{args.run} is not a directory: give a run directory (with metrics.jsonl) or a "
+                          "`moekit compare` output directory")
+    if args.port < 1:
+        raise ConfigError(f"--port {args.port} must be >= 1")
+    app = create_dashboard_app(args.run)
+    print(f"dashboard of {args.run} on http://{args.host}:{args.port}/ (read-only)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def _cmd_info(args: argparse.Namespace) -> None:
     from moekit.convert.inspect import format_info, inspect_checkpoint
 
@@ -644,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) on a checkpoint",
                        description="Serve CHECKPOINT over an OpenAI-compatible API: /v1/models, /v1/completions, "
-                                   "/v1/chat/completions (stream: true = server-sent events), /health, /metrics.")
+                                   "/v1/chat/completions (stream: true = server-sent events), /health, /metrics, "
+                                   "/v1/moekit/route and a chat and routing page at /.")
     p.add_argument("checkpoint", help="moekit checkpoint or run directory, Hugging Face directory or .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -664,6 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: the cores less one, left to the HTTP side; at least 1)")
     offload_flags(p)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("dashboard", help="a live page of a training run or compare directory (loss, aux loss, expert "
+                                         "load, tokens/s, lr)",
+                       description="Serve a read-only dashboard of RUN_OR_COMPARE_DIR at http://HOST:PORT/: it polls "
+                                   "the runs' metrics.jsonl every 2 s, so it follows a run that is still training.")
+    p.add_argument("run", metavar="RUN_OR_COMPARE_DIR", help="a run directory or a `moekit compare` output directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8001, help="port (default 8001)")
+    p.set_defaults(func=_cmd_dashboard)
 
     p = sub.add_parser("info", help="what is inside a checkpoint (moekit, Hugging Face or GGUF), without loading it")
     p.add_argument("path", metavar="PATH", help="checkpoint directory, run directory, Hugging Face directory or .gguf")

@@ -241,6 +241,20 @@ def test_prompt_only_requests_for_scoring():
     assert events[0].finished and events[0].token_id is None and len(events[0].prompt_logprobs) == 4
 
 
+def test_routing_events_carry_every_prefill_chunk():
+    """A caller reading events (the server) gets the routing of every fed token, in order, not only the
+    last chunk's: a prompt of 7 in chunks of 3 is three events, their routing the whole record."""
+    model = model_for("topk")
+    prompt = torch.randint(0, VOCAB, (7,)).tolist()
+    engine = Engine(model, prefill_chunk=3)
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=0, routing=True))
+    events = []
+    while engine.has_work():
+        events += [e for e in engine.step() if e.request_id == rid]
+    assert [len(e.routing) for e in events] == [3, 3, 1] and [e.finished for e in events] == [False, False, True]
+    assert [r for e in events for r in e.routing] == engine.request(rid).routing
+
+
 def test_routing_record_is_what_the_router_chose():
     model = model_for("topk")
     prompt = torch.randint(0, VOCAB, (7,)).tolist()

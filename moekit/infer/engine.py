@@ -9,7 +9,8 @@ used). The contract:
   once, so a bad request fails before anything is printed; :meth:`Engine.cancel` drops one.
 - :meth:`Engine.step` advances every live request by one token and prefills waiting prompts in chunks
   of at most ``prefill_chunk`` tokens, so a long prompt never stalls the others; it returns
-  :class:`Event` s (request id, token id, text piece, log-probability, routing, finished + why).
+  :class:`Event` s (request id, token id, text piece, log-probability, routing, finished + why); a
+  routing request also gets an event (no token) for each prefill chunk but its last, with that chunk's routing.
 - :attr:`Engine.stats` counts running batch size, queue, tokens in and out, and (expert offloading,
   :mod:`moekit.infer.offload`) the expert cache's hits, misses and bytes read.
 
@@ -420,6 +421,8 @@ class Engine:
             if chunk_fed is not None:
                 req.routing += chunk_fed
             if req.prefilled < len(req.prompt_ids):
+                if chunk_fed is not None:  # a routing request hears of every chunk it fed, not only the last
+                    events.append(Event(req.id, None, "", routing=chunk_fed))
                 continue
             if req.params.max_new_tokens == 0:
                 self._finish(req, "length")

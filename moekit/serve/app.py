@@ -2,10 +2,12 @@
 
 Endpoints: ``GET /health`` (503 once the engine thread is gone), ``GET /metrics`` (Prometheus text),
 ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true`` as
-SSE ending in ``data: [DONE]``). Every error is OpenAI-shaped -- ``{"error": {"message", "type",
-"param", "code"}}`` -- and declared in ``/openapi.json``: 4xx for what the client can fix (429 with
-``Retry-After`` when the server is full), 5xx for faults (the detail goes to the server's log, not to
-the client). With an API key every endpoint but ``/health`` needs ``Authorization: Bearer KEY``; CORS
+SSE ending in ``data: [DONE]``), and moekit's own ``POST /v1/moekit/route`` (the experts of each
+token, :mod:`moekit.serve.serving_route`) and ``GET /v1/moekit/info``. Every error is OpenAI-shaped --
+``{"error": {"message", "type", "param", "code"}}`` -- and declared in ``/openapi.json``: 4xx for what
+the client can fix (429 with ``Retry-After`` when the server is full), 5xx for faults (the detail goes to
+the server's log, not to the client). With an API key every endpoint but ``/health`` and the page
+(``/``, ``/static/...``: :mod:`moekit.serve.page`) needs ``Authorization: Bearer KEY``; CORS
 preflights are answered before the key is checked, so a page on an allowed origin can call the server.
 
 This file wires things together; the wire format is :mod:`moekit.serve.protocol`, the requests are
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import threading
 import time
 
@@ -30,17 +33,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moekit.infer import Engine
 from moekit.serve.engine_client import EngineClient
 from moekit.serve.metrics import Metrics
+from moekit.serve.page import PUBLIC_PATHS, PUBLIC_PREFIXES, add_page
 from moekit.serve.protocol import (
     UNSUPPORTED,
     APIError,
     ChatRequest,
     CompletionRequest,
     ErrorResponse,
+    RouteRequest,
     error_responses,
     narrow_schema,
 )
+from moekit.serve.runs import runs_router
 from moekit.serve.serving_chat import ChatServing
 from moekit.serve.serving_completion import CompletionServing
+from moekit.serve.serving_route import RouteServing
 
 log = logging.getLogger("moekit.serve")
 
@@ -48,7 +55,7 @@ _STREAM = {"text/event-stream": {"schema": {"type": "object", "properties": {"da
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               cors_origins: list[str] | None = None, retry_after_s: int = 1) -> FastAPI:
+               cors_origins: list[str] | None = None, retry_after_s: int = 1, page: bool = True) -> FastAPI:
     """The ASGI app. It starts the engine thread on startup and fails running requests on shutdown
     (call :func:`begin_shutdown` when the shutdown starts, so that they fail at once)."""
     metrics = Metrics(engine)
@@ -66,7 +73,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     completion = CompletionServing(engine, lambda: app.state.client, metrics, model_name)
     chat = ChatServing(engine, lambda: app.state.client, metrics, model_name)
     completion.retry_after_s = chat.retry_after_s = retry_after_s
-    app.state.serving = {"completions": completion, "chat": chat}
+    route = RouteServing(completion)
+    app.state.serving = {"completions": completion, "chat": chat, "route": route}
 
     # Middleware, inner to outer: the guard (auth, body size, counting, 500s), then CORS outermost, so
     # that preflights never need the key and every answer, a 401 included, carries the CORS headers.
@@ -76,18 +84,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return _error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError):
-        return _error_response(validation_error(e))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(e.status_code, str(e.detail), type_, headers=dict(e.headers or {})))
+    install_error_handlers(app)
 
     @app.get("/health", responses={**error_responses(503), 200: {"description": "the engine thread is running"}})
     async def health():
@@ -119,6 +116,21 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def chat_completions(body: ChatRequest, request: Request):
         return await chat.create(body, request)
 
+    @app.post("/v1/moekit/route", responses=error_responses(400, 401, 404, 413, 429, 500, 503))
+    async def moekit_route(body: RouteRequest, request: Request):
+        """Per prompt token: its id, its text and each MoE layer's expert ids and gate weights; per layer
+        the tokens each expert got."""
+        return await route.create(body, request)
+
+    @app.get("/v1/moekit/info", responses=error_responses(401))
+    async def moekit_info():
+        """What the page needs to know about the served model: its experts, MoE layers and tasks."""
+        cfg = engine.model.cfg
+        return {"model": model_name, "max_len": engine.max_len, "num_experts": cfg.num_experts,
+                "top_k": cfg.top_k if cfg.num_experts else 0, "moe_layers": route.moe_layers(),
+                "tasks": list(cfg.tasks or []),
+                "task_required": bool(cfg.num_experts) and cfg.task_routing == "task"}
+
     def openapi() -> dict:
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
@@ -133,7 +145,36 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         return app.openapi_schema
 
     app.openapi = openapi
+    if page:
+        add_page(app, "index.html")
     return app
+
+
+def create_dashboard_app(root: str | os.PathLike) -> FastAPI:
+    """The dashboard of the run or ``moekit compare`` directory ``root``: its page and the read-only
+    runs endpoints (:mod:`moekit.serve.runs`); no model, no key (it binds to loopback by default)."""
+    app = FastAPI(title="moekit dashboard", version="1", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.include_router(runs_router(root))
+    add_page(app, "dashboard.html")
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error OpenAI-shaped: APIError, a body that fails validation (400), an unknown path (404)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        return _error_response(validation_error(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(e.status_code, str(e.detail), type_, headers=dict(e.headers or {})))
 
 
 def begin_shutdown(app: FastAPI) -> None:
@@ -159,7 +200,7 @@ def validation_error(e: RequestValidationError) -> APIError:
         return APIError(400, f"the body is not valid JSON: {err.get('msg')}", code="invalid_json")
     # a union's failed branch names itself in the location (str, list[int]...): keep the field's path
     roles = ("system", "developer", "user", "assistant", "tool", "function")
-    loc = [x for x in loc if not x.startswith(("str", "list[", "function-", "int", "float", "bool", "dict["))
+    loc = [x for x in loc if not x.startswith(("str", "constrained-", "list[", "function-", "int", "float", "bool", "dict["))
            and x not in ("TextPart",) and not (x in roles and "messages" in loc)] or loc
     param = ".".join(loc) or None
     if err.get("type") == "union_tag_invalid" and "messages" in loc:
@@ -219,7 +260,9 @@ class _Guard:
 
     def _refuse(self, scope) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key is not None and scope["path"] != "/health":
+        path = scope["path"]
+        public = path == "/health" or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)  # the page holds no data
+        if self.api_key is not None and not public:
             auth = headers.get("authorization", "")
             token = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -235,4 +278,4 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-__all__ = ["ErrorResponse", "begin_shutdown", "create_app", "validation_error"]
+__all__ = ["ErrorResponse", "begin_shutdown", "create_app", "create_dashboard_app", "validation_error"]

@@ -76,11 +76,17 @@ def narrow_schema(schema: dict[str, Any], model_name: str, max_len: int, max_cho
     as many prompts as it can hold, ``logit_bias`` keys that are token ids of its
     vocabulary, and a ``task`` among the model's ``tasks`` (none without tasks; required when
     ``task_required``) (client generators and schemathesis read it)."""
-    for name in ("CompletionRequest", "ChatRequest"):
+    for name in ("CompletionRequest", "ChatRequest", "RouteRequest"):
         request = schema.get("components", {}).get("schemas", {}).get(name, {})
         props = request.get("properties", {})
         if "model" in props:
-            props["model"] = {**props["model"], "enum": [model_name]}
+            model = props["model"]
+            if "anyOf" in model:  # optional (the route endpoint): the name or null
+                model = {k: v for k, v in model.items() if k != "anyOf"}
+                model["anyOf"] = [{"type": "string", "enum": [model_name]}, {"type": "null"}]
+            else:
+                model = {**model, "enum": [model_name]}
+            props["model"] = model
         if "task" in props:
             branches = [{"type": "string", "enum": list(tasks)}] if tasks else []
             task = {k: v for k, v in props["task"].items() if k not in ("anyOf", "default")}
@@ -100,6 +106,8 @@ def narrow_schema(schema: dict[str, Any], model_name: str, max_len: int, max_cho
                     branch["maximum"] = max_len - (min_chat_prompt if name == "ChatRequest" else 1)
         for branch in props.get("prompt", {}).get("anyOf", []):
             if branch.get("type") == "array":
+                if name == "RouteRequest":  # one prompt of token ids, within the context
+                    branch["maxItems"] = max_len
                 if max_choices is not None and branch.get("items", {}).get("type") != "integer":
                     branch["maxItems"] = max_choices
                 items = branch.get("items", {})
@@ -255,3 +263,11 @@ class ChatRequest(_Common):
     response_format: ResponseFormat | None = None
     modalities: list[Literal["text"]] | None = None
     audio: None = None
+
+
+class RouteRequest(_Strict):
+    """``POST /v1/moekit/route``: which experts each token of ``prompt`` goes to (moekit's own endpoint)."""
+
+    prompt: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+    task: str | None = None  # as in completions: one of the model's tasks, for task-aware routing
+    model: str | None = None  # optional; when given it must name the served model
