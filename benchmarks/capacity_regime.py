@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from sparsity_study import step_seconds  # the same timed step as that study's (this folder is on sys.path)
 
 from moekit.config import PRESETS, ModelConfig
-from moekit.model import Transformer
 from moekit.train.compare import CEILING, dense_ceiling, dense_twin
-from moekit.train.optim import build_optimizer
 from moekit.utils import tune_cpu_allocator
 
 # Common to every row: the main job's body and schedule (micro-moe: width 64, 2 layers, sigmoid_bias
@@ -74,25 +72,6 @@ def model_configs(name: str) -> dict[str, ModelConfig]:
         kw[mapping[flag]] = int(value)
     moe = ModelConfig(**kw)
     return {"dense": dense_twin(moe), CEILING: dense_ceiling(moe), "moe": moe}
-
-
-def step_seconds(cfg: ModelConfig, steps: int = 30, batch: int = 16, seq: int = 128) -> float:
-    torch.manual_seed(0)
-    m = Transformer(cfg)
-    opt = build_optimizer(m, 1e-3, 0.1, (0.9, 0.95))
-    x = torch.randint(0, cfg.vocab_size, (batch, seq))
-    y = torch.randint(0, cfg.vocab_size, (batch, seq))
-    times = []
-    for i in range(steps + 10):
-        t = time.perf_counter()
-        out = m(x, labels=y)
-        (out.loss + out.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= 10:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def fmt(v, pattern="{:.2f}"):
@@ -179,7 +158,7 @@ def main() -> None:
         tune_cpu_allocator()
         torch.set_num_threads(2)
         for n in names:
-            costs[n] = {k: step_seconds(c) for k, c in model_configs(n).items()}
+            costs[n] = {k: step_seconds(c, steps=30) for k, c in model_configs(n).items()}
     rows = ["| config | flags | steps | MoE params total / active | dense | dense-total | MoE | "
             "dense-total token fraction | MoE token fraction | recovery | MoE token fraction vs dense-total | "
             "step cost MoE / dense-total |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
