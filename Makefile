@@ -38,7 +38,10 @@ $(LLAMA_STAMP): $(STAMP)
 		|| echo "warning: llama-cpp-python did not build; the llama.cpp test will be skipped"
 	touch $(LLAMA_STAMP)
 
+# The page tests (tests/test_browser.py) drive headless Chromium; without it they skip, and this says so.
 test: $(STAMP) $(LLAMA_STAMP)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || test -n "$$MOEKIT_CHROMIUM" \
+		|| echo "note: no Chromium, so the page tests will skip: sudo apt-get install -y chromium"
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -38,24 +38,24 @@ def test_a_run_that_is_still_training_shows_its_new_records(tmp_path):
     s = InProcessServer(create_dashboard_app(run))
     try:
         status, body = _get(s, "/v1/moekit/runs")
-        assert status == 200 and [r["name"] for r in body["data"]] == ["."]
-        status, page = _get(s, "/v1/moekit/runs/./metrics")  # no metrics yet: empty, not an error
+        assert status == 200 and [r["name"] for r in body["data"]] == ["run"]
+        status, page = _get(s, "/v1/moekit/runs/run/metrics")  # no metrics yet: empty, not an error
         assert status == 200 and page["records"] == [] and page["offset"] == 0
         _append(run, {"step": 10, "tokens": 100, "train_loss": 5.0}, tail='{"step": 20, "tok')  # a line half written
-        _, page = _get(s, "/v1/moekit/runs/./metrics?offset=0")
+        _, page = _get(s, "/v1/moekit/runs/run/metrics?offset=0")
         assert [r["step"] for r in page["records"]] == [10]
         offset = page["offset"]
         with open(run / "metrics.jsonl", "a") as f:  # the trainer finishes the line and writes another
             f.write('ens": 200, "train_loss": 4.0}\n' + json.dumps({"step": 20, "tokens": 200, "val_loss": 4.1}) + "\n")
         before = _snapshot(run)
-        _, page = _get(s, f"/v1/moekit/runs/./metrics?offset={offset}")
+        _, page = _get(s, f"/v1/moekit/runs/run/metrics?offset={offset}")
         assert [(r["step"], "val_loss" in r) for r in page["records"]] == [(20, False), (20, True)]
-        _, again = _get(s, f"/v1/moekit/runs/./metrics?offset={page['offset']}")
+        _, again = _get(s, f"/v1/moekit/runs/run/metrics?offset={page['offset']}")
         assert again["records"] == [] and again["offset"] == page["offset"]
         assert _snapshot(run) == before  # read-only
         # a resumed run rewrites a shorter log: the page is told to start again
         (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens": 100, "train_loss": 5.0}) + "\n")
-        _, page = _get(s, f"/v1/moekit/runs/./metrics?offset={page['offset']}")
+        _, page = _get(s, f"/v1/moekit/runs/run/metrics?offset={page['offset']}")
         assert page["reset"] is True and [r["step"] for r in page["records"]] == [10]
     finally:
         assert s.stop()

@@ -36,7 +36,7 @@ def dashboard(tmp_path_factory):
 
 
 def _assets(html: str) -> list[str]:
-    return re.findall(r'(?:src|href)="([^"]+)"', html)
+    return [a for a in re.findall(r'(?:src|href)="([^"]+)"', html) if not a.startswith("data:")]  # inline: no request
 
 
 @pytest.mark.parametrize("which, page, script", [("server", "index.html", "/static/app.js"),

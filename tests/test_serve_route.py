@@ -96,6 +96,7 @@ def test_info(server, loaded):
     cfg = loaded[0].cfg
     assert status == 200
     assert info["num_experts"] == cfg.num_experts and info["tasks"] == [] and info["task_required"] is False
+    assert info["task_routing"] == "none" and info["task_experts"] is None
     assert info["max_len"] == 128
 
 

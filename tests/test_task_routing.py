@@ -374,6 +374,10 @@ def test_server_takes_a_task_in_completion_and_chat_requests(task_ckpt):
             assert err["message"] == "task 'poems' is not one of this model's tasks ['plays', 'code']"
             status, body, _ = server.raw("POST", path, {k: v for k, v in req.items() if k != "task"})
             assert status == 400 and "give a task, one of ['plays', 'code']" in json.loads(body)["error"]["message"]
+        info = json.loads(server.raw("GET", "/v1/moekit/info")[1])  # what the page shows per task
+        assert info["tasks"] == ["plays", "code"] and info["task_required"] is True
+        assert info["task_routing"] == "task" and info["task_experts"] == model.cfg.task_expert_sets()
+        assert sorted(info["task_experts"]["plays"] + info["task_experts"]["code"]) == list(range(model.cfg.num_experts))
         # /openapi.json says so (schemathesis and client generators read it)
         schemas = json.loads(server.raw("GET", "/openapi.json")[1])["components"]["schemas"]
         for name in ("CompletionRequest", "ChatRequest"):

@@ -126,10 +126,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def moekit_info():
         """What the page needs to know about the served model: its experts, MoE layers and tasks."""
         cfg = engine.model.cfg
+        task_required = bool(cfg.num_experts) and cfg.task_routing == "task"
         return {"model": model_name, "max_len": engine.max_len, "num_experts": cfg.num_experts,
                 "top_k": cfg.top_k if cfg.num_experts else 0, "moe_layers": route.moe_layers(),
-                "tasks": list(cfg.tasks or []),
-                "task_required": bool(cfg.num_experts) and cfg.task_routing == "task"}
+                "tasks": list(cfg.tasks or []), "task_routing": cfg.task_routing if cfg.num_experts else "none",
+                "task_required": task_required,
+                "task_experts": cfg.task_expert_sets() if task_required and cfg.tasks else None}
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -32,11 +32,12 @@ def is_run(path: Path) -> bool:
 
 
 def find_runs(root: Path) -> dict[str, Path]:
-    """Run name (its path below ``root``, "." for the root itself) -> its directory, sorted by name.
+    """Run name (its path below ``root``; the directory's own name when ``root`` is itself a run, since a
+    "." would vanish from a URL) -> its directory, sorted by name.
     Directories that resolve outside ``root`` (a symlink out) are left out."""
     root = root.resolve()
     if is_run(root):
-        return {".": root}
+        return {root.name or "run": root}
     found: dict[str, Path] = {}
     for depth in ("*", "*/*"):
         for d in sorted(root.glob(depth)):
@@ -50,7 +51,7 @@ def find_runs(root: Path) -> dict[str, Path]:
 def describe(name: str) -> dict[str, Any]:
     """A run's name with the model and seed a compare directory's name carries (None when it carries none)."""
     m = _NAME.match(Path(name).name)
-    return {"name": name, "model": m["model"] if m else Path(name).name if name != "." else "run",
+    return {"name": name, "model": m["model"] if m else Path(name).name,
             "seed": int(m["seed"]) if m else None}
 
 

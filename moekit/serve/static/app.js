@@ -4,7 +4,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, info: null, messages: [], controller: null, route: null, selected: null };
+const state = { model: null, info: null, messages: [], controller: null, route: null, selected: null,
+  routeText: "", taskRoutes: {} };
 
 // ---------------------------------------------------------------- requests
 function headers() {
@@ -44,6 +45,8 @@ async function connect() {
     select.replaceChildren();
     if (!state.info.task_required) select.append(new Option("(none)", ""));
     for (const t of tasks) select.append(new Option(t, t));
+    state.taskRoutes = {};
+    showTasks();
     status(state.info.num_experts ? `${state.info.num_experts} experts, top-${state.info.top_k}, ` +
       `${state.info.moe_layers.length} MoE layers` : "a dense model: no routing to show");
   } catch (e) {
@@ -141,13 +144,19 @@ function stop() {
 }
 
 // ---------------------------------------------------------------- routing
-async function route(text) {
+async function postRoute(text, task) {
   const body = { prompt: text };
-  if ($("task").value) body.task = $("task").value;
+  if (task) body.task = task;
+  const resp = await fetch("/v1/moekit/route", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (!resp.ok) throw new Error(await errorText(resp));
+  return resp.json();
+}
+
+async function route(text) {
   try {
-    const resp = await fetch("/v1/moekit/route", { method: "POST", headers: headers(), body: JSON.stringify(body) });
-    if (!resp.ok) throw new Error(await errorText(resp));
-    state.route = await resp.json();
+    state.route = await postRoute(text, $("task").value);
+    state.routeText = text;
+    state.taskRoutes = {};
     state.selected = null;
     const select = $("layer");
     select.replaceChildren();
@@ -181,6 +190,7 @@ function draw() {
   });
   drawBars(li);
   drawHeatmap();
+  drawTasks();
   if (state.selected !== null) detail(state.selected);
 }
 
@@ -241,6 +251,63 @@ function drawHeatmap() {
   });
 }
 
+// ---------------------------------------------------------------- experts per task (models trained with tasks)
+function showTasks() {
+  const info = state.info;
+  const tasks = (info && info.num_experts && info.tasks) || [];
+  $("tasks-view").hidden = tasks.length === 0;
+  if (!tasks.length) return;
+  $("tasks-note").textContent = info.task_routing === "task"
+    ? "Each task routes only to its own experts (outlined); shading: the share of the task's assignments when the text is routed under it."
+    : `Routing is shared (task routing: ${info.task_routing}); shading: the share of each task's assignments when the text is routed under it.`;
+  drawTasks();
+}
+
+async function routeTasks() {
+  const text = state.routeText || $("prompt").value;
+  if (!text) { status("route some text first"); return; }
+  try {
+    const out = {};
+    for (const task of state.info.tasks) out[task] = await postRoute(text, task);
+    state.taskRoutes = out;
+    if (!state.route) await route(text);
+    drawTasks();
+  } catch (e) {
+    status(e.message);
+  }
+}
+
+function drawTasks() {
+  const info = state.info;
+  if (!info || !info.num_experts || !(info.tasks || []).length) return;
+  const li = Number($("layer").value || 0);
+  const E = info.num_experts;
+  const table = $("task-table");
+  table.replaceChildren();
+  table.style.gridTemplateColumns = `6em repeat(${E}, 1fr)`;
+  table.append(Object.assign(document.createElement("span"), { className: "head", textContent: "" }));
+  for (let e = 0; e < E; e++) table.append(Object.assign(document.createElement("span"), { className: "head", textContent: String(e) }));
+  for (const task of info.tasks) {
+    table.append(Object.assign(document.createElement("span"), { className: "head", textContent: task }));
+    const own = info.task_experts ? new Set(info.task_experts[task]) : null;
+    const r = state.taskRoutes[task];
+    const load = r ? r.load[li] : null;
+    const total = load ? load.reduce((a, b) => a + b, 0) || 1 : 1;
+    for (let e = 0; e < E; e++) {
+      const cell = document.createElement("span");
+      cell.className = "cell" + (own && own.has(e) ? " own" : "");
+      cell.dataset.task = task;
+      cell.dataset.expert = String(e);
+      const share = load ? load[e] / total : 0;
+      cell.dataset.share = share.toFixed(4);
+      cell.style.backgroundColor = `rgba(40, 90, 200, ${Math.min(1, share * E / 2)})`;
+      cell.title = `${task}, expert ${e}` + (own ? (own.has(e) ? " (its own)" : " (another task's)") : "") +
+        (load ? `: ${load[e]} (${(100 * share).toFixed(1)}%)` : "");
+      table.append(cell);
+    }
+  }
+}
+
 function selectToken(event) {
   const span = event.target.closest(".tok");
   if (!span) return;
@@ -263,6 +330,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("route-answer").addEventListener("click", () => route(state.messages.map((m) => m.content).join("\n")));
   $("route-prompt").addEventListener("click", () => route($("prompt").value));
   $("layer").addEventListener("change", draw);
+  $("route-tasks").addEventListener("click", routeTasks);
   $("tokens").addEventListener("mouseover", selectToken);
   $("tokens").addEventListener("click", selectToken);
   $("tokens").addEventListener("focusin", selectToken);

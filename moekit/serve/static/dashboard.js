@@ -83,6 +83,9 @@ function plot(canvas, lines, style) {
   const w = canvas.width, h = canvas.height, pad = 50;
   ctx.clearRect(0, 0, w, h);
   const all = lines.flatMap((l) => l.points);
+  // what is drawn, for scripts and tests: the point count and the lines that have any
+  canvas.dataset.points = String(all.length);
+  canvas.dataset.lines = lines.filter((l) => l.points.length).map((l) => l.name).join("|");
   ctx.fillStyle = "#777";
   ctx.font = "20px system-ui, sans-serif";
   if (!all.length) { ctx.fillText("no data yet", pad, h / 2); return; }
@@ -132,6 +135,7 @@ function draw() {
   legend.replaceChildren();
   for (const [name, s] of style) {
     const item = document.createElement("span");
+    item.dataset.run = name;
     const swatch = document.createElement("span");
     swatch.className = "swatch";
     swatch.style.backgroundColor = s.colour;
