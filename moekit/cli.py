@@ -399,7 +399,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(engine, name, api_key=api_key, cors_origins=args.cors_origin or None)
     print(f"serving {args.checkpoint} as {name!r} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, queue {args.max_queue}, {threads} torch thread{'s' if threads > 1 else ''}"
-          f"{', API key required' if api_key else ''})", file=sys.stderr)
+          f"{', API key required' if api_key else ''}); the page: http://{args.host}:{args.port}/", file=sys.stderr)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # requests in flight fail now (503), not after the graceful timeout
