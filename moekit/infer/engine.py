@@ -232,10 +232,13 @@ class Engine:
 
     ``offload`` (default: ``model.expert_offload``, set by :func:`moekit.infer.offload.load_offloaded`)
     keeps only some experts resident; ``stats.offload`` then counts the expert cache.
+
+    ``native``: decode on the native kernels (:mod:`moekit.native`); None (default) where they are built.
     """
 
     def __init__(self, model, tokenizer: Tokenizer | None = None, *, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 512, max_queue: int | None = None, offload: ExpertOffload | None = None):
+                 prefill_chunk: int = 512, max_queue: int | None = None, offload: ExpertOffload | None = None,
+                 native: bool | None = None):
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EngineError(f"{name}={value!r} must be an integer >= 1")
@@ -243,7 +246,7 @@ class Engine:
             raise EngineError(f"max_queue={max_queue!r} must be an integer >= 0, or None for no limit")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len = max_len or model.cfg.max_seq_len
-        self.runner = Runner(model, max_batch, self.max_len)
+        self.runner = Runner(model, max_batch, self.max_len, native=native)
         self.device = model.norm.weight.device
         self.special = special_tokens_of(model, tokenizer)
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue

@@ -40,6 +40,7 @@ from moekit.config import ModelConfig
 from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, apply_rope, rope_frequencies
 from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
+from moekit import native as _native
 from moekit.quant import QuantizedLinear, QuantizedWeight, head_logits, linear, quantized_weights
 from moekit.utils import release_free_memory
 
@@ -226,6 +227,36 @@ def _signature(model: nn.Module) -> list:
     return sig
 
 
+# --------------------------------------------------------------------------- projections
+class _Lin:
+    """One projection ``x @ w.T + b``: the PyTorch reference (:func:`moekit.quant.linear`), or, with the
+    native kernels (:mod:`moekit.native`), those for the few rows of a decode step (up to
+    ``native.MAX_ROWS``), and for a quantized weight's longer chunks (prefill) one dequantization to
+    float32 and a float32 GEMM, which beats the per-row kernels there."""
+
+    def __init__(self, weight, bias: torch.Tensor | None, native: bool):
+        self.weight, self.bias = weight, bias
+        self.nw = _native.native_weight(weight) if native else None
+        if self.nw is not None and bias is not None and bias.dtype != torch.float32:
+            self.nw = None
+        self.bias_c = None if bias is None else bias.detach().contiguous()
+        self.quantized = isinstance(weight, QuantizedWeight)
+
+    @classmethod
+    def of(cls, module: nn.Module, native: bool) -> _Lin:
+        weight = module.qweight if isinstance(module, QuantizedLinear) else module.weight.detach()
+        return cls(weight, module.bias, native)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nw is not None and x.dtype == torch.float32:
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] <= _native.MAX_ROWS:
+                return self.nw.linear(x2, self.bias_c).view(*x.shape[:-1], self.nw.shape[0])
+            if self.quantized:
+                return F.linear(x, self.nw.dequantize(), self.bias_c)
+        return linear(x, self.weight, self.bias)
+
+
 # --------------------------------------------------------------------------- attention
 class _AttnPlan:
     """One grouped-query attention layer: q/k/v as one matmul over the fused weight (the model's own
@@ -239,11 +270,13 @@ class _AttnPlan:
 
     mla = False
 
-    def __init__(self, attn: Attention, norm: RMSNorm):
+    def __init__(self, attn: Attention, norm: RMSNorm, native: bool = False):
         self.attn, self.norm = attn, norm
         self.H, self.G, self.Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
         fused = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         self.w_qkv, self.b_qkv = (None, None) if fused is None else fused
+        self.qkv = None if fused is None else _Lin(self.w_qkv, self.b_qkv, native)
+        self.o_proj = _Lin.of(attn.o_proj, native)
         self.norm_weight = norm.weight.detach()
         self.q_norm = self.k_norm = None
         if attn.qk_norm is not None:
@@ -256,7 +289,7 @@ class _AttnPlan:
         H, G, Dh = self.H, self.G, self.Dh
         h = F.rms_norm(x_BTD, (x_BTD.shape[-1],), self.norm_weight, self.norm.eps)
         if self.w_qkv is not None:
-            qkv = linear(h, self.w_qkv, self.b_qkv)
+            qkv = self.qkv(h)
             q, k, v = qkv.split([H * Dh, G * Dh, G * Dh], dim=-1)
         else:
             q, k, v = self.attn.q_proj(h), self.attn.k_proj(h), self.attn.v_proj(h)
@@ -274,7 +307,7 @@ class _AttnPlan:
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def out(self, y_BTX: torch.Tensor) -> torch.Tensor:
-        return self.attn.o_proj(y_BTX)
+        return self.o_proj(y_BTX)
 
 
 def _rotate(x_BTHD: torch.Tensor, freqs_T1C: torch.Tensor) -> torch.Tensor:
@@ -304,8 +337,8 @@ class _LatentPlan:
 
     mla = True
 
-    def __init__(self, attn: LatentAttention, norm: RMSNorm):
-        self.attn, self.norm = attn, norm
+    def __init__(self, attn: LatentAttention, norm: RMSNorm, native: bool = False):
+        self.attn, self.norm = attn, norm  # (its projections run on the PyTorch path)
         self._w_uv = None  # this call's W_UV [H, Dv, R], set by project
 
     def _absorbed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,18 +378,20 @@ class _MLPPlan:
     """A dense SwiGLU MLP with gate and up fused into one [2F, D] matmul (the model's gate and up
     weights are its row blocks)."""
 
-    def __init__(self, mlp: MLP):
+    def __init__(self, mlp: MLP, native: bool = False):
         self.mlp = mlp
         fused = _fuse([mlp.gate_proj, mlp.up_proj])
         self.w_gate_up = None if fused is None else fused[0]
         self.w_down = _detach(mlp.down_proj.weight)
+        self.gate_up = None if fused is None else _Lin(self.w_gate_up, None, native)
+        self.down = _Lin(self.w_down, None, native)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w_gate_up is None:
+        if self.gate_up is None:
             g, u = self.mlp.gate_proj(x), self.mlp.up_proj(x)
         else:
-            g, u = linear(x, self.w_gate_up).chunk(2, dim=-1)
-        return linear(F.silu(g).mul_(u), self.w_down)
+            g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(g).mul_(u))
 
 
 def _swiglu(x: torch.Tensor, w1_2FD, w2_DF) -> torch.Tensor:
@@ -380,14 +415,20 @@ class _MoEPlan:
     """Router + the chosen experts, one expert at a time (the same arithmetic for every batch size and
     wherever the weights live, so offloaded and resident experts give bit-identical outputs)."""
 
-    def __init__(self, moe: MoE):
+    def __init__(self, moe: MoE, native: bool = False):
         self.moe = moe
         self.router = moe.router
         self.num_experts = moe.experts.num_experts
         w1, w2 = moe.experts.gate_up_proj, moe.experts.down_proj
         self.experts = ResidentExperts(_detach(w1), _detach(w2))
-        self.shared = None if moe.shared_expert is None else _MLPPlan(moe.shared_expert)
+        self.shared = None if moe.shared_expert is None else _MLPPlan(moe.shared_expert, native)
         self.shared_gate = None if moe.shared_expert_gate is None else _detach(moe.shared_expert_gate.weight)
+        # Native: each resident expert's (w1, w2) in the kernels' form, built once (None: not every expert
+        # has a form the kernels take; the layer then runs on the PyTorch path). Offloaded experts
+        # (moekit.infer.offload swaps ``experts``) are converted as they are fetched (_native_pair).
+        self.native = native
+        self._resident_native: list | None | bool = False  # built at first use (offloading may replace experts)
+        self._fetched: dict = {}  # id(tensor) -> (version, data pointer, NativeWeight): offloaded slots
 
     def __call__(self, x_BTD: torch.Tensor, routing: list | None, task_N: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -413,6 +454,10 @@ class _MoEPlan:
         add into the output. NOTE: host sync -- the grouping becomes Python numbers.
         """
         N, K = ids_NK.shape
+        if self.native and N <= _native.MAX_ROWS and x_ND.dtype == torch.float32:
+            y = self._routed_native(x_ND, ids_NK, w_NK)
+            if y is not None:
+                return y
         if N == 1:  # decode at batch 1: no gather or scatter
             both = torch.cat([ids_NK.to(w_NK.dtype), w_NK], dim=1)[0].tolist()  # one sync; ids < 2^24 exact
             y = None
@@ -448,6 +493,55 @@ class _MoEPlan:
         return y_ND
 
 
+    def _routed_native(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor | None:
+        """The chosen experts on the native kernels: resident experts in one call for the layer; offloaded
+        ones one call per expert, as each is fetched (a fetched expert is valid only until the next
+        fetch), adding into the output in the same order, so that both give the same bits. None where
+        an expert's weights have no native form."""
+        N, K = ids_NK.shape
+        both = torch.cat([ids_NK.to(w_NK.dtype), w_NK], dim=1).tolist()  # one sync; ids < 2^24 exact
+        used = sorted({int(e) for row in both for e in row[:K]})
+        local = {e: i for i, e in enumerate(used)}
+        ids = torch.tensor([[local[int(e)] for e in row[:K]] for row in both], dtype=torch.long)
+        gates = torch.tensor([row[K:] for row in both], dtype=torch.float32)
+        kern = _native.kernels()
+        x = x_ND.contiguous()
+        if isinstance(self.experts, ResidentExperts):
+            if self._resident_native is False:
+                pairs = [tuple(map(_native.native_weight, self.experts.get(e))) for e in range(self.num_experts)]
+                ok = all(a is not None and b is not None for a, b in pairs) and len(
+                    {(a.kind, a.group_size, b.kind, b.group_size) for a, b in pairs}) == 1
+                self._resident_native = pairs if ok else None
+            if self._resident_native is None:
+                return None
+            pairs = [self._resident_native[e] for e in used]
+            a, b = pairs[0]
+            return kern.moe(x, ids, gates, a.kind, [p[0].tensors for p in pairs], b.kind, [p[1].tensors for p in pairs],
+                            a.group_size, b.group_size)
+        y = None
+        for i, e in enumerate(used):
+            a, b = (self._native_pair(w) for w in self.experts.get(e))
+            if a is None or b is None:
+                if y is not None:
+                    raise RuntimeError(f"expert {e} has no native form while earlier experts of the layer had one")
+                return None
+            ids_e = torch.where(ids == i, 0, -1)
+            ye = kern.moe(x, ids_e, gates, a.kind, [a.tensors], b.kind, [b.tensors], a.group_size, b.group_size)
+            y = ye if y is None else y.add_(ye)
+        return y
+
+    def _native_pair(self, w):
+        """The native form of a fetched expert weight, converted again only when its slot was refilled."""
+        t = w.q if isinstance(w, QuantizedWeight) else w
+        key = (t._version, t.data_ptr())
+        hit = self._fetched.get(id(t))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        nw = _native.native_weight(w)
+        self._fetched[id(t)] = (key, nw)
+        return nw
+
+
 def _detach(w):
     return w.detach() if isinstance(w, torch.Tensor) else w
 
@@ -460,7 +554,9 @@ class Runner:
     weights); ``__call__`` is its two plain shapes.
     """
 
-    def __init__(self, model: Transformer, slots: int, max_len: int):
+    def __init__(self, model: Transformer, slots: int, max_len: int, native: bool | None = None):
+        """``native``: run decode steps on the native kernels (:mod:`moekit.native`); None: where they
+        are built (the PyTorch path, the reference, otherwise)."""
         cfg = model.cfg
         if cfg.router == "expert_choice" and cfg.num_experts:
             raise ValueError(
@@ -479,11 +575,15 @@ class Runner:
         self.freqs = torch.complex(cos[:, :half], sin[:, :half])  # [L, Dh/2] e^(i * angle), rotate-half pairs
         self.embed = _detach(model.embed.weight)
         self.head = _detach(model.lm_head.weight if model.lm_head is not None else model.embed.weight)
+        self.native = _native.available() if native is None else bool(native)
+        if self.native and not _native.available():
+            raise ValueError("native=True but the native kernels are not available (python -m moekit.native build)")
+        self.head_lin = _Lin(self.head, None, self.native)
         self.blocks = []
         for block in model.layers:
-            ffn = _MoEPlan(block.ffn) if block.is_moe else _MLPPlan(block.ffn)
+            ffn = _MoEPlan(block.ffn, self.native) if block.is_moe else _MLPPlan(block.ffn, self.native)
             plan = _LatentPlan if isinstance(block.attn, LatentAttention) else _AttnPlan
-            attn = plan(block.attn, block.attn_norm)
+            attn = plan(block.attn, block.attn_norm, self.native)
             self.blocks.append((attn, block.ffn_norm, ffn))
         self._signature = _signature(model)
 
@@ -547,7 +647,9 @@ class Runner:
             return x.new_empty(0, self.model.cfg.vocab_size)
         x = x[0] if rows is None else x[0].index_select(0, rows)
         h = _rms_norm(self.model.norm, x)
-        return head_logits(h, self.head) if isinstance(self.head, QuantizedWeight) else F.linear(h, self.head)
+        if isinstance(self.head, QuantizedWeight):
+            return head_logits(h, self.head, kernel=self.head_lin)
+        return self.head_lin(h)
 
     def _task_ids(self, segments: list[tuple[int, int, int]], tasks: list[int | None] | None,
                   device: torch.device) -> torch.Tensor | None:

@@ -1,0 +1,474 @@
+// moekit's native decode kernels: matrix x vector (and small batches of rows) for float32, int8 and
+// int4 weights, and a fused mixture-of-experts step, for the inference runner (moekit/infer/runner.py).
+//
+// Legend: M activation rows (1-32 at decode), K input width, N output rows, G int4 group size.
+//
+// Weights, as the runner hands them over (moekit/native/__init__.py builds them once per weight):
+//   kind 0, float32: w [N, K].
+//   kind 1, int8 per row: q int8 [N, K], scale float32 [N]; w = q * scale (symmetric, q in [-127, 127]).
+//   kind 2, int4 in groups of G along K: nibbles uint8 [N, K/2] (byte j: column 2j in the low nibble,
+//           2j + 1 in the high one), scale and zero float32 [N, K/G]; w = (q - 8) * scale + zero.
+// Quantized weights are multiplied with activations quantized to int8 per block, as llama.cpp's q8_0
+// path does: int8 x int8 products summed in int32 (AVX512-VNNI vpdpbusd, or AVX2 maddubs, or plain C),
+// scaled once per block in float32. Each output row is computed from its own input row only (blocks
+// never span rows), so a row's result does not depend on the rest of the batch.
+//
+// The instruction set is chosen at run time (set_isa can force a lower one, for the tests); every path
+// gives the same integer sums, and float32 sums that differ only in their order.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+
+int detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vnni"))
+    return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+  return SCALAR;
+}
+
+const int kBestIsa = detect_isa();
+int g_isa = kBestIsa;
+
+struct Weight {
+  int kind = 0;
+  int64_t N = 0, K = 0, G = 0;
+  const float* w = nullptr;      // kind 0
+  const int8_t* q = nullptr;     // kind 1
+  const uint8_t* nib = nullptr;  // kind 2
+  const float* scale = nullptr;  // kind 1: [N]; kind 2: [N, K/G]
+  const float* zero = nullptr;   // kind 2: [N, K/G]
+};
+
+// ------------------------------------------------------------------------------------------ activations
+// One row of activations quantized for the int8 and int4 dot products.
+//   int8 weights: blocks of 32 consecutive columns; absq = |q| (uint8), neg = the sign bits, d = scales.
+//   int4 weights: per 64-column chunk the row is reordered to [even columns | odd columns] (the order the
+//     nibbles unpack in), in blocks of 16 values: chunk c's blocks are (even 0..30, even 32..62, odd 1..31,
+//     odd 33..63), d4 their scales; lane sums of q (4 values each, 16 lanes per chunk) times 8 for the
+//     "- 8" of the weights; gsum the float sum of x over each weight group (for the zeros).
+struct QRow8 {
+  std::vector<uint8_t> absq;
+  std::vector<uint64_t> neg;  // one bit per column, 64 per word
+  std::vector<int8_t> q;
+  std::vector<float> d;       // [K/32]
+};
+
+struct QRow4 {
+  std::vector<int8_t> q;      // [K], reordered per chunk
+  std::vector<float> d;       // [K/16]
+  std::vector<int32_t> lsum8; // [K/4]: 8 * sum of each lane's 4 values
+  std::vector<float> gsum;    // [K/G]
+  std::vector<float> dlane;   // [K/4]: each lane's block scale (d spread over its 4 lanes)
+};
+
+inline int8_t q8(float v, float id) {
+  float r = std::nearbyint(v * id);
+  return (int8_t)std::max(-127.f, std::min(127.f, r));
+}
+
+void quantize_block(const float* x, int n, int8_t* q, float* d) {
+  float amax = 0.f;
+  for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(x[i]));
+  float s = amax / 127.f, id = s > 0.f ? 1.f / s : 0.f;
+  for (int i = 0; i < n; i++) q[i] = q8(x[i], id);
+  *d = s;
+}
+
+void quantize_row8(const float* x, int64_t K, QRow8& r) {
+  r.q.resize(K); r.absq.resize(K); r.d.resize(K / 32); r.neg.assign((K + 63) / 64, 0);
+  for (int64_t b = 0; b < K / 32; b++) quantize_block(x + 32 * b, 32, r.q.data() + 32 * b, &r.d[b]);
+  for (int64_t i = 0; i < K; i++) {
+    r.absq[i] = (uint8_t)std::abs((int)r.q[i]);
+    if (r.q[i] < 0) r.neg[i / 64] |= (uint64_t)1 << (i % 64);
+  }
+}
+
+void quantize_row4(const float* x, int64_t K, int64_t G, QRow4& r) {
+  r.q.resize(K); r.d.resize(K / 16); r.lsum8.resize(K / 4); r.gsum.assign(K / G, 0.f);
+  float buf[64];
+  for (int64_t c = 0; c < K / 64; c++) {
+    const float* xc = x + 64 * c;
+    for (int j = 0; j < 32; j++) { buf[j] = xc[2 * j]; buf[32 + j] = xc[2 * j + 1]; }
+    for (int b = 0; b < 4; b++) quantize_block(buf + 16 * b, 16, r.q.data() + 64 * c + 16 * b, &r.d[4 * c + b]);
+  }
+  for (int64_t l = 0; l < K / 4; l++) {
+    int s = 0;
+    for (int i = 0; i < 4; i++) s += r.q[4 * l + i];
+    r.lsum8[l] = 8 * s;
+  }
+  for (int64_t i = 0; i < K; i++) r.gsum[i / G] += x[i];
+  r.dlane.resize(K / 4);
+  for (int64_t l = 0; l < K / 4; l++) r.dlane[l] = r.d[l / 4];
+}
+
+// ------------------------------------------------------------------------------------------ dot products
+// float32
+__attribute__((target("avx512f"))) float dot_f32_avx512(const float* a, const float* b, int64_t K) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= K; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  for (; i + 16 <= K; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < K; i++) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) float dot_f32_avx2(const float* a, const float* b, int64_t K) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= K; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum256(_mm256_add_ps(acc0, acc1));
+  for (; i < K; i++) s += a[i] * b[i];
+  return s;
+}
+
+float dot_f32_scalar(const float* a, const float* b, int64_t K) {
+  float s = 0.f;
+  for (int64_t i = 0; i < K; i++) s += a[i] * b[i];
+  return s;
+}
+
+// int8 weights x int8 activations, blocks of 32
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i8_avx512(const int8_t* w, const QRow8& a,
+                                                                                    int64_t K) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= K; i += 64) {
+    __m512i wv = _mm512_loadu_si512((const void*)(w + i));
+    __mmask64 m = a.neg[i / 64];
+    wv = _mm512_mask_sub_epi8(wv, m, zero, wv);  // w * sign(a)
+    __m512i s = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void*)(a.absq.data() + i)), wv);
+    __m512 d = _mm512_insertf32x8(_mm512_set1_ps(a.d[i / 32]), _mm256_set1_ps(a.d[i / 32 + 1]), 1);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc);
+  }
+  float total = _mm512_reduce_add_ps(acc);
+  for (; i < K; i += 32) {  // a last block of 32
+    int s = 0;
+    for (int j = 0; j < 32; j++) s += (int)w[i + j] * a.q[i + j];
+    total += (float)s * a.d[i / 32];
+  }
+  return total;
+}
+
+__attribute__((target("avx2,fma"))) float dot_i8_avx2(const int8_t* w, const QRow8& a, int64_t K) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < K; i += 32) {
+    __m256i wv = _mm256_loadu_si256((const __m256i*)(w + i));
+    __m256i qa = _mm256_loadu_si256((const __m256i*)(a.q.data() + i));
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(qa, qa), _mm256_sign_epi8(wv, qa));  // |a| * w sign(a)
+    __m256i s = _mm256_madd_epi16(p, ones);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a.d[i / 32]), acc);
+  }
+  return hsum256(acc);
+}
+
+float dot_i8_scalar(const int8_t* w, const QRow8& a, int64_t K) {
+  float total = 0.f;
+  for (int64_t i = 0; i < K; i += 32) {
+    int s = 0;
+    for (int j = 0; j < 32; j++) s += (int)w[i + j] * a.q[i + j];
+    total += (float)s * a.d[i / 32];
+  }
+  return total;
+}
+
+// int4 weights (nibbles, groups of G) x int8 activations (reordered chunks, blocks of 16):
+// sum over chunks of sum over lanes of d_a * s_g * (sum q * qa - 8 * sum qa), plus sum_g z_g * gsum_g.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i4_avx512(const uint8_t* nib, const float* s,
+                                                                                    const float* z, const QRow4& a,
+                                                                                    int64_t K, int64_t G) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  for (int64_t c = 0; c < K / 64; c++) {
+    __m256i b = _mm256_loadu_si256((const __m256i*)(nib + 32 * c));
+    __m256i lo = _mm256_and_si256(b, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), lo4);
+    __m512i qw = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [even columns | odd columns]
+    __m512i qa = _mm512_loadu_si512((const void*)(a.q.data() + 64 * c));
+    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, qa);
+    dot = _mm512_sub_epi32(dot, _mm512_loadu_si512((const void*)(a.lsum8.data() + 16 * c)));
+    // lanes 0-3: block 4c (d), 4-7: 4c+1, 8-11: 4c+2, 12-15: 4c+3
+    __m512 da = _mm512_loadu_ps(a.dlane.data() + 16 * c);
+    int64_t g0 = (64 * c) / G, g1 = (64 * c + 32) / G;
+    __m512 sw = g0 == g1 ? _mm512_set1_ps(s[g0])
+                         : _mm512_mask_blend_ps((__mmask16)0xF0F0, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), da), sw, acc);
+  }
+  float total = _mm512_reduce_add_ps(acc);
+  for (int64_t g = 0; g < K / G; g++) total += z[g] * a.gsum[g];
+  return total;
+}
+
+float dot_i4_scalar(const uint8_t* nib, const float* s, const float* z, const QRow4& a, int64_t K, int64_t G) {
+  float total = 0.f;
+  for (int64_t c = 0; c < K / 64; c++) {
+    for (int blk = 0; blk < 4; blk++) {  // (even|odd) x (first|second half): 16 values each
+      int odd = blk / 2, half = blk % 2, acc = 0;
+      for (int j = 0; j < 16; j++) {
+        int byte = 16 * half + j;
+        int qw = odd ? (nib[32 * c + byte] >> 4) : (nib[32 * c + byte] & 15);
+        acc += qw * a.q[64 * c + 16 * blk + j];
+      }
+      int qsum = 0;
+      for (int l = 0; l < 4; l++) qsum += a.lsum8[16 * c + 4 * blk + l];
+      int64_t g = (64 * c + 32 * half) / G;
+      total += (float)(acc - qsum) * a.d[4 * c + blk] * s[g];
+    }
+  }
+  for (int64_t g = 0; g < K / G; g++) total += z[g] * a.gsum[g];
+  return total;
+}
+
+__attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const float* s, const float* z,
+                                                     const QRow4& a, int64_t K, int64_t G) {
+  // per chunk: two 16-byte halves -> 32 unsigned nibbles each (even|odd of 16 bytes), times 32 int8 activations
+  const __m128i lo4 = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t c = 0; c < K / 64; c++) {
+    for (int half = 0; half < 2; half++) {
+      __m128i b = _mm_loadu_si128((const __m128i*)(nib + 32 * c + 16 * half));
+      __m128i lo = _mm_and_si128(b, lo4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
+      // activations of blocks (even, half) and (odd, half): 4c + half and 4c + 2 + half
+      __m128i qa_e = _mm_loadu_si128((const __m128i*)(a.q.data() + 64 * c + 16 * half));
+      __m128i qa_o = _mm_loadu_si128((const __m128i*)(a.q.data() + 64 * c + 32 + 16 * half));
+      __m256i qw = _mm256_set_m128i(hi, lo), qa = _mm256_set_m128i(qa_o, qa_e);
+      __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);  // 8 lanes of 4 values
+      // lanes 0-3 hold the even block (4 values each), 4-7 the odd block: subtract their 8 * lane sums
+      const int32_t* ls = a.lsum8.data() + 16 * c;
+      __m256i corr_full = _mm256_setr_epi32(ls[4 * half], ls[4 * half + 1], ls[4 * half + 2], ls[4 * half + 3],
+                                            ls[8 + 4 * half], ls[8 + 4 * half + 1], ls[8 + 4 * half + 2],
+                                            ls[8 + 4 * half + 3]);
+      dot = _mm256_sub_epi32(dot, corr_full);
+      float sg = s[(64 * c + 32 * half) / G];
+      __m256 d = _mm256_setr_m128(_mm_set1_ps(a.d[4 * c + half] * sg), _mm_set1_ps(a.d[4 * c + 2 + half] * sg));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc);
+    }
+  }
+  float total = hsum256(acc);
+  for (int64_t g = 0; g < K / G; g++) total += z[g] * a.gsum[g];
+  return total;
+}
+
+// ------------------------------------------------------------------------------------------ products
+void check_weight(const Weight& w) {
+  TORCH_CHECK(w.K % 32 == 0, "moekit native: input width ", w.K, " is not a multiple of 32");
+  if (w.kind == 2) TORCH_CHECK(w.K % 64 == 0 && w.G % 32 == 0 && w.K % w.G == 0,
+                               "moekit native: int4 needs K % 64 == 0 and groups of 32k (K=", w.K, ", G=", w.G, ")");
+}
+
+// y[m, :] (+)= x[m, :] @ w.T for m < M; rows of y ldy apart. Parallel over the output rows: each thread
+// reads its rows of the weight once for all M rows of x.
+void linear_rows(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy, const float* bias) {
+  const int64_t N = w.N, K = w.K;
+  const int isa = g_isa;
+  std::vector<QRow8> a8;
+  std::vector<QRow4> a4;
+  if (w.kind == 1) {
+    a8.resize(M);
+    for (int64_t m = 0; m < M; m++) quantize_row8(x + m * ldx, K, a8[m]);
+  } else if (w.kind == 2) {
+    a4.resize(M);
+    for (int64_t m = 0; m < M; m++) quantize_row4(x + m * ldx, K, w.G, a4[m]);
+  }
+  const int64_t bytes_per_row = w.kind == 0 ? 4 * K : w.kind == 1 ? K : K / 2;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, bytes_per_row * M));  // ~64 KB a task
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      for (int64_t m = 0; m < M; m++) {
+        float v;
+        if (w.kind == 0) {
+          const float* wr = w.w + n * K;
+          const float* xr = x + m * ldx;
+          v = isa == AVX512 ? dot_f32_avx512(wr, xr, K) : isa == AVX2 ? dot_f32_avx2(wr, xr, K) : dot_f32_scalar(wr, xr, K);
+        } else if (w.kind == 1) {
+          const int8_t* wr = w.q + n * K;
+          v = (isa == AVX512 ? dot_i8_avx512(wr, a8[m], K) : isa == AVX2 ? dot_i8_avx2(wr, a8[m], K)
+                                                                        : dot_i8_scalar(wr, a8[m], K)) * w.scale[n];
+        } else {
+          const uint8_t* wr = w.nib + n * (K / 2);
+          const float* s = w.scale + n * (K / w.G);
+          const float* z = w.zero + n * (K / w.G);
+          v = isa == AVX512 ? dot_i4_avx512(wr, s, z, a4[m], K, w.G)
+              : isa == AVX2 ? dot_i4_avx2(wr, s, z, a4[m], K, w.G) : dot_i4_scalar(wr, s, z, a4[m], K, w.G);
+        }
+        if (bias) v += bias[n];
+        y[m * ldy + n] = v;
+      }
+    }
+  });
+}
+
+Weight unpack(int64_t kind, const std::vector<at::Tensor>& t, int64_t G) {
+  Weight w;
+  w.kind = (int)kind;
+  TORCH_CHECK(!t.empty(), "moekit native: a weight without tensors");
+  for (const auto& x : t) TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "moekit native: tensors must be contiguous, on the CPU");
+  if (kind == 0) {
+    TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].scalar_type() == at::kFloat, "moekit native: float32 [N, K]");
+    w.N = t[0].size(0); w.K = t[0].size(1); w.w = t[0].data_ptr<float>();
+  } else if (kind == 1) {
+    TORCH_CHECK(t.size() == 2 && t[0].scalar_type() == at::kChar && t[1].scalar_type() == at::kFloat, "moekit native: int8 (q, scale)");
+    w.N = t[0].size(0); w.K = t[0].size(1); w.q = t[0].data_ptr<int8_t>(); w.scale = t[1].data_ptr<float>();
+    TORCH_CHECK(t[1].numel() == w.N, "moekit native: int8 scale [N]");
+  } else if (kind == 2) {
+    TORCH_CHECK(t.size() == 3 && t[0].scalar_type() == at::kByte && t[1].scalar_type() == at::kFloat &&
+                t[2].scalar_type() == at::kFloat, "moekit native: int4 (nibbles, scale, zero)");
+    w.N = t[0].size(0); w.K = 2 * t[0].size(1); w.G = G;
+    w.nib = t[0].data_ptr<uint8_t>(); w.scale = t[1].data_ptr<float>(); w.zero = t[2].data_ptr<float>();
+    TORCH_CHECK(G > 0 && t[1].numel() == w.N * (w.K / G) && t[2].numel() == t[1].numel(), "moekit native: int4 scale/zero [N, K/G]");
+  } else {
+    TORCH_CHECK(false, "moekit native: unknown weight kind ", kind);
+  }
+  check_weight(w);
+  return w;
+}
+
+at::Tensor linear(const at::Tensor& x, int64_t kind, const std::vector<at::Tensor>& wt, int64_t G,
+                  const c10::optional<at::Tensor>& bias) {
+  Weight w = unpack(kind, wt, G);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w.K, "moekit native: x float32 [M, K]");
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), w.N}, x.options());
+  const float* b = nullptr;
+  at::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == w.N, "moekit native: bias float32 [N]");
+    b = bc.data_ptr<float>();
+  }
+  linear_rows(xc.data_ptr<float>(), x.size(0), w.K, w, y.data_ptr<float>(), w.N, b);
+  return y;
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+// One expert's SwiGLU on rows `rows` of x, scaled by `gates` and added into those rows of y:
+// y[r] += g * (w2 @ (silu(w1_gate @ x[r]) * (w1_up @ x[r]))).
+void expert_into(const float* x, int64_t D, const int64_t* rows, const float* gates, int64_t Me, const Weight& w1,
+                 const Weight& w2, float* y) {
+  const int64_t F2 = w1.N, F = F2 / 2;
+  std::vector<float> xs(Me * D), h(Me * F2), act(Me * F), o(Me * D);
+  for (int64_t i = 0; i < Me; i++) std::memcpy(xs.data() + i * D, x + rows[i] * D, D * sizeof(float));
+  linear_rows(xs.data(), Me, D, w1, h.data(), F2, nullptr);
+  for (int64_t i = 0; i < Me; i++)
+    for (int64_t f = 0; f < F; f++) act[i * F + f] = silu(h[i * F2 + f]) * h[i * F2 + F + f];
+  linear_rows(act.data(), Me, F, w2, o.data(), D, nullptr);
+  for (int64_t i = 0; i < Me; i++) {
+    float* yr = y + rows[i] * D;
+    const float g = gates[i];
+    for (int64_t d = 0; d < D; d++) yr[d] += g * o[i * D + d];
+  }
+}
+
+// The chosen experts of a batch of rows: ids [M, K] index the lists of weights (the caller's experts in
+// increasing order), gates [M, K]. Experts run in list order, each on its rows in increasing order, so
+// every row sums its experts in the same order whatever else is in the batch.
+at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gates, int64_t kind1,
+               const std::vector<std::vector<at::Tensor>>& w1s, int64_t kind2,
+               const std::vector<std::vector<at::Tensor>>& w2s, int64_t G1, int64_t G2) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "moekit native: x float32 [M, D]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && gates.scalar_type() == at::kFloat && ids.sizes() == gates.sizes() &&
+              ids.dim() == 2 && ids.size(0) == x.size(0), "moekit native: ids int64 and gates float32 [M, K]");
+  TORCH_CHECK(w1s.size() == w2s.size(), "moekit native: as many w1 as w2");
+  const int64_t M = x.size(0), D = x.size(1), Kt = ids.size(1), E = (int64_t)w1s.size();
+  at::Tensor xc = x.contiguous(), ic = ids.contiguous(), gc = gates.contiguous();
+  at::Tensor y = at::zeros({M, D}, x.options());
+  const int64_t* id = ic.data_ptr<int64_t>();
+  const float* g = gc.data_ptr<float>();
+  std::vector<int64_t> rows;
+  std::vector<float> gs;
+  for (int64_t e = 0; e < E; e++) {
+    rows.clear(); gs.clear();
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t k = 0; k < Kt; k++)
+        if (id[m * Kt + k] == e) { rows.push_back(m); gs.push_back(g[m * Kt + k]); }
+    if (rows.empty()) continue;
+    Weight w1 = unpack(kind1, w1s[e], G1), w2 = unpack(kind2, w2s[e], G2);
+    TORCH_CHECK(w1.K == D && w2.N == D && w2.K * 2 == w1.N, "moekit native: expert shapes do not match x");
+    expert_into(xc.data_ptr<float>(), D, rows.data(), gs.data(), (int64_t)rows.size(), w1, w2, y.data_ptr<float>());
+  }
+  return y;
+}
+
+// The float32 weight [N, K] of a weight (int8: q * scale; int4: (q - 8) * scale + zero), for prefill
+// chunks, where one dequantization per call and a float32 GEMM beat per-row kernels.
+at::Tensor dequantize(int64_t kind, const std::vector<at::Tensor>& wt, int64_t G) {
+  Weight w = unpack(kind, wt, G);
+  at::Tensor out = at::empty({w.N, w.K}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t K = w.K;
+  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      float* r = o + n * K;
+      if (w.kind == 0) {
+        std::memcpy(r, w.w + n * K, K * sizeof(float));
+      } else if (w.kind == 1) {
+        const float s = w.scale[n];
+        for (int64_t k = 0; k < K; k++) r[k] = (float)w.q[n * K + k] * s;
+      } else {
+        const uint8_t* b = w.nib + n * (K / 2);
+        const float* s = w.scale + n * (K / w.G);
+        const float* z = w.zero + n * (K / w.G);
+        for (int64_t k = 0; k < K; k++) {
+          int q = (k & 1) ? (b[k / 2] >> 4) : (b[k / 2] & 15);
+          r[k] = (float)(q - 8) * s[k / w.G] + z[k / w.G];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+int64_t set_isa(int64_t isa) {
+  TORCH_CHECK(isa >= 0 && isa <= kBestIsa, "moekit native: instruction set ", isa, " is not available here (best: ",
+              kBestIsa, ")");
+  g_isa = (int)isa;
+  return g_isa;
+}
+
+int64_t get_isa() { return g_isa; }
+int64_t best_isa() { return kBestIsa; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "moekit native decode kernels (see moekit/native/__init__.py)";
+  m.def("linear", &linear, "y = x @ w.T (+ bias) for a float32 [N, K], int8 per-row or int4 grouped weight",
+        py::arg("x"), py::arg("kind"), py::arg("tensors"), py::arg("group_size"), py::arg("bias") = py::none());
+  m.def("moe", &moe, "the chosen experts' SwiGLU, gate-weighted and summed per row", py::arg("x"), py::arg("ids"),
+        py::arg("gates"), py::arg("kind1"), py::arg("w1"), py::arg("kind2"), py::arg("w2"), py::arg("group_size1"),
+        py::arg("group_size2"));
+  m.def("dequantize", &dequantize, "the float32 [N, K] weight", py::arg("kind"), py::arg("tensors"),
+        py::arg("group_size"));
+  m.def("set_isa", &set_isa, "force an instruction set: 0 plain C, 1 AVX2, 2 AVX512-VNNI (at most the best here)");
+  m.def("isa", &get_isa, "the instruction set in use");
+  m.def("best_isa", &best_isa, "the best instruction set this CPU has");
+}
