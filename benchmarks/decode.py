@@ -81,6 +81,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the version in the venv: its sources hold
 PEERS = {"moekit": "moekit Engine", "moekit-runner": "moekit Runner (no engine)",
          "moekit-bf16": "moekit Engine, bfloat16 weights",
          "moekit-int8": "moekit Engine, int8 weights", "moekit-int4": "moekit Engine, int4 weights (group 32)",
+         "moekit-torch": "moekit Engine, PyTorch path (no native kernels)",
+         "moekit-int8-torch": "moekit Engine, int8, PyTorch path", "moekit-int4-torch": "moekit Engine, int4, PyTorch path",
          "transformers": "transformers generate", "transformers-static": "transformers generate, static cache",
          "llama-cpp-python": "llama-cpp-python",
          "llama.cpp": "llama.cpp (llama-bench / batched-bench)",
@@ -99,12 +101,16 @@ class Precision:
     dtype: torch.dtype
     quant: tuple[int, int | None] | None
     gguf: str | None
+    native: bool | None = None  # the Engine's native kernels: None where built, False the PyTorch path
 
 
 MOEKIT_PRECISIONS = {"moekit": Precision("float32", torch.float32, None, "f32"),
                      "moekit-bf16": Precision("bfloat16", torch.bfloat16, None, None),
                      "moekit-int8": Precision("int8", torch.float32, (8, None), "q8_0"),
-                     "moekit-int4": Precision("int4, group 32", torch.float32, (4, 32), "q4_0")}
+                     "moekit-int4": Precision("int4, group 32", torch.float32, (4, 32), "q4_0"),
+                     "moekit-torch": Precision("float32, PyTorch path", torch.float32, None, None, False),
+                     "moekit-int8-torch": Precision("int8, PyTorch path", torch.float32, (8, None), None, False),
+                     "moekit-int4-torch": Precision("int4, PyTorch path", torch.float32, (4, 32), None, False)}
 #: Equal-precision comparisons: moekit peer -> llama.cpp peer.
 SAME_PRECISION = {"moekit": "llama.cpp", "moekit-int8": "llama.cpp-q8_0", "moekit-int4": "llama.cpp-q4_0"}
 BATCH = 8  # rows of the batched decode
@@ -263,7 +269,7 @@ def peer_moekit(plan: dict, peer: str = "moekit") -> dict:
     def gen(prompts: list[list[int]], n_new: int) -> Run:
         B = len(prompts)
         if B not in engines:  # one engine per batch size, sized as a server would size it
-            engines[B] = Engine(model, tokenizer, max_batch=B, max_len=plan["max_len"])
+            engines[B] = Engine(model, tokenizer, max_batch=B, max_len=plan["max_len"], native=precision.native)
         engine = engines[B]
         params = SamplingParams(max_new_tokens=n_new, temperature=0, stop_ids=())
         t0 = time.perf_counter()
@@ -417,6 +423,9 @@ def peer_llama_cpp_python(plan: dict) -> dict:
 CHILD_PEERS = {"moekit": peer_moekit, "moekit-runner": peer_moekit_runner,
                "moekit-bf16": lambda plan: peer_moekit(plan, "moekit-bf16"),
                "moekit-int8": lambda plan: peer_moekit(plan, "moekit-int8"),
+               "moekit-torch": lambda plan: peer_moekit(plan, "moekit-torch"),
+               "moekit-int8-torch": lambda plan: peer_moekit(plan, "moekit-int8-torch"),
+               "moekit-int4-torch": lambda plan: peer_moekit(plan, "moekit-int4-torch"),
                "moekit-int4": lambda plan: peer_moekit(plan, "moekit-int4"),
                "transformers": lambda plan: peer_transformers(plan, "dynamic"),
                "transformers-static": lambda plan: peer_transformers(plan, "static"),

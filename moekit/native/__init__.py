@@ -130,7 +130,8 @@ def native_weight(w) -> NativeWeight | None:
     N, K = w.shape
     if w.bits == 8 and w.group_size is None and K % 32 == 0:
         return NativeWeight(1, [w.q.contiguous(), w.scale.float().contiguous()], 0, (N, K))
-    if w.bits == 4 and K % 64 == 0 and w.group_size % 32 == 0:
+    G = w.group_size or 0
+    if w.bits == 4 and K % 64 == 0 and G >= 32 and G & (G - 1) == 0 and K % G == 0:
         nib = w.nibbles if w.nibbles is not None else pack_nibbles(w.int4_values())
         scale, zero = w.scales_zeros()
         return NativeWeight(2, [nib.contiguous(), scale.contiguous(), zero.contiguous()], w.group_size, (N, K))

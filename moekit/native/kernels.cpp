@@ -63,6 +63,7 @@ struct QRow8 {
   std::vector<uint64_t> neg;  // one bit per column, 64 per word
   std::vector<int8_t> q;
   std::vector<float> d;       // [K/32]
+  std::vector<float> dlane;   // [K/4]: the block scale of each dpbusd lane (8 lanes a block)
 };
 
 struct QRow4 {
@@ -71,6 +72,7 @@ struct QRow4 {
   std::vector<int32_t> lsum8; // [K/4]: 8 * sum of each lane's 4 values
   std::vector<float> gsum;    // [K/G]
   std::vector<float> dlane;   // [K/4]: each lane's block scale (d spread over its 4 lanes)
+  std::vector<float> corr;    // [K/G]: per weight group, the sum of d_lane * 8 * lane sum over its lanes
 };
 
 inline int8_t q8(float v, float id) {
@@ -93,6 +95,8 @@ void quantize_row8(const float* x, int64_t K, QRow8& r) {
     r.absq[i] = (uint8_t)std::abs((int)r.q[i]);
     if (r.q[i] < 0) r.neg[i / 64] |= (uint64_t)1 << (i % 64);
   }
+  r.dlane.resize(K / 4);
+  for (int64_t l = 0; l < K / 4; l++) r.dlane[l] = r.d[l / 8];
 }
 
 void quantize_row4(const float* x, int64_t K, int64_t G, QRow4& r) {
@@ -111,6 +115,14 @@ void quantize_row4(const float* x, int64_t K, int64_t G, QRow4& r) {
   for (int64_t i = 0; i < K; i++) r.gsum[i / G] += x[i];
   r.dlane.resize(K / 4);
   for (int64_t l = 0; l < K / 4; l++) r.dlane[l] = r.d[l / 4];
+  // The "- 8" of the weights, taken out of the inner loop: for the 32 columns c*64 + 32h .. + 31 (one weight
+  // group's part of chunk c: lanes 4h..4h+3 and 8+4h..8+4h+3), the sum of d_lane * 8 * lane sum.
+  r.corr.assign(K / G, 0.f);
+  for (int64_t c = 0; c < K / 64; c++)
+    for (int h = 0; h < 2; h++)
+      for (int l = 0; l < 4; l++)
+        r.corr[(64 * c + 32 * h) / G] += r.dlane[16 * c + 4 * h + l] * r.lsum8[16 * c + 4 * h + l] +
+                             r.dlane[16 * c + 8 + 4 * h + l] * r.lsum8[16 * c + 8 + 4 * h + l];
 }
 
 // ------------------------------------------------------------------------------------------ dot products
@@ -157,18 +169,25 @@ float dot_f32_scalar(const float* a, const float* b, int64_t K) {
 // int8 weights x int8 activations, blocks of 32
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i8_avx512(const int8_t* w, const QRow8& a,
                                                                                     int64_t K) {
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
   int64_t i = 0;
+  for (; i + 128 <= K; i += 128) {  // two independent chains
+    __m512i w0 = _mm512_loadu_si512((const void*)(w + i)), w1 = _mm512_loadu_si512((const void*)(w + i + 64));
+    w0 = _mm512_mask_sub_epi8(w0, a.neg[i / 64], zero, w0);  // w * sign(a)
+    w1 = _mm512_mask_sub_epi8(w1, a.neg[i / 64 + 1], zero, w1);
+    __m512i s0 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void*)(a.absq.data() + i)), w0);
+    __m512i s1 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void*)(a.absq.data() + i + 64)), w1);
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_loadu_ps(a.dlane.data() + i / 4), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_loadu_ps(a.dlane.data() + i / 4 + 16), acc1);
+  }
   for (; i + 64 <= K; i += 64) {
     __m512i wv = _mm512_loadu_si512((const void*)(w + i));
-    __mmask64 m = a.neg[i / 64];
-    wv = _mm512_mask_sub_epi8(wv, m, zero, wv);  // w * sign(a)
+    wv = _mm512_mask_sub_epi8(wv, a.neg[i / 64], zero, wv);
     __m512i s = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void*)(a.absq.data() + i)), wv);
-    __m512 d = _mm512_insertf32x8(_mm512_set1_ps(a.d[i / 32]), _mm256_set1_ps(a.d[i / 32 + 1]), 1);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc);
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(a.dlane.data() + i / 4), acc0);
   }
-  float total = _mm512_reduce_add_ps(acc);
+  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
   for (; i < K; i += 32) {  // a last block of 32
     int s = 0;
     for (int j = 0; j < 32; j++) s += (int)w[i + j] * a.q[i + j];
@@ -202,28 +221,35 @@ float dot_i8_scalar(const int8_t* w, const QRow8& a, int64_t K) {
 
 // int4 weights (nibbles, groups of G) x int8 activations (reordered chunks, blocks of 16):
 // sum over chunks of sum over lanes of d_a * s_g * (sum q * qa - 8 * sum qa), plus sum_g z_g * gsum_g.
+// One 64-column chunk of an int4 row: d_a * s_g * sum q * qa per lane.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) inline __m512 i4_chunk(
+    const uint8_t* nib, const float* s, const QRow4& a, int64_t c, int gshift) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  __m256i b = _mm256_loadu_si256((const __m256i*)(nib + 32 * c));
+  __m256i lo = _mm256_and_si256(b, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), lo4);
+  __m512i qw = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [even columns | odd columns]
+  __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, _mm512_loadu_si512((const void*)(a.q.data() + 64 * c)));
+  const int64_t g0 = (64 * c) >> gshift, g1 = (64 * c + 32) >> gshift;
+  __m512 sw = g0 == g1 ? _mm512_set1_ps(s[g0])
+                       : _mm512_mask_blend_ps((__mmask16)0xF0F0, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(a.dlane.data() + 16 * c)), sw);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i4_avx512(const uint8_t* nib, const float* s,
                                                                                     const float* z, const QRow4& a,
                                                                                     int64_t K, int64_t G) {
-  __m512 acc = _mm512_setzero_ps();
-  const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  for (int64_t c = 0; c < K / 64; c++) {
-    __m256i b = _mm256_loadu_si256((const __m256i*)(nib + 32 * c));
-    __m256i lo = _mm256_and_si256(b, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), lo4);
-    __m512i qw = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [even columns | odd columns]
-    __m512i qa = _mm512_loadu_si512((const void*)(a.q.data() + 64 * c));
-    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, qa);
-    dot = _mm512_sub_epi32(dot, _mm512_loadu_si512((const void*)(a.lsum8.data() + 16 * c)));
-    // lanes 0-3: block 4c (d), 4-7: 4c+1, 8-11: 4c+2, 12-15: 4c+3
-    __m512 da = _mm512_loadu_ps(a.dlane.data() + 16 * c);
-    int64_t g0 = (64 * c) / G, g1 = (64 * c + 32) / G;
-    __m512 sw = g0 == g1 ? _mm512_set1_ps(s[g0])
-                         : _mm512_mask_blend_ps((__mmask16)0xF0F0, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
-    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), da), sw, acc);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  const int gshift = __builtin_ctzll((unsigned long long)G);  // G is a power of two (checked in unpack)
+  const int64_t C = K / 64;
+  int64_t c = 0;
+  for (; c + 2 <= C; c += 2) {
+    acc0 = _mm512_add_ps(acc0, i4_chunk(nib, s, a, c, gshift));
+    acc1 = _mm512_add_ps(acc1, i4_chunk(nib, s, a, c + 1, gshift));
   }
-  float total = _mm512_reduce_add_ps(acc);
-  for (int64_t g = 0; g < K / G; g++) total += z[g] * a.gsum[g];
-  return total;
+  if (c < C) acc0 = _mm512_add_ps(acc0, i4_chunk(nib, s, a, c, gshift));
+  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  // the "- 8" and the zeros, per weight group
+  return total + dot_f32_avx512(z, a.gsum.data(), K / G) - dot_f32_avx512(s, a.corr.data(), K / G);
 }
 
 float dot_i4_scalar(const uint8_t* nib, const float* s, const float* z, const QRow4& a, int64_t K, int64_t G) {
@@ -251,6 +277,7 @@ __attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const 
   // per chunk: two 16-byte halves -> 32 unsigned nibbles each (even|odd of 16 bytes), times 32 int8 activations
   const __m128i lo4 = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
+  const int gshift = __builtin_ctzll((unsigned long long)G);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t c = 0; c < K / 64; c++) {
     for (int half = 0; half < 2; half++) {
@@ -267,7 +294,7 @@ __attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const 
                                             ls[8 + 4 * half], ls[8 + 4 * half + 1], ls[8 + 4 * half + 2],
                                             ls[8 + 4 * half + 3]);
       dot = _mm256_sub_epi32(dot, corr_full);
-      float sg = s[(64 * c + 32 * half) / G];
+      float sg = s[(64 * c + 32 * half) >> gshift];
       __m256 d = _mm256_setr_m128(_mm_set1_ps(a.d[4 * c + half] * sg), _mm_set1_ps(a.d[4 * c + 2 + half] * sg));
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc);
     }
@@ -280,8 +307,9 @@ __attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const 
 // ------------------------------------------------------------------------------------------ products
 void check_weight(const Weight& w) {
   TORCH_CHECK(w.K % 32 == 0, "moekit native: input width ", w.K, " is not a multiple of 32");
-  if (w.kind == 2) TORCH_CHECK(w.K % 64 == 0 && w.G % 32 == 0 && w.K % w.G == 0,
-                               "moekit native: int4 needs K % 64 == 0 and groups of 32k (K=", w.K, ", G=", w.G, ")");
+  if (w.kind == 2) TORCH_CHECK(w.K % 64 == 0 && w.G >= 32 && (w.G & (w.G - 1)) == 0 && w.K % w.G == 0,
+                               "moekit native: int4 needs K % 64 == 0 and groups of a power of two >= 32 (K=", w.K,
+                               ", G=", w.G, ")");
 }
 
 // y[m, :] (+)= x[m, :] @ w.T for m < M; rows of y ldy apart. Parallel over the output rows: each thread
