@@ -236,10 +236,7 @@ class _Lin:
 
     def __init__(self, weight, bias: torch.Tensor | None, native: bool):
         self.weight, self.bias = weight, bias
-        self.nw = _native.native_weight(weight) if native else None
-        if self.nw is not None and bias is not None and bias.dtype != torch.float32:
-            self.nw = None
-        self.bias_c = None if bias is None else bias.detach().contiguous()
+        self.nw = _native.native_weight(weight, bias) if native else None
         self.quantized = isinstance(weight, QuantizedWeight)
 
     @classmethod
@@ -250,10 +247,11 @@ class _Lin:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.nw is not None and x.dtype == torch.float32:
             x2 = x.reshape(-1, x.shape[-1])
+            kern = _native.kernels()
             if x2.shape[0] <= _native.MAX_ROWS:
-                return self.nw.linear(x2, self.bias_c).view(*x.shape[:-1], self.nw.shape[0])
+                return kern.linear(x2, self.nw).view(*x.shape[:-1], self.nw.shape[0])
             if self.quantized:
-                return F.linear(x, self.nw.dequantize(), self.bias_c)
+                return F.linear(x, kern.dequantize(self.nw), self.bias)
         return linear(x, self.weight, self.bias)
 
 
@@ -277,6 +275,10 @@ class _AttnPlan:
         self.w_qkv, self.b_qkv = (None, None) if fused is None else fused
         self.qkv = None if fused is None else _Lin(self.w_qkv, self.b_qkv, native)
         self.o_proj = _Lin.of(attn.o_proj, native)
+        # the whole block of a decode step in one native call: plain grouped-query attention (no qk-norm)
+        # over a float32 cache, both projections in a native form
+        self.native_block = (native and attn.qk_norm is None and self.qkv is not None and self.qkv.nw is not None
+                             and self.o_proj.nw is not None and norm.weight.dtype == torch.float32)
         self.norm_weight = norm.weight.detach()
         self.q_norm = self.k_norm = None
         if attn.qk_norm is not None:
@@ -387,6 +389,9 @@ class _MLPPlan:
         self.down = _Lin(self.w_down, None, native)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.gate_up is not None and self.gate_up.nw is not None and self.down.nw is not None
+                and x.dtype == torch.float32 and x.numel() <= _native.MAX_ROWS * x.shape[-1]):
+            return _native.kernels().swiglu(x.reshape(-1, x.shape[-1]), self.gate_up.nw, self.down.nw).view(x.shape)
         if self.gate_up is None:
             g, u = self.mlp.gate_proj(x), self.mlp.up_proj(x)
         else:
@@ -494,40 +499,31 @@ class _MoEPlan:
 
 
     def _routed_native(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor | None:
-        """The chosen experts on the native kernels: resident experts in one call for the layer; offloaded
-        ones one call per expert, as each is fetched (a fetched expert is valid only until the next
-        fetch), adding into the output in the same order, so that both give the same bits. None where
-        an expert's weights have no native form."""
-        N, K = ids_NK.shape
-        both = torch.cat([ids_NK.to(w_NK.dtype), w_NK], dim=1).tolist()  # one sync; ids < 2^24 exact
-        used = sorted({int(e) for row in both for e in row[:K]})
-        local = {e: i for i, e in enumerate(used)}
-        ids = torch.tensor([[local[int(e)] for e in row[:K]] for row in both], dtype=torch.long)
-        gates = torch.tensor([row[K:] for row in both], dtype=torch.float32)
+        """The chosen experts on the native kernels: resident experts in one call for the layer (no host
+        sync: the kernel groups the rows); offloaded ones one call per expert, as each is fetched (a
+        fetched expert is valid only until the next fetch), adding into the output in the same order, so
+        that both give the same bits. None where an expert's weights have no native form."""
         kern = _native.kernels()
-        x = x_ND.contiguous()
+        x, gates = x_ND.contiguous(), w_NK.to(torch.float32)
         if isinstance(self.experts, ResidentExperts):
             if self._resident_native is False:
                 pairs = [tuple(map(_native.native_weight, self.experts.get(e))) for e in range(self.num_experts)]
-                ok = all(a is not None and b is not None for a, b in pairs) and len(
-                    {(a.kind, a.group_size, b.kind, b.group_size) for a, b in pairs}) == 1
-                self._resident_native = pairs if ok else None
+                ok = all(a is not None and b is not None for a, b in pairs)
+                self._resident_native = kern.Experts([a for a, _ in pairs], [b for _, b in pairs]) if ok else None
             if self._resident_native is None:
                 return None
-            pairs = [self._resident_native[e] for e in used]
-            a, b = pairs[0]
-            return kern.moe(x, ids, gates, a.kind, [p[0].tensors for p in pairs], b.kind, [p[1].tensors for p in pairs],
-                            a.group_size, b.group_size)
-        y = None
+            return kern.moe(x, ids_NK, gates, self._resident_native)
+        K = ids_NK.shape[1]
+        used = sorted({int(e) for e in ids_NK.reshape(-1).tolist()})  # one sync
+        y = torch.zeros_like(x)
         for i, e in enumerate(used):
-            a, b = (self._native_pair(w) for w in self.experts.get(e))
-            if a is None or b is None:
-                if y is not None:
+            pair = [self._native_pair(w) for w in self.experts.get(e)]
+            if pair[0] is None or pair[1] is None:
+                if i:
                     raise RuntimeError(f"expert {e} has no native form while earlier experts of the layer had one")
                 return None
-            ids_e = torch.where(ids == i, 0, -1)
-            ye = kern.moe(x, ids_e, gates, a.kind, [a.tensors], b.kind, [b.tensors], a.group_size, b.group_size)
-            y = ye if y is None else y.add_(ye)
+            ids_e = torch.where(ids_NK == e, 0, -1).view(-1, K)
+            kern.moe_add(x, ids_e, gates, kern.Experts([pair[0]], [pair[1]]), y)
         return y
 
     def _native_pair(self, w):
@@ -573,6 +569,7 @@ class Runner:
         self.cos, self.sin = cos.to(p.dtype), sin.to(p.dtype)  # [L, Dh]
         half = cfg.head_dim // 2
         self.freqs = torch.complex(cos[:, :half], sin[:, :half])  # [L, Dh/2] e^(i * angle), rotate-half pairs
+        self.cos_half, self.sin_half = cos[:, :half].float().contiguous(), sin[:, :half].float().contiguous()
         self.embed = _detach(model.embed.weight)
         self.head = _detach(model.lm_head.weight if model.lm_head is not None else model.embed.weight)
         self.native = _native.available() if native is None else bool(native)
@@ -634,11 +631,21 @@ class Runner:
             x = self.embed.embedding(tokens_N, self.cos.dtype)[None]
         else:
             x = F.embedding(tokens_N, self.embed)[None]  # [1, N, D]
+        decode = None  # a decode step (every segment one token) on the native blocks: (slots, positions)
+        if self.native and x.dtype == torch.float32 and len(segments) == len(tokens_N) <= _native.MAX_ROWS:
+            decode = (torch.tensor([s for s, _, _ in segments]), torch.tensor([p for _, p, _ in segments]))
         for i, (attn, ffn_norm, ffn) in enumerate(self.blocks):
-            q, k, v = attn.project(x, plan.freqs, plan.cos, plan.sin)  # [1, H|G, N, Dh]
-            y = plan.attend(q, k, v, self.cache.k[i], self.cache.v[i], attn.attn.scale if attn.mla else None)
-            x = x + attn.out(y)
-            h = _rms_norm(ffn_norm, x)
+            if decode is not None and attn.native_block:
+                x2, h2 = _native.kernels().attn_decode(
+                    x[0].contiguous(), attn.norm_weight, attn.norm.eps, attn.qkv.nw, attn.o_proj.nw, self.cache.k[i],
+                    self.cache.v[i], *decode, self.cos_half, self.sin_half, attn.H, attn.G, attn.Dh,
+                    ffn_norm.weight.detach(), ffn_norm.eps)
+                x, h = x2[None], h2[None]
+            else:
+                q, k, v = attn.project(x, plan.freqs, plan.cos, plan.sin)  # [1, H|G, N, Dh]
+                y = plan.attend(q, k, v, self.cache.k[i], self.cache.v[i], attn.attn.scale if attn.mla else None)
+                x = x + attn.out(y)
+                h = _rms_norm(ffn_norm, x)
             x = x + (ffn(h, routing, task_N) if isinstance(ffn, _MoEPlan) else ffn(h))
         for s, p, n in segments:
             self.cache.written(s, p + n)

@@ -17,7 +17,6 @@ and runs the PyTorch path. ``MOEKIT_NATIVE=0`` turns the native path off.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -98,43 +97,32 @@ def disable_for_tests(off: bool = True) -> None:
         _state["module"] = None
 
 
-@dataclasses.dataclass
-class NativeWeight:
-    """A weight in the form the kernels read: ``kind`` (0 float32, 1 int8, 2 int4), its tensors and group."""
-
-    kind: int
-    tensors: list[torch.Tensor]
-    group_size: int
-    shape: tuple[int, int]
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return kernels().linear(x, self.kind, self.tensors, self.group_size, bias)
-
-    def dequantize(self) -> torch.Tensor:
-        return kernels().dequantize(self.kind, self.tensors, self.group_size)
-
-
-def native_weight(w) -> NativeWeight | None:
-    """``w`` (a float32 tensor [N, K] or a 2-D :class:`moekit.quant.QuantizedWeight`) in the kernels' form,
-    or None where the kernels do not take it (other dtypes, grouped int8, widths not a multiple of 32
-    (int4: 64), tensors off the CPU). Float and int8 weights are used in place; an int4 weight gives its
-    nibbles (kept, or unpacked from PyTorch's packed layout: a copy) and float32 scales and zeros."""
+def native_weight(w, bias: torch.Tensor | None = None):
+    """``w`` (a float32 tensor [N, K] or a 2-D :class:`moekit.quant.QuantizedWeight`) with its bias, as the
+    kernels' ``Weight`` (which keeps the tensors alive), or None where the kernels do not take it (other
+    dtypes, grouped int8, widths not a multiple of 32 (int4: 64), tensors off the CPU, no kernels). Float
+    and int8 weights are used in place; an int4 weight gives its nibbles (kept, or unpacked from
+    PyTorch's packed layout: a copy) and float32 scales and zeros."""
     from moekit.quant import QuantizedWeight, pack_nibbles
 
+    k = kernels()
+    if k is None or (bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu")):
+        return None
+    bias = None if bias is None else bias.detach().contiguous()
     if isinstance(w, torch.Tensor):
         if w.dtype != torch.float32 or w.dim() != 2 or w.device.type != "cpu" or w.shape[1] % 32:
             return None
-        return NativeWeight(0, [w.detach().contiguous()], 0, tuple(w.shape))
+        return k.Weight(KINDS["float32"], [w.detach().contiguous()], 0, bias)
     if not isinstance(w, QuantizedWeight) or len(w.shape) != 2 or w.q.device.type != "cpu":
         return None
     N, K = w.shape
     if w.bits == 8 and w.group_size is None and K % 32 == 0:
-        return NativeWeight(1, [w.q.contiguous(), w.scale.float().contiguous()], 0, (N, K))
+        return k.Weight(KINDS["int8"], [w.q.contiguous(), w.scale.float().contiguous()], 0, bias)
     G = w.group_size or 0
     if w.bits == 4 and K % 64 == 0 and G >= 32 and G & (G - 1) == 0 and K % G == 0:
         nib = w.nibbles if w.nibbles is not None else pack_nibbles(w.int4_values())
         scale, zero = w.scales_zeros()
-        return NativeWeight(2, [nib.contiguous(), scale.contiguous(), zero.contiguous()], w.group_size, (N, K))
+        return k.Weight(KINDS["int4"], [nib.contiguous(), scale.contiguous(), zero.contiguous()], G, bias)
     return None
 
 

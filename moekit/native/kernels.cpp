@@ -379,20 +379,33 @@ Weight unpack(int64_t kind, const std::vector<at::Tensor>& t, int64_t G) {
   return w;
 }
 
-at::Tensor linear(const at::Tensor& x, int64_t kind, const std::vector<at::Tensor>& wt, int64_t G,
-                  const c10::optional<at::Tensor>& bias) {
-  Weight w = unpack(kind, wt, G);
+// A weight held for the kernels: its tensors stay alive with it; the bias (optional) is float32 [N].
+struct NWeight {
+  Weight w;
+  std::vector<at::Tensor> keep;
+  at::Tensor bias;
+  const float* b = nullptr;
+};
+using NWeightPtr = std::shared_ptr<NWeight>;
+
+NWeightPtr make_weight(int64_t kind, std::vector<at::Tensor> t, int64_t G, const c10::optional<at::Tensor>& bias) {
+  auto nw = std::make_shared<NWeight>();
+  nw->w = unpack(kind, t, G);
+  nw->keep = std::move(t);
+  if (bias.has_value() && bias->defined()) {
+    nw->bias = bias->contiguous();
+    TORCH_CHECK(nw->bias.scalar_type() == at::kFloat && nw->bias.numel() == nw->w.N, "moekit native: bias float32 [N]");
+    nw->b = nw->bias.data_ptr<float>();
+  }
+  return nw;
+}
+
+at::Tensor wlinear(const at::Tensor& x, const NWeight& nw) {
+  const Weight& w = nw.w;
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w.K, "moekit native: x float32 [M, K]");
   at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({x.size(0), w.N}, x.options());
-  const float* b = nullptr;
-  at::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == w.N, "moekit native: bias float32 [N]");
-    b = bc.data_ptr<float>();
-  }
-  linear_rows(xc.data_ptr<float>(), x.size(0), w.K, w, y.data_ptr<float>(), w.N, b);
+  linear_rows(xc.data_ptr<float>(), x.size(0), w.K, w, y.data_ptr<float>(), w.N, nw.b);
   return y;
 }
 
@@ -416,21 +429,38 @@ void expert_into(const float* x, int64_t D, const int64_t* rows, const float* ga
   }
 }
 
-// The chosen experts of a batch of rows: ids [M, K] index the lists of weights (the caller's experts in
-// increasing order), gates [M, K]. Experts run in list order, each on its rows in increasing order, so
-// every row sums its experts in the same order whatever else is in the batch.
-at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gates, int64_t kind1,
-               const std::vector<std::vector<at::Tensor>>& w1s, int64_t kind2,
-               const std::vector<std::vector<at::Tensor>>& w2s, int64_t G1, int64_t G2) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "moekit native: x float32 [M, D]");
+// A layer's experts: w1[e] [2F, D] (gate rows, then up rows), w2[e] [D, F].
+struct NExperts {
+  std::vector<NWeightPtr> w1, w2;
+};
+using NExpertsPtr = std::shared_ptr<NExperts>;
+
+NExpertsPtr make_experts(std::vector<NWeightPtr> w1, std::vector<NWeightPtr> w2) {
+  TORCH_CHECK(w1.size() == w2.size() && !w1.empty(), "moekit native: as many w1 as w2, at least one");
+  for (size_t e = 0; e < w1.size(); e++)
+    TORCH_CHECK(w2[e]->w.N == w1[e]->w.K && 2 * w2[e]->w.K == w1[e]->w.N && !w1[e]->b && !w2[e]->b,
+                "moekit native: expert ", e, " has shapes w1 [", w1[e]->w.N, ", ", w1[e]->w.K, "], w2 [", w2[e]->w.N,
+                ", ", w2[e]->w.K, "] (want [2F, D] and [D, F], no bias)");
+  auto ex = std::make_shared<NExperts>();
+  ex->w1 = std::move(w1);
+  ex->w2 = std::move(w2);
+  return ex;
+}
+
+// y += the chosen experts of each row: ids [M, K] index the experts (-1: none), gates [M, K]. Experts run
+// in increasing index, each on its rows in increasing order, so every row sums its experts in the same
+// order whatever else is in the batch (and whether the experts come in one call or one call each).
+void moe_add(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gates, const NExperts& ex, at::Tensor& y) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && y.sizes() == x.sizes() && y.is_contiguous() &&
+              y.scalar_type() == at::kFloat, "moekit native: x and y float32 [M, D]");
   TORCH_CHECK(ids.scalar_type() == at::kLong && gates.scalar_type() == at::kFloat && ids.sizes() == gates.sizes() &&
               ids.dim() == 2 && ids.size(0) == x.size(0), "moekit native: ids int64 and gates float32 [M, K]");
-  TORCH_CHECK(w1s.size() == w2s.size(), "moekit native: as many w1 as w2");
-  const int64_t M = x.size(0), D = x.size(1), Kt = ids.size(1), E = (int64_t)w1s.size();
+  const int64_t M = x.size(0), D = x.size(1), Kt = ids.size(1), E = (int64_t)ex.w1.size();
+  TORCH_CHECK(ex.w1[0]->w.K == D, "moekit native: experts of width ", ex.w1[0]->w.K, ", x of width ", D);
   at::Tensor xc = x.contiguous(), ic = ids.contiguous(), gc = gates.contiguous();
-  at::Tensor y = at::zeros({M, D}, x.options());
   const int64_t* id = ic.data_ptr<int64_t>();
   const float* g = gc.data_ptr<float>();
+  for (int64_t i = 0; i < M * Kt; i++) TORCH_CHECK(id[i] >= -1 && id[i] < E, "moekit native: expert id ", id[i], " not in [0, ", E, ")");
   std::vector<int64_t> rows;
   std::vector<float> gs;
   for (int64_t e = 0; e < E; e++) {
@@ -439,17 +469,141 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gat
       for (int64_t k = 0; k < Kt; k++)
         if (id[m * Kt + k] == e) { rows.push_back(m); gs.push_back(g[m * Kt + k]); }
     if (rows.empty()) continue;
-    Weight w1 = unpack(kind1, w1s[e], G1), w2 = unpack(kind2, w2s[e], G2);
-    TORCH_CHECK(w1.K == D && w2.N == D && w2.K * 2 == w1.N, "moekit native: expert shapes do not match x");
-    expert_into(xc.data_ptr<float>(), D, rows.data(), gs.data(), (int64_t)rows.size(), w1, w2, y.data_ptr<float>());
+    expert_into(xc.data_ptr<float>(), D, rows.data(), gs.data(), (int64_t)rows.size(), ex.w1[e]->w, ex.w2[e]->w,
+                y.data_ptr<float>());
   }
+}
+
+at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gates, const NExperts& ex) {
+  at::Tensor y = at::zeros({x.size(0), x.size(1)}, x.options());
+  moe_add(x, ids, gates, ex, y);
   return y;
 }
 
-// The float32 weight [N, K] of a weight (int8: q * scale; int4: (q - 8) * scale + zero), for prefill
-// chunks, where one dequantization per call and a float32 GEMM beat per-row kernels.
-at::Tensor dequantize(int64_t kind, const std::vector<at::Tensor>& wt, int64_t G) {
-  Weight w = unpack(kind, wt, G);
+// A dense SwiGLU MLP: w2 @ (silu(w1_gate @ x) * (w1_up @ x)), every row.
+at::Tensor swiglu(const at::Tensor& x, const NWeight& w1, const NWeight& w2) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w1.w.K, "moekit native: x float32 [M, D]");
+  const int64_t M = x.size(0);
+  std::vector<int64_t> rows(M);
+  std::vector<float> ones(M, 1.f);
+  for (int64_t m = 0; m < M; m++) rows[m] = m;
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::zeros({M, w2.w.N}, x.options());
+  expert_into(xc.data_ptr<float>(), x.size(1), rows.data(), ones.data(), M, w1.w, w2.w, y.data_ptr<float>());
+  return y;
+}
+
+// rms_norm as torch.nn.functional.rms_norm in float32: x * rsqrt(mean(x^2) + eps) * w
+void rms_norm_rows(const float* x, int64_t M, int64_t D, const float* w, double eps, float* out) {
+  for (int64_t m = 0; m < M; m++) {
+    const float* xr = x + m * D;
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; d++) ss += xr[d] * xr[d];
+    const float r = 1.f / std::sqrt(ss / (float)D + (float)eps);
+    for (int64_t d = 0; d < D; d++) out[m * D + d] = xr[d] * r * w[d];
+  }
+}
+
+// One attention block of a decode step for B rows, each one token of its own sequence (slot s_b, position
+// p_b), grouped-query attention without qk-norm, rotary embedding on (i, i + Dh/2) pairs written side by
+// side (the runner's cache order, see _AttnPlan):
+//   h = rms_norm(x) -> q, k, v -> rope -> k, v into the cache -> softmax(q k^T / sqrt(Dh)) v -> o_proj;
+//   x' = x + o; h2 = rms_norm_ffn(x').  Returns (x', h2).
+std::vector<at::Tensor> attn_decode(const at::Tensor& x, const at::Tensor& norm_w, double eps, const NWeight& qkv,
+                                    const NWeight& o, at::Tensor& kc, at::Tensor& vc, const at::Tensor& slots,
+                                    const at::Tensor& pos, const at::Tensor& cos_h, const at::Tensor& sin_h, int64_t H,
+                                    int64_t G, int64_t Dh, const at::Tensor& ffn_w, double ffn_eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "moekit native: x float32 [B, D]");
+  const int64_t B = x.size(0), D = x.size(1), half = Dh / 2;
+  TORCH_CHECK(qkv.w.K == D && qkv.w.N == (H + 2 * G) * Dh && o.w.K == H * Dh && o.w.N == D, "moekit native: attention shapes");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat && kc.dim() == 4 &&
+              kc.size(1) == G && kc.size(3) == Dh && vc.sizes() == kc.sizes(), "moekit native: cache float32 [S, G, L, Dh]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && slots.numel() == B && pos.numel() == B,
+              "moekit native: slots and positions int64 [B]");
+  TORCH_CHECK(cos_h.is_contiguous() && sin_h.is_contiguous() && cos_h.size(1) == half, "moekit native: cos/sin [L, Dh/2]");
+  const int64_t S = kc.size(0), L = kc.size(2), W = (H + 2 * G) * Dh;
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* ps = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++)
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < S && ps[b] >= 0 && ps[b] < L && ps[b] < cos_h.size(0), "moekit native: slot/position out of range");
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> h(B * D), q(B * W), y(B * H * Dh);
+  rms_norm_rows(xp, B, D, norm_w.data_ptr<float>(), eps, h.data());
+  linear_rows(h.data(), B, D, qkv.w, q.data(), W, qkv.b);
+  float* K = kc.data_ptr<float>();
+  float* V = vc.data_ptr<float>();
+  const float* co = cos_h.data_ptr<float>();
+  const float* si = sin_h.data_ptr<float>();
+  // rope on the H query heads and G key heads; keys and values into the cache
+  std::vector<float> tmp(Dh);
+  for (int64_t b = 0; b < B; b++) {
+    const float* c = co + ps[b] * half;
+    const float* sn = si + ps[b] * half;
+    for (int64_t hh = 0; hh < H + G; hh++) {
+      float* v = q.data() + b * W + hh * Dh;
+      for (int64_t i = 0; i < half; i++) {
+        const float a = v[i], bb = v[i + half];
+        tmp[2 * i] = a * c[i] - bb * sn[i];
+        tmp[2 * i + 1] = a * sn[i] + bb * c[i];
+      }
+      std::memcpy(v, tmp.data(), Dh * sizeof(float));
+    }
+    for (int64_t g = 0; g < G; g++) {
+      const int64_t at_ = ((sl[b] * G + g) * L + ps[b]) * Dh;
+      std::memcpy(K + at_, q.data() + b * W + (H + g) * Dh, Dh * sizeof(float));
+      std::memcpy(V + at_, q.data() + b * W + (H + G + g) * Dh, Dh * sizeof(float));
+    }
+  }
+  const float scale = 1.f / std::sqrt((float)Dh);
+  const int64_t rep = H / G;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sc;
+    for (int64_t bh = begin; bh < end; bh++) {
+      const int64_t b = bh / H, hh = bh % H, g = hh / rep, n = ps[b] + 1;
+      const float* qv = q.data() + b * W + hh * Dh;
+      const float* kb = K + (sl[b] * G + g) * L * Dh;
+      const float* vb = V + (sl[b] * G + g) * L * Dh;
+      sc.resize(n);
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < n; t++) {
+        const float* kt = kb + t * Dh;
+        float d = 0.f;
+        for (int64_t i = 0; i < Dh; i++) d += qv[i] * kt[i];
+        sc[t] = d * scale;
+        mx = std::max(mx, sc[t]);
+      }
+      float sum = 0.f;
+      for (int64_t t = 0; t < n; t++) { sc[t] = std::exp(sc[t] - mx); sum += sc[t]; }
+      float* out = y.data() + b * H * Dh + hh * Dh;
+      for (int64_t i = 0; i < Dh; i++) out[i] = 0.f;
+      for (int64_t t = 0; t < n; t++) {
+        const float p = sc[t] / sum;
+        const float* vt = vb + t * Dh;
+        for (int64_t i = 0; i < Dh; i++) out[i] += p * vt[i];
+      }
+    }
+  });
+  at::Tensor xn = at::empty({B, D}, x.options());
+  float* xo = xn.data_ptr<float>();
+  linear_rows(y.data(), B, H * Dh, o.w, xo, D, o.b);
+  for (int64_t i = 0; i < B * D; i++) xo[i] += xp[i];
+  at::Tensor h2 = at::empty({B, D}, x.options());
+  rms_norm_rows(xo, B, D, ffn_w.data_ptr<float>(), ffn_eps, h2.data_ptr<float>());
+  return {xn, h2};
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && w.numel() == x.size(1), "moekit native: x float32 [M, D]");
+  at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  rms_norm_rows(xc.data_ptr<float>(), x.size(0), x.size(1), wc.data_ptr<float>(), eps, out.data_ptr<float>());
+  return out;
+}
+
+// The float32 weight [N, K] (int8: q * scale; int4: (q - 8) * scale + zero), for prefill chunks, where one
+// dequantization per call and a float32 GEMM beat per-row kernels.
+at::Tensor dequantize(const NWeight& nw) {
+  const Weight& w = nw.w;
   at::Tensor out = at::empty({w.N, w.K}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const int64_t K = w.K;
@@ -489,13 +643,20 @@ int64_t best_isa() { return kBestIsa; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moekit native decode kernels (see moekit/native/__init__.py)";
-  m.def("linear", &linear, "y = x @ w.T (+ bias) for a float32 [N, K], int8 per-row or int4 grouped weight",
-        py::arg("x"), py::arg("kind"), py::arg("tensors"), py::arg("group_size"), py::arg("bias") = py::none());
+  py::class_<NWeight, NWeightPtr>(m, "Weight")
+      .def(py::init(&make_weight), py::arg("kind"), py::arg("tensors"), py::arg("group_size"), py::arg("bias") = py::none())
+      .def_property_readonly("shape", [](const NWeight& w) { return std::vector<int64_t>{w.w.N, w.w.K}; })
+      .def_property_readonly("kind", [](const NWeight& w) { return w.w.kind; });
+  py::class_<NExperts, NExpertsPtr>(m, "Experts").def(py::init(&make_experts), py::arg("w1"), py::arg("w2"));
+  m.def("linear", &wlinear, "y = x @ w.T (+ bias) for x float32 [M, K]", py::arg("x"), py::arg("weight"));
+  m.def("dequantize", &dequantize, "the float32 [N, K] weight", py::arg("weight"));
   m.def("moe", &moe, "the chosen experts' SwiGLU, gate-weighted and summed per row", py::arg("x"), py::arg("ids"),
-        py::arg("gates"), py::arg("kind1"), py::arg("w1"), py::arg("kind2"), py::arg("w2"), py::arg("group_size1"),
-        py::arg("group_size2"));
-  m.def("dequantize", &dequantize, "the float32 [N, K] weight", py::arg("kind"), py::arg("tensors"),
-        py::arg("group_size"));
+        py::arg("gates"), py::arg("experts"));
+  m.def("moe_add", &moe_add, "y += the chosen experts' SwiGLU, gate-weighted", py::arg("x"), py::arg("ids"),
+        py::arg("gates"), py::arg("experts"), py::arg("y"));
+  m.def("swiglu", &swiglu, "a dense SwiGLU MLP", py::arg("x"), py::arg("w1"), py::arg("w2"));
+  m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * w", py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("attn_decode", &attn_decode, "one attention block of a decode step; returns (x', rms_norm_ffn(x'))");
   m.def("set_isa", &set_isa, "force an instruction set: 0 plain C, 1 AVX2, 2 AVX512-VNNI (at most the best here)");
   m.def("isa", &get_isa, "the instruction set in use");
   m.def("best_isa", &best_isa, "the best instruction set this CPU has");
