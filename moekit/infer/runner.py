@@ -338,6 +338,7 @@ class _LatentPlan:
     """
 
     mla = True
+    native_block = False  # (its projections and attention run on the PyTorch path)
 
     def __init__(self, attn: LatentAttention, norm: RMSNorm, native: bool = False):
         self.attn, self.norm = attn, norm  # (its projections run on the PyTorch path)

@@ -52,77 +52,64 @@ struct Weight {
 };
 
 // ------------------------------------------------------------------------------------------ activations
-// One row of activations quantized for the int8 and int4 dot products.
-//   int8 weights: blocks of 32 consecutive columns; absq = |q| (uint8), neg = the sign bits, d = scales.
+// One row of activations quantized to int16 for the integer dot products: q = round(x / d) with d the
+// block's max |x| / 32767, so a product differs from float32's by about 1e-5 of the block's largest term
+// (int8 activations, as llama.cpp's q8_0 path uses, were measured to change SmolLM2's greedy text:
+// 0.3% per product over 30 layers). int16 x int8/int4 pairs sum into int32 with AVX512-VNNI's vpdpwssd
+// (AVX2: vpmaddwd); a block's sum stays below 2^31 (32 values of at most 32767 x 127).
+//   int8 weights: blocks of 32 consecutive columns, d [K/32].
 //   int4 weights: per 64-column chunk the row is reordered to [even columns | odd columns] (the order the
 //     nibbles unpack in), in blocks of 16 values: chunk c's blocks are (even 0..30, even 32..62, odd 1..31,
-//     odd 33..63), d4 their scales; lane sums of q (4 values each, 16 lanes per chunk) times 8 for the
-//     "- 8" of the weights; gsum the float sum of x over each weight group (for the zeros).
+//     odd 33..63), d [K/16], dlane [K/2] each lane's block scale (8 lanes a block); per weight group g,
+//     corr_g = sum of d_b * 8 * sum q over its values (the "- 8" of the weights) and gsum_g = the float sum
+//     of x over it (for the zeros).
 struct QRow8 {
-  std::vector<uint8_t> absq;
-  std::vector<uint64_t> neg;  // one bit per column, 64 per word
-  std::vector<int8_t> q;
-  std::vector<float> d;       // [K/32]
-  std::vector<float> dlane;   // [K/4]: the block scale of each dpbusd lane (8 lanes a block)
+  std::vector<int16_t> q;  // [K]
+  std::vector<float> d;    // [K/32]
 };
 
 struct QRow4 {
-  std::vector<int8_t> q;      // [K], reordered per chunk
+  std::vector<int16_t> q;     // [K], reordered per chunk
   std::vector<float> d;       // [K/16]
-  std::vector<int32_t> lsum8; // [K/4]: 8 * sum of each lane's 4 values
+  std::vector<float> dlane;   // [K/2]
+  std::vector<float> corr;    // [K/G]
   std::vector<float> gsum;    // [K/G]
-  std::vector<float> dlane;   // [K/4]: each lane's block scale (d spread over its 4 lanes)
-  std::vector<float> corr;    // [K/G]: per weight group, the sum of d_lane * 8 * lane sum over its lanes
 };
 
-inline int8_t q8(float v, float id) {
-  float r = std::nearbyint(v * id);
-  return (int8_t)std::max(-127.f, std::min(127.f, r));
-}
-
-void quantize_block(const float* x, int n, int8_t* q, float* d) {
+int quantize_block16(const float* x, int n, int16_t* q, float* d) {  // returns the sum of q
   float amax = 0.f;
   for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(x[i]));
-  float s = amax / 127.f, id = s > 0.f ? 1.f / s : 0.f;
-  for (int i = 0; i < n; i++) q[i] = q8(x[i], id);
+  float s = amax / 32767.f, id = s > 0.f ? 1.f / s : 0.f;
+  int sum = 0;
+  for (int i = 0; i < n; i++) {
+    float r = std::nearbyint(x[i] * id);
+    q[i] = (int16_t)std::max(-32767.f, std::min(32767.f, r));
+    sum += q[i];
+  }
   *d = s;
+  return sum;
 }
 
 void quantize_row8(const float* x, int64_t K, QRow8& r) {
-  r.q.resize(K); r.absq.resize(K); r.d.resize(K / 32); r.neg.assign((K + 63) / 64, 0);
-  for (int64_t b = 0; b < K / 32; b++) quantize_block(x + 32 * b, 32, r.q.data() + 32 * b, &r.d[b]);
-  for (int64_t i = 0; i < K; i++) {
-    r.absq[i] = (uint8_t)std::abs((int)r.q[i]);
-    if (r.q[i] < 0) r.neg[i / 64] |= (uint64_t)1 << (i % 64);
-  }
-  r.dlane.resize(K / 4);
-  for (int64_t l = 0; l < K / 4; l++) r.dlane[l] = r.d[l / 8];
+  r.q.resize(K); r.d.resize(K / 32);
+  for (int64_t b = 0; b < K / 32; b++) quantize_block16(x + 32 * b, 32, r.q.data() + 32 * b, &r.d[b]);
 }
 
 void quantize_row4(const float* x, int64_t K, int64_t G, QRow4& r) {
-  r.q.resize(K); r.d.resize(K / 16); r.lsum8.resize(K / 4); r.gsum.assign(K / G, 0.f);
+  r.q.resize(K); r.d.resize(K / 16); r.dlane.resize(K / 2); r.corr.assign(K / G, 0.f); r.gsum.assign(K / G, 0.f);
   float buf[64];
   for (int64_t c = 0; c < K / 64; c++) {
     const float* xc = x + 64 * c;
     for (int j = 0; j < 32; j++) { buf[j] = xc[2 * j]; buf[32 + j] = xc[2 * j + 1]; }
-    for (int b = 0; b < 4; b++) quantize_block(buf + 16 * b, 16, r.q.data() + 64 * c + 16 * b, &r.d[4 * c + b]);
-  }
-  for (int64_t l = 0; l < K / 4; l++) {
-    int s = 0;
-    for (int i = 0; i < 4; i++) s += r.q[4 * l + i];
-    r.lsum8[l] = 8 * s;
+    for (int b = 0; b < 4; b++) {
+      const int64_t blk = 4 * c + b;
+      int sum = quantize_block16(buf + 16 * b, 16, r.q.data() + 16 * blk, &r.d[blk]);
+      for (int l = 0; l < 8; l++) r.dlane[8 * blk + l] = r.d[blk];
+      const int64_t g = (64 * c + 32 * (b % 2)) / G;  // blocks 0, 2: columns 0..31 of the chunk; 1, 3: 32..63
+      r.corr[g] += r.d[blk] * 8.f * (float)sum;
+    }
   }
   for (int64_t i = 0; i < K; i++) r.gsum[i / G] += x[i];
-  r.dlane.resize(K / 4);
-  for (int64_t l = 0; l < K / 4; l++) r.dlane[l] = r.d[l / 4];
-  // The "- 8" of the weights, taken out of the inner loop: for the 32 columns c*64 + 32h .. + 31 (one weight
-  // group's part of chunk c: lanes 4h..4h+3 and 8+4h..8+4h+3), the sum of d_lane * 8 * lane sum.
-  r.corr.assign(K / G, 0.f);
-  for (int64_t c = 0; c < K / 64; c++)
-    for (int h = 0; h < 2; h++)
-      for (int l = 0; l < 4; l++)
-        r.corr[(64 * c + 32 * h) / G] += r.dlane[16 * c + 4 * h + l] * r.lsum8[16 * c + 4 * h + l] +
-                             r.dlane[16 * c + 8 + 4 * h + l] * r.lsum8[16 * c + 8 + 4 * h + l];
 }
 
 // ------------------------------------------------------------------------------------------ dot products
@@ -166,141 +153,120 @@ float dot_f32_scalar(const float* a, const float* b, int64_t K) {
   return s;
 }
 
-// int8 weights x int8 activations, blocks of 32
+// int8 weights x int16 activations, blocks of 32
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i8_avx512(const int8_t* w, const QRow8& a,
-                                                                                    int64_t K) {
+                                                                                             int64_t K) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
+  const int16_t* q = a.q.data();
   int64_t i = 0;
-  for (; i + 128 <= K; i += 128) {  // two independent chains
-    __m512i w0 = _mm512_loadu_si512((const void*)(w + i)), w1 = _mm512_loadu_si512((const void*)(w + i + 64));
-    w0 = _mm512_mask_sub_epi8(w0, a.neg[i / 64], zero, w0);  // w * sign(a)
-    w1 = _mm512_mask_sub_epi8(w1, a.neg[i / 64 + 1], zero, w1);
-    __m512i s0 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void*)(a.absq.data() + i)), w0);
-    __m512i s1 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void*)(a.absq.data() + i + 64)), w1);
-    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_loadu_ps(a.dlane.data() + i / 4), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_loadu_ps(a.dlane.data() + i / 4 + 16), acc1);
+  for (; i + 64 <= K; i += 64) {  // two independent chains
+    __m512i s0 = _mm512_dpwssd_epi32(zero, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + i))),
+                                     _mm512_loadu_si512((const void*)(q + i)));
+    __m512i s1 = _mm512_dpwssd_epi32(zero, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + i + 32))),
+                                     _mm512_loadu_si512((const void*)(q + i + 32)));
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(a.d[i / 32]), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d[i / 32 + 1]), acc1);
   }
-  for (; i + 64 <= K; i += 64) {
-    __m512i wv = _mm512_loadu_si512((const void*)(w + i));
-    wv = _mm512_mask_sub_epi8(wv, a.neg[i / 64], zero, wv);
-    __m512i s = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void*)(a.absq.data() + i)), wv);
-    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(a.dlane.data() + i / 4), acc0);
+  if (i < K) {  // a last block of 32
+    __m512i s0 = _mm512_dpwssd_epi32(zero, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + i))),
+                                     _mm512_loadu_si512((const void*)(q + i)));
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_set1_ps(a.d[i / 32]), acc0);
   }
-  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  for (; i < K; i += 32) {  // a last block of 32
-    int s = 0;
-    for (int j = 0; j < 32; j++) s += (int)w[i + j] * a.q[i + j];
-    total += (float)s * a.d[i / 32];
-  }
-  return total;
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
 __attribute__((target("avx2,fma"))) float dot_i8_avx2(const int8_t* w, const QRow8& a, int64_t K) {
-  __m256 acc = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const int16_t* q = a.q.data();
   for (int64_t i = 0; i < K; i += 32) {
-    __m256i wv = _mm256_loadu_si256((const __m256i*)(w + i));
-    __m256i qa = _mm256_loadu_si256((const __m256i*)(a.q.data() + i));
-    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(qa, qa), _mm256_sign_epi8(wv, qa));  // |a| * w sign(a)
-    __m256i s = _mm256_madd_epi16(p, ones);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a.d[i / 32]), acc);
+    __m256i s0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + i))),
+                                   _mm256_loadu_si256((const __m256i*)(q + i)));
+    __m256i s1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + i + 16))),
+                                   _mm256_loadu_si256((const __m256i*)(q + i + 16)));
+    const __m256 d = _mm256_set1_ps(a.d[i / 32]);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), d, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), d, acc1);
   }
-  return hsum256(acc);
+  return hsum256(_mm256_add_ps(acc0, acc1));
 }
 
 float dot_i8_scalar(const int8_t* w, const QRow8& a, int64_t K) {
   float total = 0.f;
   for (int64_t i = 0; i < K; i += 32) {
-    int s = 0;
-    for (int j = 0; j < 32; j++) s += (int)w[i + j] * a.q[i + j];
+    int64_t s = 0;
+    for (int j = 0; j < 32; j++) s += (int64_t)w[i + j] * a.q[i + j];
     total += (float)s * a.d[i / 32];
   }
   return total;
 }
 
-// int4 weights (nibbles, groups of G) x int8 activations (reordered chunks, blocks of 16):
-// sum over chunks of sum over lanes of d_a * s_g * (sum q * qa - 8 * sum qa), plus sum_g z_g * gsum_g.
-// One 64-column chunk of an int4 row: d_a * s_g * sum q * qa per lane.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) inline __m512 i4_chunk(
-    const uint8_t* nib, const float* s, const QRow4& a, int64_t c, int gshift) {
+// int4 weights (nibbles, groups of G) x int16 activations (reordered chunks, blocks of 16):
+// sum over blocks of d_b * s_g * sum q * qa, minus sum_g s_g corr_g, plus sum_g z_g gsum_g.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i4_avx512(const uint8_t* nib, const float* s,
+                                                                                             const float* z, const QRow4& a,
+                                                                                             int64_t K, int64_t G) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  __m256i b = _mm256_loadu_si256((const __m256i*)(nib + 32 * c));
-  __m256i lo = _mm256_and_si256(b, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), lo4);
-  __m512i qw = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // [even columns | odd columns]
-  __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, _mm512_loadu_si512((const void*)(a.q.data() + 64 * c)));
-  const int64_t g0 = (64 * c) >> gshift, g1 = (64 * c + 32) >> gshift;
-  __m512 sw = g0 == g1 ? _mm512_set1_ps(s[g0])
-                       : _mm512_mask_blend_ps((__mmask16)0xF0F0, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
-  return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(a.dlane.data() + 16 * c)), sw);
+  const __m512i zero = _mm512_setzero_si512();
+  const int gshift = __builtin_ctzll((unsigned long long)G);  // G is a power of two (checked in unpack)
+  const int16_t* q = a.q.data();
+  const float* dl = a.dlane.data();
+  for (int64_t c = 0; c < K / 64; c++) {
+    __m256i b = _mm256_loadu_si256((const __m256i*)(nib + 32 * c));
+    __m512i lo = _mm512_cvtepu8_epi16(_mm256_and_si256(b, lo4));                          // even columns
+    __m512i hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), lo4));    // odd columns
+    __m512i se = _mm512_dpwssd_epi32(zero, lo, _mm512_loadu_si512((const void*)(q + 64 * c)));
+    __m512i so = _mm512_dpwssd_epi32(zero, hi, _mm512_loadu_si512((const void*)(q + 64 * c + 32)));
+    // lanes 0-7: columns 0..31 of the chunk (group g0), lanes 8-15: columns 32..63 (g1)
+    const int64_t g0 = (64 * c) >> gshift, g1 = (64 * c + 32) >> gshift;
+    __m512 sw = g0 == g1 ? _mm512_set1_ps(s[g0])
+                         : _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
+    acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(se), _mm512_loadu_ps(dl + 32 * c)), sw, acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(so), _mm512_loadu_ps(dl + 32 * c + 16)), sw, acc1);
+  }
+  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  return total + dot_f32_avx512(z, a.gsum.data(), K / G) - dot_f32_avx512(s, a.corr.data(), K / G);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i4_avx512(const uint8_t* nib, const float* s,
-                                                                                    const float* z, const QRow4& a,
-                                                                                    int64_t K, int64_t G) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  const int gshift = __builtin_ctzll((unsigned long long)G);  // G is a power of two (checked in unpack)
-  const int64_t C = K / 64;
-  int64_t c = 0;
-  for (; c + 2 <= C; c += 2) {
-    acc0 = _mm512_add_ps(acc0, i4_chunk(nib, s, a, c, gshift));
-    acc1 = _mm512_add_ps(acc1, i4_chunk(nib, s, a, c + 1, gshift));
+__attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const float* s, const float* z,
+                                                     const QRow4& a, int64_t K, int64_t G) {
+  const __m128i lo4 = _mm_set1_epi8(0x0F);
+  const int gshift = __builtin_ctzll((unsigned long long)G);
+  const int16_t* q = a.q.data();
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t c = 0; c < K / 64; c++) {
+    for (int half = 0; half < 2; half++) {  // bytes 16 half .. + 15: columns 32 half .. + 31 (one group's part)
+      __m128i b = _mm_loadu_si128((const __m128i*)(nib + 32 * c + 16 * half));
+      __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, lo4));
+      __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), lo4));
+      const int64_t be = 4 * c + half, bo = 4 * c + 2 + half;  // the even and odd blocks
+      __m256i se = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)(q + 16 * be)));
+      __m256i so = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(q + 16 * bo)));
+      const float sg = s[(64 * c + 32 * half) >> gshift];
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(se), _mm256_set1_ps(a.d[be] * sg), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(so), _mm256_set1_ps(a.d[bo] * sg), acc1);
+    }
   }
-  if (c < C) acc0 = _mm512_add_ps(acc0, i4_chunk(nib, s, a, c, gshift));
-  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  // the "- 8" and the zeros, per weight group
-  return total + dot_f32_avx512(z, a.gsum.data(), K / G) - dot_f32_avx512(s, a.corr.data(), K / G);
+  float total = hsum256(_mm256_add_ps(acc0, acc1));
+  return total + dot_f32_avx2(z, a.gsum.data(), K / G) - dot_f32_avx2(s, a.corr.data(), K / G);
 }
 
 float dot_i4_scalar(const uint8_t* nib, const float* s, const float* z, const QRow4& a, int64_t K, int64_t G) {
   float total = 0.f;
   for (int64_t c = 0; c < K / 64; c++) {
     for (int blk = 0; blk < 4; blk++) {  // (even|odd) x (first|second half): 16 values each
-      int odd = blk / 2, half = blk % 2, acc = 0;
+      const int odd = blk / 2, half = blk % 2;
+      int64_t acc = 0;
       for (int j = 0; j < 16; j++) {
-        int byte = 16 * half + j;
-        int qw = odd ? (nib[32 * c + byte] >> 4) : (nib[32 * c + byte] & 15);
-        acc += qw * a.q[64 * c + 16 * blk + j];
+        const int byte = 16 * half + j;
+        const int qw = odd ? (nib[32 * c + byte] >> 4) : (nib[32 * c + byte] & 15);
+        acc += (int64_t)qw * a.q[64 * c + 16 * blk + j];
       }
-      int qsum = 0;
-      for (int l = 0; l < 4; l++) qsum += a.lsum8[16 * c + 4 * blk + l];
-      int64_t g = (64 * c + 32 * half) / G;
-      total += (float)(acc - qsum) * a.d[4 * c + blk] * s[g];
+      total += (float)acc * a.d[4 * c + blk] * s[(64 * c + 32 * half) / G];
     }
   }
-  for (int64_t g = 0; g < K / G; g++) total += z[g] * a.gsum[g];
-  return total;
-}
-
-__attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const float* s, const float* z,
-                                                     const QRow4& a, int64_t K, int64_t G) {
-  // per chunk: two 16-byte halves -> 32 unsigned nibbles each (even|odd of 16 bytes), times 32 int8 activations
-  const __m128i lo4 = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int gshift = __builtin_ctzll((unsigned long long)G);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t c = 0; c < K / 64; c++) {
-    for (int half = 0; half < 2; half++) {
-      __m128i b = _mm_loadu_si128((const __m128i*)(nib + 32 * c + 16 * half));
-      __m128i lo = _mm_and_si128(b, lo4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
-      // activations of blocks (even, half) and (odd, half): 4c + half and 4c + 2 + half
-      __m128i qa_e = _mm_loadu_si128((const __m128i*)(a.q.data() + 64 * c + 16 * half));
-      __m128i qa_o = _mm_loadu_si128((const __m128i*)(a.q.data() + 64 * c + 32 + 16 * half));
-      __m256i qw = _mm256_set_m128i(hi, lo), qa = _mm256_set_m128i(qa_o, qa_e);
-      __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);  // 8 lanes of 4 values
-      // lanes 0-3 hold the even block (4 values each), 4-7 the odd block: subtract their 8 * lane sums
-      const int32_t* ls = a.lsum8.data() + 16 * c;
-      __m256i corr_full = _mm256_setr_epi32(ls[4 * half], ls[4 * half + 1], ls[4 * half + 2], ls[4 * half + 3],
-                                            ls[8 + 4 * half], ls[8 + 4 * half + 1], ls[8 + 4 * half + 2],
-                                            ls[8 + 4 * half + 3]);
-      dot = _mm256_sub_epi32(dot, corr_full);
-      float sg = s[(64 * c + 32 * half) >> gshift];
-      __m256 d = _mm256_setr_m128(_mm_set1_ps(a.d[4 * c + half] * sg), _mm_set1_ps(a.d[4 * c + 2 + half] * sg));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc);
-    }
-  }
-  float total = hsum256(acc);
-  for (int64_t g = 0; g < K / G; g++) total += z[g] * a.gsum[g];
+  for (int64_t g = 0; g < K / G; g++) total += z[g] * a.gsum[g] - s[g] * a.corr[g];
   return total;
 }
 
