@@ -19,12 +19,21 @@ $(STAMP): $(BASE)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The native decode kernels (moekit/native/kernels.cpp, a C++ extension for this CPU: about 40 s with
+# the machine's compiler). If they cannot build, moekit says so and runs its PyTorch path.
+NATIVE := .venv/.native
+
+$(NATIVE): $(BASE) moekit/native/kernels.cpp
+	$(PY) -m pip install --quiet ninja
+	$(PY) -m moekit.native build || true
+	touch $(NATIVE)
+
 # The main job: dense vs MoE on the embedded Shakespeare corpus (about 10 minutes on 2 cores), in the
 # regime where FFN capacity limits the dense model: a 300-token vocabulary (near byte level), width 64,
 # 2 layers; the MoE holds 16 experts of 64 (top-2) against its dense twin's FFN of 128. 3 seeds each,
 # and once (seed 0) the dense model with the MoE's total parameters, the ceiling sparsity aims at.
 # The configuration comes from the study in BENCHMARKS.md ("What sparsity buys").
-run: $(BASE)
+run: $(BASE) $(NATIVE)
 	$(PY) -m moekit compare --preset micro-moe --vocab-size 300 --expert-ffn-dim 64 --out runs/compare \
 		--seeds 3 --ceiling-seeds 1 --max-steps 2000 --lr 3e-3 --schedule constant --eval-every 100 \
 		--eval-batches 20 --sample "ROMEO:"
@@ -39,7 +48,7 @@ $(LLAMA_STAMP): $(STAMP)
 	touch $(LLAMA_STAMP)
 
 # The page tests (tests/test_browser.py) drive headless Chromium; without it they skip, and this says so.
-test: $(STAMP) $(LLAMA_STAMP)
+test: $(STAMP) $(NATIVE) $(LLAMA_STAMP)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || test -n "$$MOEKIT_CHROMIUM" \
 		|| echo "note: no Chromium, so the page tests will skip: sudo apt-get install -y chromium"
 	$(PY) -m pytest -q
