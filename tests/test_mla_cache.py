@@ -99,8 +99,8 @@ def test_a_quantized_latent_projection_runs_absorbed(bits):
     ids = torch.randint(0, VOCAB, (1, 20))
     with torch.no_grad():
         ref = reference(ids).logits
-    runner = Runner(model, slots=1, max_len=64)
-    with torch.inference_mode():
+    runner = Runner(model, slots=1, max_len=64, native=False)  # (the native kernels compute the other quantized
+    with torch.inference_mode():                                # layers more exactly than bfloat16: tests/test_native.py)
         got = torch.cat([runner(ids[:, :12], [0], [0], all_logits=True)[0]]
                         + [runner(ids[:, t:t + 1], [0], [t]) for t in range(12, 20)])
     assert_close(got, ref[0], atol=1e-2, rtol=1e-2)

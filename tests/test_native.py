@@ -264,3 +264,27 @@ def test_quantized_prefill_is_the_dequantized_float_product(kern):
         a = runner_n.forward(ids, [(0, 0, 100)], [True])
         b = runner_r.forward(ids, [(0, 0, 100)], [True])
     assert _rel(a, b) < 0.02  # float32 activations against the reference's bfloat16 ones
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_the_native_path_reads_float_and_int8_weights_in_place_and_copies_int4_once(kern, bits):
+    """One copy of the weights (tests/test_runner_memory.py) holds on the native path for float32 and int8
+    (values and bfloat16 scales read in place); an int4 weight gets its portable form: nibbles (0.5 byte
+    a weight) and float32 scales and zeros (8 bytes a group), built once, shared by a second runner."""
+    from test_runner_memory import cache_and_tables, live_tensor_bytes, model_for
+
+    from moekit.quant import quantized_weights
+
+    model = model_for("moe", bits)
+    before = live_tensor_bytes()
+    runner = Runner(model, slots=2, max_len=64, native=True)
+    with torch.inference_mode():  # the experts' native forms are built at their first decode
+        runner.forward(torch.tensor([3, 4]), [(0, 0, 1), (1, 0, 1)])
+    added = live_tensor_bytes(cache_and_tables(runner)) - before
+    if bits != 4:
+        assert added == 0
+    else:
+        weights = [w for name, w in quantized_weights(model).items() if w.bits == 4]
+        values = sum(w.shape[-2] * w.shape[-1] * (w.shape[0] if len(w.shape) == 3 else 1) for w in weights)
+        expected = values // 2 + 8 * values // 32
+        assert added == expected

@@ -55,7 +55,8 @@ def live_tensor_bytes(exclude: set[int] = frozenset()) -> int:
 def cache_and_tables(runner: Runner) -> set[int]:
     """Storages the runner owns that are not weights: the KV cache and the rotary tables."""
     return {t.untyped_storage().data_ptr() for t in runner.cache.k + runner.cache.v + [runner.cos, runner.sin,
-                                                                                        runner.freqs]}
+                                                                                        runner.freqs, runner.cos_half,
+                                                                                        runner.sin_half]}
 
 
 def storage(w) -> int:
@@ -74,7 +75,8 @@ CASES = [("dense", None), ("moe", None), ("dense", 8), ("moe", 8), ("dense", 4),
 def test_the_runner_adds_no_weight_copies(kind, bits):
     model = model_for(kind, bits)
     before = live_tensor_bytes()
-    runner = Runner(model, slots=2, max_len=64)
+    # (the PyTorch path; the native one adds an int4 weight's portable copy: tests/test_native.py)
+    runner = Runner(model, slots=2, max_len=64, native=False)
     assert live_tensor_bytes(cache_and_tables(runner)) == before
     # ... and it did fuse: the fused tensors are the storage of the model's own q/k/v and gate/up weights.
     fused = 0
@@ -88,7 +90,7 @@ def test_the_runner_adds_no_weight_copies(kind, bits):
         fused += 1 + isinstance(ffn, _MoEPlan)
     assert fused == (2 if kind == "dense" else 3)
     # A second runner on the same model finds the weights fused and shares them too.
-    again = Runner(model, slots=1, max_len=64)
+    again = Runner(model, slots=1, max_len=64, native=False)
     assert storage(again.blocks[0][0].w_qkv) == storage(runner.blocks[0][0].w_qkv)
     assert live_tensor_bytes(cache_and_tables(runner) | cache_and_tables(again)) == before
 
@@ -101,7 +103,7 @@ def test_int4_rows_that_cannot_be_views_are_run_apart_not_copied():
     with torch.no_grad():
         ref = model(ids).logits
     before = live_tensor_bytes()
-    runner = Runner(model, slots=1, max_len=64)
+    runner = Runner(model, slots=1, max_len=64, native=False)
     assert live_tensor_bytes(cache_and_tables(runner)) == before
     assert runner.blocks[0][0].w_qkv is None
     with torch.inference_mode():
@@ -114,7 +116,8 @@ def test_the_model_runs_the_same_after_a_runner_was_built(kind, bits):
     ids = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         ref = model(ids).logits
-    runner = Runner(model, slots=2, max_len=64)
+    # (the PyTorch path: the same kernels as the model's; the native one: tests/test_native.py)
+    runner = Runner(model, slots=2, max_len=64, native=False)
     with torch.no_grad():
         assert_close(model(ids).logits, ref, atol=1e-6, rtol=1e-6)  # the same weights, now row blocks of one tensor
     with torch.inference_mode():

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit import native as _native
 from moekit.config import ModelConfig
 from moekit.model.layers import MLP, Attention, LatentAttention, RMSNorm, apply_rope, rope_frequencies
 from moekit.model.moe import MoE
 from moekit.model.transformer import Transformer
-from moekit import native as _native
 from moekit.quant import QuantizedLinear, QuantizedWeight, head_logits, linear, quantized_weights
 from moekit.utils import release_free_memory
 
@@ -433,7 +433,8 @@ class _MoEPlan:
         # has a form the kernels take; the layer then runs on the PyTorch path). Offloaded experts
         # (moekit.infer.offload swaps ``experts``) are converted as they are fetched (_native_pair).
         self.native = native
-        self._resident_native: list | None | bool = False  # built at first use (offloading may replace experts)
+        self._resident_native = False  # built at first use (offloading may replace the experts)
+        self._resident_pairs: list = []
         self._fetched: dict = {}  # id(tensor) -> (version, data pointer, NativeWeight): offloaded slots
 
     def __call__(self, x_BTD: torch.Tensor, routing: list | None, task_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -492,11 +493,34 @@ class _MoEPlan:
                 if n:
                     plan.append((e, tok_A[start:start + n], gate_A[start:start + n]))
                 start += n
+        dequantized = self._dequantized_experts(x_ND)
         for e, idx, gate in plan:
-            w1, w2 = self.experts.get(e)
+            w1, w2 = self.experts.get(e) if dequantized is None else dequantized(e)
             ye = _swiglu(x_ND.index_select(0, idx), w1, w2)
             y_ND.index_add_(0, idx, ye.mul_(gate[:, None]))
         return y_ND
+
+    def _dequantized_experts(self, x_ND: torch.Tensor):
+        """For a prefill chunk on the native path with quantized resident experts: e -> the expert's float32
+        (w1, w2), dequantized for this call (a float32 GEMM then beats the quantized kernels' many rows)."""
+        if not (self.native and x_ND.dtype == torch.float32 and isinstance(self.experts, ResidentExperts)
+                and isinstance(self.experts.w1, QuantizedWeight)):
+            return None
+        self._routed_native_resident()
+        if not self._resident_pairs:
+            return None
+        kern = _native.kernels()
+        return lambda e: tuple(kern.dequantize(w) for w in self._resident_pairs[e])
+
+    def _routed_native_resident(self):
+        """The resident experts' native forms (built once): self._resident_native (one Experts object) and
+        self._resident_pairs ((w1, w2) per expert); None and [] where some expert has no native form."""
+        if self._resident_native is False:
+            kern = _native.kernels()
+            pairs = [tuple(map(_native.native_weight, self.experts.get(e))) for e in range(self.num_experts)]
+            ok = all(a is not None and b is not None for a, b in pairs)
+            self._resident_pairs = pairs if ok else []
+            self._resident_native = kern.Experts([a for a, _ in pairs], [b for _, b in pairs]) if ok else None
 
 
     def _routed_native(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor | None:
@@ -507,10 +531,7 @@ class _MoEPlan:
         kern = _native.kernels()
         x, gates = x_ND.contiguous(), w_NK.to(torch.float32)
         if isinstance(self.experts, ResidentExperts):
-            if self._resident_native is False:
-                pairs = [tuple(map(_native.native_weight, self.experts.get(e))) for e in range(self.num_experts)]
-                ok = all(a is not None and b is not None for a, b in pairs)
-                self._resident_native = kern.Experts([a for a, _ in pairs], [b for _, b in pairs]) if ok else None
+            self._routed_native_resident()
             if self._resident_native is None:
                 return None
             return kern.moe(x, ids_NK, gates, self._resident_native)

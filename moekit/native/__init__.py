@@ -101,8 +101,8 @@ def native_weight(w, bias: torch.Tensor | None = None):
     """``w`` (a float32 tensor [N, K] or a 2-D :class:`moekit.quant.QuantizedWeight`) with its bias, as the
     kernels' ``Weight`` (which keeps the tensors alive), or None where the kernels do not take it (other
     dtypes, grouped int8, widths not a multiple of 32 (int4: 64), tensors off the CPU, no kernels). Float
-    and int8 weights are used in place; an int4 weight gives its nibbles (kept, or unpacked from
-    PyTorch's packed layout: a copy) and float32 scales and zeros."""
+    and int8 weights (values and bfloat16 scales) are used in place; an int4 weight gives its nibbles
+    (kept, or unpacked from PyTorch's packed layout: a copy) and float32 scales and zeros (a copy)."""
     from moekit.quant import QuantizedWeight, pack_nibbles
 
     k = kernels()
@@ -117,7 +117,7 @@ def native_weight(w, bias: torch.Tensor | None = None):
         return None
     N, K = w.shape
     if w.bits == 8 and w.group_size is None and K % 32 == 0:
-        return k.Weight(KINDS["int8"], [w.q.contiguous(), w.scale.float().contiguous()], 0, bias)
+        return k.Weight(KINDS["int8"], [w.q.contiguous(), w.scale.contiguous()], 0, bias)
     G = w.group_size or 0
     if w.bits == 4 and K % 64 == 0 and G >= 32 and G & (G - 1) == 0 and K % G == 0:
         nib = w.nibbles if w.nibbles is not None else pack_nibbles(w.int4_values())

@@ -41,13 +41,21 @@ int detect_isa() {
 const int kBestIsa = detect_isa();
 int g_isa = kBestIsa;
 
+inline float bf16(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 struct Weight {
   int kind = 0;
   int64_t N = 0, K = 0, G = 0;
   const float* w = nullptr;      // kind 0
   const int8_t* q = nullptr;     // kind 1
   const uint8_t* nib = nullptr;  // kind 2
-  const float* scale = nullptr;  // kind 1: [N]; kind 2: [N, K/G]
+  const uint16_t* scale16 = nullptr;  // kind 1: bfloat16 [N] (the weight's own scales, read in place)
+  const float* scale = nullptr;  // kind 2: [N, K/G]
   const float* zero = nullptr;   // kind 2: [N, K/G]
 };
 
@@ -58,9 +66,9 @@ struct Weight {
 // 0.3% per product over 30 layers). int16 x int8/int4 pairs sum into int32 with AVX512-VNNI's vpdpwssd
 // (AVX2: vpmaddwd); a block's sum stays below 2^31 (32 values of at most 32767 x 127).
 //   int8 weights: blocks of 32 consecutive columns, d [K/32].
-//   int4 weights: per 64-column chunk the row is reordered to [even columns | odd columns] (the order the
-//     nibbles unpack in), in blocks of 16 values: chunk c's blocks are (even 0..30, even 32..62, odd 1..31,
-//     odd 33..63), d [K/16], dlane [K/2] each lane's block scale (8 lanes a block); per weight group g,
+//   int4 weights: blocks of 32 consecutive columns (d [K/32]); per 64-column chunk the row is stored
+//     reordered as [even columns | odd columns] (the order the nibbles unpack in), and dlane [K/4] gives
+//     each vpdpwssd lane's block scale (lanes 0-7: the chunk's first 32 columns, 8-15: the others); per weight group g,
 //     corr_g = sum of d_b * 8 * sum q over its values (the "- 8" of the weights) and gsum_g = the float sum
 //     of x over it (for the zeros).
 struct QRow8 {
@@ -70,8 +78,8 @@ struct QRow8 {
 
 struct QRow4 {
   std::vector<int16_t> q;     // [K], reordered per chunk
-  std::vector<float> d;       // [K/16]
-  std::vector<float> dlane;   // [K/2]
+  std::vector<float> d;       // [K/32]
+  std::vector<float> dlane;   // [K/4]
   std::vector<float> corr;    // [K/G]
   std::vector<float> gsum;    // [K/G]
 };
@@ -96,18 +104,17 @@ void quantize_row8(const float* x, int64_t K, QRow8& r) {
 }
 
 void quantize_row4(const float* x, int64_t K, int64_t G, QRow4& r) {
-  r.q.resize(K); r.d.resize(K / 16); r.dlane.resize(K / 2); r.corr.assign(K / G, 0.f); r.gsum.assign(K / G, 0.f);
-  float buf[64];
-  for (int64_t c = 0; c < K / 64; c++) {
-    const float* xc = x + 64 * c;
-    for (int j = 0; j < 32; j++) { buf[j] = xc[2 * j]; buf[32 + j] = xc[2 * j + 1]; }
-    for (int b = 0; b < 4; b++) {
-      const int64_t blk = 4 * c + b;
-      int sum = quantize_block16(buf + 16 * b, 16, r.q.data() + 16 * blk, &r.d[blk]);
-      for (int l = 0; l < 8; l++) r.dlane[8 * blk + l] = r.d[blk];
-      const int64_t g = (64 * c + 32 * (b % 2)) / G;  // blocks 0, 2: columns 0..31 of the chunk; 1, 3: 32..63
-      r.corr[g] += r.d[blk] * 8.f * (float)sum;
+  r.q.resize(K); r.d.resize(K / 32); r.dlane.resize(K / 2); r.corr.assign(K / G, 0.f); r.gsum.assign(K / G, 0.f);
+  int16_t qb[32];
+  for (int64_t b = 0; b < K / 32; b++) {  // blocks of 32 consecutive columns (within a group: G >= 32)
+    const int sum = quantize_block16(x + 32 * b, 32, qb, &r.d[b]);
+    const int64_t c = b / 2, h = b % 2;  // chunk, half: stored as even columns at 16h.., odd at 32 + 16h..
+    for (int j = 0; j < 16; j++) {
+      r.q[64 * c + 16 * h + j] = qb[2 * j];
+      r.q[64 * c + 32 + 16 * h + j] = qb[2 * j + 1];
     }
+    for (int l = 0; l < 8; l++) r.dlane[16 * c + 8 * h + l] = r.d[b];
+    r.corr[(32 * b) / G] += r.d[b] * 8.f * (float)sum;
   }
   for (int64_t i = 0; i < K; i++) r.gsum[i / G] += x[i];
 }
@@ -216,14 +223,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float d
     __m256i b = _mm256_loadu_si256((const __m256i*)(nib + 32 * c));
     __m512i lo = _mm512_cvtepu8_epi16(_mm256_and_si256(b, lo4));                          // even columns
     __m512i hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), lo4));    // odd columns
-    __m512i se = _mm512_dpwssd_epi32(zero, lo, _mm512_loadu_si512((const void*)(q + 64 * c)));
-    __m512i so = _mm512_dpwssd_epi32(zero, hi, _mm512_loadu_si512((const void*)(q + 64 * c + 32)));
-    // lanes 0-7: columns 0..31 of the chunk (group g0), lanes 8-15: columns 32..63 (g1)
+    // even and odd columns of the same block land in the same lanes: lanes 0-7 hold columns 0..31 of the
+    // chunk (one block, group g0), lanes 8-15 columns 32..63 (g1)
+    __m512i sum = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, _mm512_loadu_si512((const void*)(q + 64 * c))), hi,
+                                      _mm512_loadu_si512((const void*)(q + 64 * c + 32)));
     const int64_t g0 = (64 * c) >> gshift, g1 = (64 * c + 32) >> gshift;
     __m512 sw = g0 == g1 ? _mm512_set1_ps(s[g0])
                          : _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
-    acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(se), _mm512_loadu_ps(dl + 32 * c)), sw, acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(so), _mm512_loadu_ps(dl + 32 * c + 16)), sw, acc1);
+    __m512 f = _mm512_mul_ps(_mm512_loadu_ps(dl + 16 * c), sw);
+    if (c & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, acc1);
+    else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, acc0);
   }
   float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
   return total + dot_f32_avx512(z, a.gsum.data(), K / G) - dot_f32_avx512(s, a.corr.data(), K / G);
@@ -240,12 +249,12 @@ __attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const 
       __m128i b = _mm_loadu_si128((const __m128i*)(nib + 32 * c + 16 * half));
       __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, lo4));
       __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), lo4));
-      const int64_t be = 4 * c + half, bo = 4 * c + 2 + half;  // the even and odd blocks
-      __m256i se = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)(q + 16 * be)));
-      __m256i so = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(q + 16 * bo)));
-      const float sg = s[(64 * c + 32 * half) >> gshift];
-      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(se), _mm256_set1_ps(a.d[be] * sg), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(so), _mm256_set1_ps(a.d[bo] * sg), acc1);
+      __m256i se = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)(q + 64 * c + 16 * half)));
+      __m256i so = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(q + 64 * c + 32 + 16 * half)));
+      const float f = a.d[2 * c + half] * s[(64 * c + 32 * half) >> gshift];  // one block of 32 columns
+      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(se, so)), _mm256_set1_ps(f), half ? acc1 : acc0);
+      if (half) acc1 = t;
+      else acc0 = t;
     }
   }
   float total = hsum256(_mm256_add_ps(acc0, acc1));
@@ -255,15 +264,13 @@ __attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const 
 float dot_i4_scalar(const uint8_t* nib, const float* s, const float* z, const QRow4& a, int64_t K, int64_t G) {
   float total = 0.f;
   for (int64_t c = 0; c < K / 64; c++) {
-    for (int blk = 0; blk < 4; blk++) {  // (even|odd) x (first|second half): 16 values each
-      const int odd = blk / 2, half = blk % 2;
+    for (int h = 0; h < 2; h++) {  // columns 32h .. 32h + 31 of the chunk: bytes 16h .. 16h + 15, one block
       int64_t acc = 0;
       for (int j = 0; j < 16; j++) {
-        const int byte = 16 * half + j;
-        const int qw = odd ? (nib[32 * c + byte] >> 4) : (nib[32 * c + byte] & 15);
-        acc += (int64_t)qw * a.q[64 * c + 16 * blk + j];
+        const uint8_t byte = nib[32 * c + 16 * h + j];
+        acc += (int64_t)(byte & 15) * a.q[64 * c + 16 * h + j] + (int64_t)(byte >> 4) * a.q[64 * c + 32 + 16 * h + j];
       }
-      total += (float)acc * a.d[4 * c + blk] * s[(64 * c + 32 * half) / G];
+      total += (float)acc * a.d[2 * c + h] * s[(64 * c + 32 * h) / G];
     }
   }
   for (int64_t g = 0; g < K / G; g++) total += z[g] * a.gsum[g] - s[g] * a.corr[g];
@@ -305,7 +312,7 @@ void linear_rows(const float* x, int64_t M, int64_t ldx, const Weight& w, float*
         } else if (w.kind == 1) {
           const int8_t* wr = w.q + n * K;
           v = (isa == AVX512 ? dot_i8_avx512(wr, a8[m], K) : isa == AVX2 ? dot_i8_avx2(wr, a8[m], K)
-                                                                        : dot_i8_scalar(wr, a8[m], K)) * w.scale[n];
+                                                                        : dot_i8_scalar(wr, a8[m], K)) * bf16(w.scale16[n]);
         } else {
           const uint8_t* wr = w.nib + n * (K / 2);
           const float* s = w.scale + n * (K / w.G);
@@ -329,8 +336,10 @@ Weight unpack(int64_t kind, const std::vector<at::Tensor>& t, int64_t G) {
     TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].scalar_type() == at::kFloat, "moekit native: float32 [N, K]");
     w.N = t[0].size(0); w.K = t[0].size(1); w.w = t[0].data_ptr<float>();
   } else if (kind == 1) {
-    TORCH_CHECK(t.size() == 2 && t[0].scalar_type() == at::kChar && t[1].scalar_type() == at::kFloat, "moekit native: int8 (q, scale)");
-    w.N = t[0].size(0); w.K = t[0].size(1); w.q = t[0].data_ptr<int8_t>(); w.scale = t[1].data_ptr<float>();
+    TORCH_CHECK(t.size() == 2 && t[0].scalar_type() == at::kChar && t[1].scalar_type() == at::kBFloat16,
+                "moekit native: int8 (q int8, scale bfloat16)");
+    w.N = t[0].size(0); w.K = t[0].size(1); w.q = t[0].data_ptr<int8_t>();
+    w.scale16 = reinterpret_cast<const uint16_t*>(t[1].data_ptr<at::BFloat16>());
     TORCH_CHECK(t[1].numel() == w.N, "moekit native: int8 scale [N]");
   } else if (kind == 2) {
     TORCH_CHECK(t.size() == 3 && t[0].scalar_type() == at::kByte && t[1].scalar_type() == at::kFloat &&
@@ -579,7 +588,7 @@ at::Tensor dequantize(const NWeight& nw) {
       if (w.kind == 0) {
         std::memcpy(r, w.w + n * K, K * sizeof(float));
       } else if (w.kind == 1) {
-        const float s = w.scale[n];
+        const float s = bf16(w.scale16[n]);
         for (int64_t k = 0; k < K; k++) r[k] = (float)w.q[n * K + k] * s;
       } else {
         const uint8_t* b = w.nib + n * (K / 2);
