@@ -287,4 +287,4 @@ def test_the_native_path_reads_float_and_int8_weights_in_place_and_copies_int4_o
         weights = [w for name, w in quantized_weights(model).items() if w.bits == 4]
         values = sum(w.shape[-2] * w.shape[-1] * (w.shape[0] if len(w.shape) == 3 else 1) for w in weights)
         expected = values // 2 + 8 * values // 32
-        assert added == expected
+        assert expected <= added <= expected + 1024  # (and a few small tensors of bookkeeping)
