@@ -102,7 +102,8 @@ def native_weight(w, bias: torch.Tensor | None = None):
     kernels' ``Weight`` (which keeps the tensors alive), or None where the kernels do not take it (other
     dtypes, grouped int8, widths not a multiple of 32 (int4: 64), tensors off the CPU, no kernels). Float
     and int8 weights (values and bfloat16 scales) are used in place; an int4 weight gives its nibbles
-    (kept, or unpacked from PyTorch's packed layout: a copy) and float32 scales and zeros (a copy)."""
+    (kept, or unpacked from PyTorch's packed layout: a copy) and bfloat16 scales and zeros row by row
+    (a copy: PyTorch's are groups first)."""
     from moekit.quant import QuantizedWeight, pack_nibbles
 
     k = kernels()
@@ -121,8 +122,9 @@ def native_weight(w, bias: torch.Tensor | None = None):
     G = w.group_size or 0
     if w.bits == 4 and K % 64 == 0 and G >= 32 and G & (G - 1) == 0 and K % G == 0:
         nib = w.nibbles if w.nibbles is not None else pack_nibbles(w.int4_values())
-        scale, zero = w.scales_zeros()
-        return k.Weight(KINDS["int4"], [nib.contiguous(), scale.contiguous(), zero.contiguous()], G, bias)
+        scale, zero = w.scales_zeros()  # (float32 of the weight's bfloat16 values: exact back in bfloat16)
+        return k.Weight(KINDS["int4"], [nib.contiguous(), scale.to(torch.bfloat16).contiguous(),
+                                        zero.to(torch.bfloat16).contiguous()], G, bias)
     return None
 
 

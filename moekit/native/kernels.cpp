@@ -5,9 +5,9 @@
 //
 // Weights, as the runner hands them over (moekit/native/__init__.py builds them once per weight):
 //   kind 0, float32: w [N, K].
-//   kind 1, int8 per row: q int8 [N, K], scale float32 [N]; w = q * scale (symmetric, q in [-127, 127]).
+//   kind 1, int8 per row: q int8 [N, K], scale bfloat16 [N]; w = q * scale (symmetric, q in [-127, 127]).
 //   kind 2, int4 in groups of G along K: nibbles uint8 [N, K/2] (byte j: column 2j in the low nibble,
-//           2j + 1 in the high one), scale and zero float32 [N, K/G]; w = (q - 8) * scale + zero.
+//           2j + 1 in the high one), scale and zero bfloat16 [N, K/G]; w = (q - 8) * scale + zero.
 // Quantized weights are multiplied with activations quantized to int8 per block, as llama.cpp's q8_0
 // path does: int8 x int8 products summed in int32 (AVX512-VNNI vpdpbusd, or AVX2 maddubs, or plain C),
 // scaled once per block in float32. Each output row is computed from its own input row only (blocks
@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -55,8 +56,8 @@ struct Weight {
   const int8_t* q = nullptr;     // kind 1
   const uint8_t* nib = nullptr;  // kind 2
   const uint16_t* scale16 = nullptr;  // kind 1: bfloat16 [N] (the weight's own scales, read in place)
-  const float* scale = nullptr;  // kind 2: [N, K/G]
-  const float* zero = nullptr;   // kind 2: [N, K/G]
+  const uint16_t* scale = nullptr;  // kind 2: bfloat16 [N, K/G]
+  const uint16_t* zero = nullptr;   // kind 2: bfloat16 [N, K/G]
 };
 
 // ------------------------------------------------------------------------------------------ activations
@@ -160,6 +161,25 @@ float dot_f32_scalar(const float* a, const float* b, int64_t K) {
   return s;
 }
 
+// bfloat16 [n] . float32 [n] (the per-group terms of an int4 row)
+float dot_bf16_scalar(const uint16_t* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; i++) s += bf16(a[i]) * b[i];
+  return s;
+}
+
+__attribute__((target("avx512f,avx512bw"))) float dot_bf16_avx512(const uint16_t* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 av = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(a + i))), 16));
+    acc = _mm512_fmadd_ps(av, _mm512_loadu_ps(b + i), acc);
+  }
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; i++) s += bf16(a[i]) * b[i];
+  return s;
+}
+
 // int8 weights x int16 activations, blocks of 32
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i8_avx512(const int8_t* w, const QRow8& a,
                                                                                              int64_t K) {
@@ -210,8 +230,8 @@ float dot_i8_scalar(const int8_t* w, const QRow8& a, int64_t K) {
 
 // int4 weights (nibbles, groups of G) x int16 activations (reordered chunks, blocks of 16):
 // sum over blocks of d_b * s_g * sum q * qa, minus sum_g s_g corr_g, plus sum_g z_g gsum_g.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i4_avx512(const uint8_t* nib, const float* s,
-                                                                                             const float* z, const QRow4& a,
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i4_avx512(const uint8_t* nib, const uint16_t* s,
+                                                                                             const uint16_t* z, const QRow4& a,
                                                                                              int64_t K, int64_t G) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
@@ -228,17 +248,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float d
     __m512i sum = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, _mm512_loadu_si512((const void*)(q + 64 * c))), hi,
                                       _mm512_loadu_si512((const void*)(q + 64 * c + 32)));
     const int64_t g0 = (64 * c) >> gshift, g1 = (64 * c + 32) >> gshift;
-    __m512 sw = g0 == g1 ? _mm512_set1_ps(s[g0])
-                         : _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
+    __m512 sw = g0 == g1 ? _mm512_set1_ps(bf16(s[g0]))
+                         : _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(bf16(s[g0])), _mm512_set1_ps(bf16(s[g1])));
     __m512 f = _mm512_mul_ps(_mm512_loadu_ps(dl + 16 * c), sw);
     if (c & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, acc1);
     else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, acc0);
   }
   float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  return total + dot_f32_avx512(z, a.gsum.data(), K / G) - dot_f32_avx512(s, a.corr.data(), K / G);
+  return total + dot_bf16_avx512(z, a.gsum.data(), K / G) - dot_bf16_avx512(s, a.corr.data(), K / G);
 }
 
-__attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const float* s, const float* z,
+__attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const uint16_t* s, const uint16_t* z,
                                                      const QRow4& a, int64_t K, int64_t G) {
   const __m128i lo4 = _mm_set1_epi8(0x0F);
   const int gshift = __builtin_ctzll((unsigned long long)G);
@@ -251,17 +271,17 @@ __attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const 
       __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), lo4));
       __m256i se = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i*)(q + 64 * c + 16 * half)));
       __m256i so = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i*)(q + 64 * c + 32 + 16 * half)));
-      const float f = a.d[2 * c + half] * s[(64 * c + 32 * half) >> gshift];  // one block of 32 columns
+      const float f = a.d[2 * c + half] * bf16(s[(64 * c + 32 * half) >> gshift]);  // one block of 32 columns
       const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(se, so)), _mm256_set1_ps(f), half ? acc1 : acc0);
       if (half) acc1 = t;
       else acc0 = t;
     }
   }
   float total = hsum256(_mm256_add_ps(acc0, acc1));
-  return total + dot_f32_avx2(z, a.gsum.data(), K / G) - dot_f32_avx2(s, a.corr.data(), K / G);
+  return total + dot_bf16_scalar(z, a.gsum.data(), K / G) - dot_bf16_scalar(s, a.corr.data(), K / G);
 }
 
-float dot_i4_scalar(const uint8_t* nib, const float* s, const float* z, const QRow4& a, int64_t K, int64_t G) {
+float dot_i4_scalar(const uint8_t* nib, const uint16_t* s, const uint16_t* z, const QRow4& a, int64_t K, int64_t G) {
   float total = 0.f;
   for (int64_t c = 0; c < K / 64; c++) {
     for (int h = 0; h < 2; h++) {  // columns 32h .. 32h + 31 of the chunk: bytes 16h .. 16h + 15, one block
@@ -270,10 +290,10 @@ float dot_i4_scalar(const uint8_t* nib, const float* s, const float* z, const QR
         const uint8_t byte = nib[32 * c + 16 * h + j];
         acc += (int64_t)(byte & 15) * a.q[64 * c + 16 * h + j] + (int64_t)(byte >> 4) * a.q[64 * c + 32 + 16 * h + j];
       }
-      total += (float)acc * a.d[2 * c + h] * s[(64 * c + 32 * h) / G];
+      total += (float)acc * a.d[2 * c + h] * bf16(s[(64 * c + 32 * h) / G]);
     }
   }
-  for (int64_t g = 0; g < K / G; g++) total += z[g] * a.gsum[g] - s[g] * a.corr[g];
+  for (int64_t g = 0; g < K / G; g++) total += bf16(z[g]) * a.gsum[g] - bf16(s[g]) * a.corr[g];
   return total;
 }
 
@@ -285,46 +305,86 @@ void check_weight(const Weight& w) {
                                ", G=", w.G, ")");
 }
 
-// y[m, :] (+)= x[m, :] @ w.T for m < M; rows of y ldy apart. Parallel over the output rows: each thread
-// reads its rows of the weight once for all M rows of x.
-void linear_rows(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy, const float* bias) {
-  const int64_t N = w.N, K = w.K;
-  const int isa = g_isa;
+// One product y[m, :] = x[m, :] @ w.T (+ bias) for m < M, rows of x ldx apart and of y ldy apart, with its
+// activations quantized once (integer weights).
+struct Job {
+  const float* x;
+  int64_t M, ldx;
+  const Weight* w;
+  float* y;
+  int64_t ldy;
+  const float* bias;
   std::vector<QRow8> a8;
   std::vector<QRow4> a4;
-  if (w.kind == 1) {
-    a8.resize(M);
-    for (int64_t m = 0; m < M; m++) quantize_row8(x + m * ldx, K, a8[m]);
-  } else if (w.kind == 2) {
-    a4.resize(M);
-    for (int64_t m = 0; m < M; m++) quantize_row4(x + m * ldx, K, w.G, a4[m]);
+
+  void prepare() {
+    if (w->kind == 1) {
+      a8.resize(M);
+      for (int64_t m = 0; m < M; m++) quantize_row8(x + m * ldx, w->K, a8[m]);
+    } else if (w->kind == 2) {
+      a4.resize(M);
+      for (int64_t m = 0; m < M; m++) quantize_row4(x + m * ldx, w->K, w->G, a4[m]);
+    }
   }
-  const int64_t bytes_per_row = w.kind == 0 ? 4 * K : w.kind == 1 ? K : K / 2;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, bytes_per_row * M));  // ~64 KB a task
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+
+  // output rows [begin, end): each weight row is read once for all M rows of x
+  void rows(int64_t begin, int64_t end, int isa) const {
+    const Weight& W = *w;
+    const int64_t K = W.K;
     for (int64_t n = begin; n < end; n++) {
       for (int64_t m = 0; m < M; m++) {
         float v;
-        if (w.kind == 0) {
-          const float* wr = w.w + n * K;
+        if (W.kind == 0) {
+          const float* wr = W.w + n * K;
           const float* xr = x + m * ldx;
           v = isa == AVX512 ? dot_f32_avx512(wr, xr, K) : isa == AVX2 ? dot_f32_avx2(wr, xr, K) : dot_f32_scalar(wr, xr, K);
-        } else if (w.kind == 1) {
-          const int8_t* wr = w.q + n * K;
+        } else if (W.kind == 1) {
+          const int8_t* wr = W.q + n * K;
           v = (isa == AVX512 ? dot_i8_avx512(wr, a8[m], K) : isa == AVX2 ? dot_i8_avx2(wr, a8[m], K)
-                                                                        : dot_i8_scalar(wr, a8[m], K)) * bf16(w.scale16[n]);
+                                                                        : dot_i8_scalar(wr, a8[m], K)) * bf16(W.scale16[n]);
         } else {
-          const uint8_t* wr = w.nib + n * (K / 2);
-          const float* s = w.scale + n * (K / w.G);
-          const float* z = w.zero + n * (K / w.G);
-          v = isa == AVX512 ? dot_i4_avx512(wr, s, z, a4[m], K, w.G)
-              : isa == AVX2 ? dot_i4_avx2(wr, s, z, a4[m], K, w.G) : dot_i4_scalar(wr, s, z, a4[m], K, w.G);
+          const uint8_t* wr = W.nib + n * (K / 2);
+          const uint16_t* s = W.scale + n * (K / W.G);
+          const uint16_t* z = W.zero + n * (K / W.G);
+          v = isa == AVX512 ? dot_i4_avx512(wr, s, z, a4[m], K, W.G)
+              : isa == AVX2 ? dot_i4_avx2(wr, s, z, a4[m], K, W.G) : dot_i4_scalar(wr, s, z, a4[m], K, W.G);
         }
         if (bias) v += bias[n];
         y[m * ldy + n] = v;
       }
     }
+  }
+
+  int64_t bytes_per_row() const { return w->kind == 0 ? 4 * w->K : w->kind == 1 ? w->K : w->K / 2; }
+};
+
+// Several products in one parallel region (one fork and join), split over all their output rows.
+void run_jobs(std::vector<Job>& jobs) {
+  std::vector<int64_t> start(jobs.size() + 1, 0);
+  int64_t bytes = 0;
+  for (size_t j = 0; j < jobs.size(); j++) {
+    jobs[j].prepare();
+    start[j + 1] = start[j] + jobs[j].w->N;
+    bytes += jobs[j].bytes_per_row() * jobs[j].w->N * jobs[j].M;
+  }
+  const int64_t total = start.back();
+  const int isa = g_isa;
+  const int64_t grain = std::max<int64_t>(1, total * (64 << 10) / std::max<int64_t>(1, bytes));  // ~64 KB a task
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    size_t j = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    while (begin < end) {
+      const int64_t stop = std::min(end, start[j + 1]);
+      jobs[j].rows(begin - start[j], stop - start[j], isa);
+      begin = stop;
+      j++;
+    }
   });
+}
+
+void linear_rows(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy, const float* bias) {
+  std::vector<Job> jobs(1);
+  jobs[0] = Job{x, M, ldx, &w, y, ldy, bias, {}, {}};
+  run_jobs(jobs);
 }
 
 Weight unpack(int64_t kind, const std::vector<at::Tensor>& t, int64_t G) {
@@ -342,10 +402,12 @@ Weight unpack(int64_t kind, const std::vector<at::Tensor>& t, int64_t G) {
     w.scale16 = reinterpret_cast<const uint16_t*>(t[1].data_ptr<at::BFloat16>());
     TORCH_CHECK(t[1].numel() == w.N, "moekit native: int8 scale [N]");
   } else if (kind == 2) {
-    TORCH_CHECK(t.size() == 3 && t[0].scalar_type() == at::kByte && t[1].scalar_type() == at::kFloat &&
-                t[2].scalar_type() == at::kFloat, "moekit native: int4 (nibbles, scale, zero)");
+    TORCH_CHECK(t.size() == 3 && t[0].scalar_type() == at::kByte && t[1].scalar_type() == at::kBFloat16 &&
+                t[2].scalar_type() == at::kBFloat16, "moekit native: int4 (nibbles uint8, scale and zero bfloat16)");
     w.N = t[0].size(0); w.K = 2 * t[0].size(1); w.G = G;
-    w.nib = t[0].data_ptr<uint8_t>(); w.scale = t[1].data_ptr<float>(); w.zero = t[2].data_ptr<float>();
+    w.nib = t[0].data_ptr<uint8_t>();
+    w.scale = reinterpret_cast<const uint16_t*>(t[1].data_ptr<at::BFloat16>());
+    w.zero = reinterpret_cast<const uint16_t*>(t[2].data_ptr<at::BFloat16>());
     TORCH_CHECK(G > 0 && t[1].numel() == w.N * (w.K / G) && t[2].numel() == t[1].numel(), "moekit native: int4 scale/zero [N, K/G]");
   } else {
     TORCH_CHECK(false, "moekit native: unknown weight kind ", kind);
@@ -422,9 +484,11 @@ NExpertsPtr make_experts(std::vector<NWeightPtr> w1, std::vector<NWeightPtr> w2)
   return ex;
 }
 
-// y += the chosen experts of each row: ids [M, K] index the experts (-1: none), gates [M, K]. Experts run
-// in increasing index, each on its rows in increasing order, so every row sums its experts in the same
-// order whatever else is in the batch (and whether the experts come in one call or one call each).
+// y += the chosen experts of each row: ids [M, K] index the experts (-1: none), gates [M, K]. All the
+// chosen experts' gate/up products run in one parallel region, then all their down products; each expert's
+// contribution is added into its rows in increasing expert index, rows in increasing order, so every row
+// sums its experts in the same order whatever else is in the batch (and whether the experts come in one
+// call or one call each).
 void moe_add(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gates, const NExperts& ex, at::Tensor& y) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && y.sizes() == x.sizes() && y.is_contiguous() &&
               y.scalar_type() == at::kFloat, "moekit native: x and y float32 [M, D]");
@@ -435,18 +499,42 @@ void moe_add(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gates
   at::Tensor xc = x.contiguous(), ic = ids.contiguous(), gc = gates.contiguous();
   const int64_t* id = ic.data_ptr<int64_t>();
   const float* g = gc.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
   for (int64_t i = 0; i < M * Kt; i++) TORCH_CHECK(id[i] >= -1 && id[i] < E, "moekit native: expert id ", id[i], " not in [0, ", E, ")");
-  std::vector<int64_t> rows;
-  std::vector<float> gs;
+  struct Use { int64_t e; std::vector<int64_t> rows; std::vector<float> gates; std::vector<float> xs, h, act, o; };
+  std::vector<Use> uses;
   for (int64_t e = 0; e < E; e++) {
-    rows.clear(); gs.clear();
+    Use u{e, {}, {}, {}, {}, {}, {}};
     for (int64_t m = 0; m < M; m++)
       for (int64_t k = 0; k < Kt; k++)
-        if (id[m * Kt + k] == e) { rows.push_back(m); gs.push_back(g[m * Kt + k]); }
-    if (rows.empty()) continue;
-    expert_into(xc.data_ptr<float>(), D, rows.data(), gs.data(), (int64_t)rows.size(), ex.w1[e]->w, ex.w2[e]->w,
-                y.data_ptr<float>());
+        if (id[m * Kt + k] == e) { u.rows.push_back(m); u.gates.push_back(g[m * Kt + k]); }
+    if (!u.rows.empty()) uses.push_back(std::move(u));
   }
+  if (uses.empty()) return;
+  std::vector<Job> up, down;
+  for (auto& u : uses) {
+    const Weight& w1 = ex.w1[u.e]->w;
+    const int64_t Me = (int64_t)u.rows.size(), F2 = w1.N;
+    u.xs.resize(Me * D); u.h.resize(Me * F2); u.act.resize(Me * F2 / 2); u.o.resize(Me * D);
+    for (int64_t i = 0; i < Me; i++) std::memcpy(u.xs.data() + i * D, xp + u.rows[i] * D, D * sizeof(float));
+    up.push_back(Job{u.xs.data(), Me, D, &w1, u.h.data(), F2, nullptr, {}, {}});
+  }
+  run_jobs(up);
+  for (auto& u : uses) {
+    const Weight& w2 = ex.w2[u.e]->w;
+    const int64_t Me = (int64_t)u.rows.size(), F = w2.K, F2 = 2 * F;
+    for (int64_t i = 0; i < Me; i++)
+      for (int64_t f = 0; f < F; f++) u.act[i * F + f] = silu(u.h[i * F2 + f]) * u.h[i * F2 + F + f];
+    down.push_back(Job{u.act.data(), Me, F, &w2, u.o.data(), D, nullptr, {}, {}});
+  }
+  run_jobs(down);
+  float* yp = y.data_ptr<float>();
+  for (auto& u : uses)
+    for (size_t i = 0; i < u.rows.size(); i++) {
+      float* yr = yp + u.rows[i] * D;
+      const float gg = u.gates[i];
+      for (int64_t d = 0; d < D; d++) yr[d] += gg * u.o[i * D + d];
+    }
 }
 
 at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gates, const NExperts& ex) {
@@ -531,7 +619,9 @@ std::vector<at::Tensor> attn_decode(const at::Tensor& x, const at::Tensor& norm_
   }
   const float scale = 1.f / std::sqrt((float)Dh);
   const int64_t rep = H / G;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; b++) work += H * (ps[b] + 1) * Dh;
+  at::parallel_for(0, B * H, work < (1 << 16) ? B * H : 1, [&](int64_t begin, int64_t end) {  // small: one thread
     std::vector<float> sc;
     for (int64_t bh = begin; bh < end; bh++) {
       const int64_t b = bh / H, hh = bh % H, g = hh / rep, n = ps[b] + 1;
@@ -592,11 +682,14 @@ at::Tensor dequantize(const NWeight& nw) {
         for (int64_t k = 0; k < K; k++) r[k] = (float)w.q[n * K + k] * s;
       } else {
         const uint8_t* b = w.nib + n * (K / 2);
-        const float* s = w.scale + n * (K / w.G);
-        const float* z = w.zero + n * (K / w.G);
-        for (int64_t k = 0; k < K; k++) {
-          int q = (k & 1) ? (b[k / 2] >> 4) : (b[k / 2] & 15);
-          r[k] = (float)(q - 8) * s[k / w.G] + z[k / w.G];
+        const uint16_t* s = w.scale + n * (K / w.G);
+        const uint16_t* z = w.zero + n * (K / w.G);
+        for (int64_t g = 0; g < K / w.G; g++) {
+          const float sg = bf16(s[g]), zg = bf16(z[g]);
+          for (int64_t k = g * w.G; k < (g + 1) * w.G; k += 2) {
+            r[k] = (float)((b[k / 2] & 15) - 8) * sg + zg;
+            r[k + 1] = (float)((b[k / 2] >> 4) - 8) * sg + zg;
+          }
         }
       }
     }
