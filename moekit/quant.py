@@ -275,12 +275,11 @@ class QuantizedWeight:
 REFINED_LOGITS = 64
 
 
-def head_logits(h: torch.Tensor, w: QuantizedWeight, k: int = REFINED_LOGITS, kernel=None) -> torch.Tensor:
+def head_logits(h: torch.Tensor, w: QuantizedWeight, k: int = REFINED_LOGITS) -> torch.Tensor:
     """``h @ w.T`` for an output head: the kernel for every token, then the ``k`` largest logits per row
     recomputed in float32 from the dequantized rows, so greedy choices and top-k/top-p sampling see
-    float resolution where it matters. Needs row access (int8, or int4 with nibbles kept). ``kernel``:
-    another implementation of ``w.linear`` for the first pass (the runner's native one)."""
-    logits = w.linear(h) if kernel is None else kernel(h)
+    float resolution where it matters. Needs row access (int8, or int4 with nibbles kept)."""
+    logits = w.linear(h)
     if w.bits == 4 and w.nibbles is None:  # no row access (grouped int8 gathers rows from its packed layout)
         return logits
     top = logits.float().topk(min(k, logits.shape[-1]), dim=-1).indices  # [..., k]

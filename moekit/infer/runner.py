@@ -676,9 +676,10 @@ class Runner:
             return x.new_empty(0, self.model.cfg.vocab_size)
         x = x[0] if rows is None else x[0].index_select(0, rows)
         h = _rms_norm(self.model.norm, x)
-        if isinstance(self.head, QuantizedWeight):
-            return head_logits(h, self.head, kernel=self.head_lin)
-        return self.head_lin(h)
+        if isinstance(self.head, QuantizedWeight) and not (self.head_lin.nw is not None and h.dtype == torch.float32
+                                                           and h.shape[0] <= _native.MAX_ROWS):
+            return head_logits(h, self.head)  # (PyTorch's kernels write bfloat16 logits: the top ones recomputed)
+        return self.head_lin(h)  # (the native kernels' logits are the quantized head's float32 product already)
 
     def _task_ids(self, segments: list[tuple[int, int, int]], tasks: list[int | None] | None,
                   device: torch.device) -> torch.Tensor | None:

@@ -83,6 +83,7 @@ struct QRow4 {
   std::vector<float> dlane;   // [K/4]
   std::vector<float> corr;    // [K/G]
   std::vector<float> gsum;    // [K/G]
+  std::vector<int32_t> sidx;  // [K/64, 16]: per chunk, each lane's weight group within its block of 16 groups
 };
 
 int quantize_block16(const float* x, int n, int16_t* q, float* d) {  // returns the sum of q
@@ -118,6 +119,9 @@ void quantize_row4(const float* x, int64_t K, int64_t G, QRow4& r) {
     r.corr[(32 * b) / G] += r.d[b] * 8.f * (float)sum;
   }
   for (int64_t i = 0; i < K; i++) r.gsum[i / G] += x[i];
+  r.sidx.resize(K / 4);
+  for (int64_t c = 0; c < K / 64; c++)
+    for (int l = 0; l < 16; l++) r.sidx[16 * c + l] = (int32_t)(((64 * c + 32 * (l / 8)) / G) % 16);
 }
 
 // ------------------------------------------------------------------------------------------ dot products
@@ -230,6 +234,13 @@ float dot_i8_scalar(const int8_t* w, const QRow8& a, int64_t K) {
 
 // int4 weights (nibbles, groups of G) x int16 activations (reordered chunks, blocks of 16):
 // sum over blocks of d_b * s_g * sum q * qa, minus sum_g s_g corr_g, plus sum_g z_g gsum_g.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) inline __m512 bf16x16(const uint16_t* p,
+                                                                                               int64_t n) {
+  // n <= 16 bfloat16 values from p as float32 lanes (the rest 0)
+  const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i4_avx512(const uint8_t* nib, const uint16_t* s,
                                                                                              const uint16_t* z, const QRow4& a,
                                                                                              int64_t K, int64_t G) {
@@ -237,25 +248,35 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float d
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
   const __m512i zero = _mm512_setzero_si512();
   const int gshift = __builtin_ctzll((unsigned long long)G);  // G is a power of two (checked in unpack)
+  const int64_t NG = K / G;
   const int16_t* q = a.q.data();
   const float* dl = a.dlane.data();
+  const int32_t* sidx = a.sidx.data();
+  // The row's scales, 16 groups at a time: the per-group terms (zeros and the "- 8") go into acc1 lane-wise.
+  __m512 svec = _mm512_setzero_ps();
+  int64_t block = -1;
   for (int64_t c = 0; c < K / 64; c++) {
-    __m256i b = _mm256_loadu_si256((const __m256i*)(nib + 32 * c));
-    __m512i lo = _mm512_cvtepu8_epi16(_mm256_and_si256(b, lo4));                          // even columns
-    __m512i hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), lo4));    // odd columns
+    const int64_t b = ((64 * c) >> gshift) / 16;
+    if (b != block) {
+      block = b;
+      const int64_t n = std::min<int64_t>(16, NG - 16 * b);
+      svec = bf16x16(s + 16 * b, n);
+      const __m512 zvec = bf16x16(z + 16 * b, n);
+      const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+      acc1 = _mm512_fmadd_ps(zvec, _mm512_maskz_loadu_ps(m, a.gsum.data() + 16 * b), acc1);
+      acc1 = _mm512_fnmadd_ps(svec, _mm512_maskz_loadu_ps(m, a.corr.data() + 16 * b), acc1);
+    }
+    __m256i bytes = _mm256_loadu_si256((const __m256i*)(nib + 32 * c));
+    __m512i lo = _mm512_cvtepu8_epi16(_mm256_and_si256(bytes, lo4));                          // even columns
+    __m512i hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), lo4));    // odd columns
     // even and odd columns of the same block land in the same lanes: lanes 0-7 hold columns 0..31 of the
-    // chunk (one block, group g0), lanes 8-15 columns 32..63 (g1)
+    // chunk (one block), lanes 8-15 columns 32..63
     __m512i sum = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, _mm512_loadu_si512((const void*)(q + 64 * c))), hi,
                                       _mm512_loadu_si512((const void*)(q + 64 * c + 32)));
-    const int64_t g0 = (64 * c) >> gshift, g1 = (64 * c + 32) >> gshift;
-    __m512 sw = g0 == g1 ? _mm512_set1_ps(bf16(s[g0]))
-                         : _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(bf16(s[g0])), _mm512_set1_ps(bf16(s[g1])));
-    __m512 f = _mm512_mul_ps(_mm512_loadu_ps(dl + 16 * c), sw);
-    if (c & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, acc1);
-    else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, acc0);
+    const __m512 sw = _mm512_permutexvar_ps(_mm512_loadu_si512((const void*)(sidx + 16 * c)), svec);
+    acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(dl + 16 * c)), sw, acc0);
   }
-  float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  return total + dot_bf16_avx512(z, a.gsum.data(), K / G) - dot_bf16_avx512(s, a.corr.data(), K / G);
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
 __attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const uint16_t* s, const uint16_t* z,
