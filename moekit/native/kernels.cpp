@@ -686,33 +686,62 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
-// The float32 weight [N, K] (int8: q * scale; int4: (q - 8) * scale + zero), for prefill chunks, where one
-// dequantization per call and a float32 GEMM beat per-row kernels.
+// One row of the float32 weight: int8 q * scale; int4 (q - 8) * scale + zero = q * scale + (zero - 8 scale).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void dequant_row_avx512(const Weight& w, int64_t n, float* r) {
+  const int64_t K = w.K;
+  if (w.kind == 1) {
+    const __m512 s = _mm512_set1_ps(bf16(w.scale16[n]));
+    const int8_t* q = w.q + n * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      _mm512_storeu_ps(r + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k)))), s));
+    for (; k < K; k++) r[k] = (float)q[k] * bf16(w.scale16[n]);
+    return;
+  }
+  const uint8_t* b = w.nib + n * (K / 2);
+  const __m128i lo4 = _mm_set1_epi8(0x0F);
+  for (int64_t k = 0; k < K; k += 32) {  // 16 bytes: 32 columns, one group (G >= 32)
+    const int64_t g = k / w.G;
+    const float sg = bf16(w.scale[n * (K / w.G) + g]), zg = bf16(w.zero[n * (K / w.G) + g]);
+    const __m512 s = _mm512_set1_ps(sg), z = _mm512_set1_ps(zg - 8.f * sg);
+    __m128i v = _mm_loadu_si128((const __m128i*)(b + k / 2));
+    __m128i lo = _mm_and_si128(v, lo4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), lo4);
+    __m128i a = _mm_unpacklo_epi8(lo, hi), c = _mm_unpackhi_epi8(lo, hi);  // columns 0..15, 16..31 in order
+    _mm512_storeu_ps(r + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a)), s, z));
+    _mm512_storeu_ps(r + k + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)), s, z));
+  }
+}
+
+void dequant_row_scalar(const Weight& w, int64_t n, float* r) {
+  const int64_t K = w.K;
+  if (w.kind == 1) {
+    const float s = bf16(w.scale16[n]);
+    for (int64_t k = 0; k < K; k++) r[k] = (float)w.q[n * K + k] * s;
+    return;
+  }
+  const uint8_t* b = w.nib + n * (K / 2);
+  for (int64_t g = 0; g < K / w.G; g++) {
+    const float sg = bf16(w.scale[n * (K / w.G) + g]), zg = bf16(w.zero[n * (K / w.G) + g]);
+    for (int64_t k = g * w.G; k < (g + 1) * w.G; k += 2) {
+      r[k] = (float)(b[k / 2] & 15) * sg + (zg - 8.f * sg);
+      r[k + 1] = (float)(b[k / 2] >> 4) * sg + (zg - 8.f * sg);
+    }
+  }
+}
+
+// The float32 weight [N, K], for prefill chunks, where one dequantization per call and a float32 GEMM
+// beat per-row kernels.
 at::Tensor dequantize(const NWeight& nw) {
   const Weight& w = nw.w;
   at::Tensor out = at::empty({w.N, w.K}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const int64_t K = w.K;
+  const int isa = g_isa;
   at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; n++) {
-      float* r = o + n * K;
-      if (w.kind == 0) {
-        std::memcpy(r, w.w + n * K, K * sizeof(float));
-      } else if (w.kind == 1) {
-        const float s = bf16(w.scale16[n]);
-        for (int64_t k = 0; k < K; k++) r[k] = (float)w.q[n * K + k] * s;
-      } else {
-        const uint8_t* b = w.nib + n * (K / 2);
-        const uint16_t* s = w.scale + n * (K / w.G);
-        const uint16_t* z = w.zero + n * (K / w.G);
-        for (int64_t g = 0; g < K / w.G; g++) {
-          const float sg = bf16(s[g]), zg = bf16(z[g]);
-          for (int64_t k = g * w.G; k < (g + 1) * w.G; k += 2) {
-            r[k] = (float)((b[k / 2] & 15) - 8) * sg + zg;
-            r[k + 1] = (float)((b[k / 2] >> 4) - 8) * sg + zg;
-          }
-        }
-      }
+      if (w.kind == 0) std::memcpy(o + n * K, w.w + n * K, K * sizeof(float));
+      else if (isa == AVX512) dequant_row_avx512(w, n, o + n * K);
+      else dequant_row_scalar(w, n, o + n * K);
     }
   });
   return out;
