@@ -241,18 +241,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) inline 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i4_avx512(const uint8_t* nib, const uint16_t* s,
-                                                                                             const uint16_t* z, const QRow4& a,
-                                                                                             int64_t K, int64_t G) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+// MB rows of activations against one int4 row at once: the row is unpacked once per chunk, and each
+// activation row gets the same arithmetic whatever MB is (so a row's result does not depend on the
+// batch).
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) void dot_i4_avx512_rows(
+    const uint8_t* nib, const uint16_t* s, const uint16_t* z, const QRow4* const* a, int64_t K, int64_t G, float* out) {
+  __m512 acc0[MB], acc1[MB];
+  for (int m = 0; m < MB; m++) { acc0[m] = _mm512_setzero_ps(); acc1[m] = _mm512_setzero_ps(); }
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
   const __m512i zero = _mm512_setzero_si512();
-  const int gshift = __builtin_ctzll((unsigned long long)G);  // G is a power of two (checked in unpack)
+  const int gshift = __builtin_ctzll((unsigned long long)G);
   const int64_t NG = K / G;
-  const int16_t* q = a.q.data();
-  const float* dl = a.dlane.data();
-  const int32_t* sidx = a.sidx.data();
-  // The row's scales, 16 groups at a time: the per-group terms (zeros and the "- 8") go into acc1 lane-wise.
+  const int32_t* sidx = a[0]->sidx.data();
   __m512 svec = _mm512_setzero_ps();
   int64_t block = -1;
   for (int64_t c = 0; c < K / 64; c++) {
@@ -262,21 +263,33 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float d
       const int64_t n = std::min<int64_t>(16, NG - 16 * b);
       svec = bf16x16(s + 16 * b, n);
       const __m512 zvec = bf16x16(z + 16 * b, n);
-      const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-      acc1 = _mm512_fmadd_ps(zvec, _mm512_maskz_loadu_ps(m, a.gsum.data() + 16 * b), acc1);
-      acc1 = _mm512_fnmadd_ps(svec, _mm512_maskz_loadu_ps(m, a.corr.data() + 16 * b), acc1);
+      const __mmask16 mk = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+      for (int m = 0; m < MB; m++) {
+        acc1[m] = _mm512_fmadd_ps(zvec, _mm512_maskz_loadu_ps(mk, a[m]->gsum.data() + 16 * b), acc1[m]);
+        acc1[m] = _mm512_fnmadd_ps(svec, _mm512_maskz_loadu_ps(mk, a[m]->corr.data() + 16 * b), acc1[m]);
+      }
     }
     __m256i bytes = _mm256_loadu_si256((const __m256i*)(nib + 32 * c));
-    __m512i lo = _mm512_cvtepu8_epi16(_mm256_and_si256(bytes, lo4));                          // even columns
-    __m512i hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), lo4));    // odd columns
-    // even and odd columns of the same block land in the same lanes: lanes 0-7 hold columns 0..31 of the
-    // chunk (one block), lanes 8-15 columns 32..63
-    __m512i sum = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, _mm512_loadu_si512((const void*)(q + 64 * c))), hi,
-                                      _mm512_loadu_si512((const void*)(q + 64 * c + 32)));
+    const __m512i lo = _mm512_cvtepu8_epi16(_mm256_and_si256(bytes, lo4));
+    const __m512i hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), lo4));
     const __m512 sw = _mm512_permutexvar_ps(_mm512_loadu_si512((const void*)(sidx + 16 * c)), svec);
-    acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(dl + 16 * c)), sw, acc0);
+    for (int m = 0; m < MB; m++) {
+      const int16_t* q = a[m]->q.data();
+      __m512i sum = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, _mm512_loadu_si512((const void*)(q + 64 * c))), hi,
+                                        _mm512_loadu_si512((const void*)(q + 64 * c + 32)));
+      acc0[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(a[m]->dlane.data() + 16 * c)), sw,
+                                acc0[m]);
+    }
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (int m = 0; m < MB; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+}
+
+void dot_i4_avx512_batch(const uint8_t* nib, const uint16_t* s, const uint16_t* z, const QRow4* const* a, int64_t M,
+                         int64_t K, int64_t G, float* out) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) dot_i4_avx512_rows<4>(nib, s, z, a + m, K, G, out + m);
+  for (; m + 2 <= M; m += 2) dot_i4_avx512_rows<2>(nib, s, z, a + m, K, G, out + m);
+  for (; m < M; m++) dot_i4_avx512_rows<1>(nib, s, z, a + m, K, G, out + m);
 }
 
 __attribute__((target("avx2,fma"))) float dot_i4_avx2(const uint8_t* nib, const uint16_t* s, const uint16_t* z,
@@ -352,6 +365,17 @@ struct Job {
   void rows(int64_t begin, int64_t end, int isa) const {
     const Weight& W = *w;
     const int64_t K = W.K;
+    if (W.kind == 2 && isa == AVX512) {  // every activation row against each weight row, unpacked once
+      std::vector<const QRow4*> rows4(M);
+      std::vector<float> v(M);
+      for (int64_t m = 0; m < M; m++) rows4[m] = &a4[m];
+      for (int64_t n = begin; n < end; n++) {
+        dot_i4_avx512_batch(W.nib + n * (K / 2), W.scale + n * (K / W.G), W.zero + n * (K / W.G), rows4.data(), M, K,
+                            W.G, v.data());
+        for (int64_t m = 0; m < M; m++) y[m * ldy + n] = bias ? v[m] + bias[n] : v[m];
+      }
+      return;
+    }
     for (int64_t n = begin; n < end; n++) {
       for (int64_t m = 0; m < M; m++) {
         float v;
@@ -367,8 +391,7 @@ struct Job {
           const uint8_t* wr = W.nib + n * (K / 2);
           const uint16_t* s = W.scale + n * (K / W.G);
           const uint16_t* z = W.zero + n * (K / W.G);
-          v = isa == AVX512 ? dot_i4_avx512(wr, s, z, a4[m], K, W.G)
-              : isa == AVX2 ? dot_i4_avx2(wr, s, z, a4[m], K, W.G) : dot_i4_scalar(wr, s, z, a4[m], K, W.G);
+          v = isa == AVX2 ? dot_i4_avx2(wr, s, z, a4[m], K, W.G) : dot_i4_scalar(wr, s, z, a4[m], K, W.G);
         }
         if (bias) v += bias[n];
         y[m * ldy + n] = v;
