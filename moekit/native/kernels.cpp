@@ -172,18 +172,6 @@ float dot_bf16_scalar(const uint16_t* a, const float* b, int64_t n) {
   return s;
 }
 
-__attribute__((target("avx512f,avx512bw"))) float dot_bf16_avx512(const uint16_t* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 av = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(a + i))), 16));
-    acc = _mm512_fmadd_ps(av, _mm512_loadu_ps(b + i), acc);
-  }
-  float s = _mm512_reduce_add_ps(acc);
-  for (; i < n; i++) s += bf16(a[i]) * b[i];
-  return s;
-}
-
 // int8 weights x int16 activations, blocks of 32
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))) float dot_i8_avx512(const int8_t* w, const QRow8& a,
                                                                                              int64_t K) {
