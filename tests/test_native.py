@@ -56,6 +56,28 @@ def test_float32_products_match_torch_on_every_instruction_set(kern, N, K, M):
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), isa
 
 
+@pytest.mark.parametrize("M", [1, 7, 32])
+def test_bfloat16_weights_are_widened_exactly(kern, M):
+    gen = torch.Generator().manual_seed(M)
+    w, x = torch.randn(96, 576, generator=gen).bfloat16(), torch.randn(M, 576, generator=gen)
+    ref = (x.double() @ w.double().T).float()
+    for isa in range(kern.best_isa() + 1):
+        kern.set_isa(isa)
+        y = kern.linear(x, native.native_weight(w))
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), isa
+    assert torch.equal(kern.dequantize(native.native_weight(w)), w.float())
+
+
+def test_a_bfloat16_model_decodes_natively_as_the_reference_does(kern):
+    model = _model().to(torch.bfloat16)
+    got, ref = _decode_logits(model, True, 4).float(), _decode_logits(model, False, 4).float()
+    runner = Runner(model, 1, 64, native=True)
+    assert runner.blocks[0][0].qkv.nw is not None and runner.blocks[0][0].qkv.nw.kind == native.KINDS["bfloat16"]
+    # both round activations and outputs to bfloat16 (spacing 2^-8 relative); the native path accumulates
+    # its products in float32 from float32 activations, PyTorch's bfloat16 GEMM likewise: a few roundings apart
+    assert _rel(got[0], ref[0]) < 0.02
+
+
 @pytest.mark.parametrize("bits, group, N, K", [(b, g, n, k) for b, g in [(8, None), (4, 32), (4, 64), (4, 128)]
                                                for n, k in [(64, 512), (96, 576), (33, 1024)] if g is None or k % g == 0])
 def test_quantized_products_are_within_the_references_error(kern, bits, group, N, K):
@@ -127,7 +149,7 @@ def test_bad_shapes_are_clear_errors_not_crashes(kern):
     with pytest.raises(RuntimeError, match="multiple of 32"):
         kern.Weight(0, [torch.randn(8, 40)], 0)
     assert native.native_weight(torch.randn(8, 40)) is None  # the runner then keeps the PyTorch path
-    assert native.native_weight(torch.randn(8, 64, dtype=torch.bfloat16)) is None
+    assert native.native_weight(torch.randn(8, 64, dtype=torch.float16)) is None
 
 
 # --------------------------------------------------------------------------- the runner

@@ -2,8 +2,8 @@
 runner for the few rows of a decode step; the PyTorch path stays the reference and the fallback.
 
 What it provides (see kernels.cpp for the arithmetic):
-- ``linear``: x [M, K] @ w.T for M of 1-32 rows and a float32, int8 (per row) or int4 (groups of 32k)
-  weight, with activations quantized to int8 per block for the integer weights (llama.cpp's q8_0 way;
+- ``linear``: x [M, K] @ w.T for M of 1-32 rows (float32 activations) and a float32, bfloat16, int8 (per
+  row) or int4 (groups of 32k) weight, with activations quantized to int8 per block for the integer weights (llama.cpp's q8_0 way;
   AVX512-VNNI, AVX2 or plain C, chosen at run time). Each output row depends on its own input row only.
 - ``moe``: the chosen experts' SwiGLU for a batch of rows, gate-weighted and summed, in one call.
 - ``dequantize``: a weight as float32, for prefill chunks (one dequantization, then a float32 GEMM).
@@ -30,7 +30,7 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 NAME = "moekit_native"
 #: Rows up to which a product runs on the native kernels (decode); above, the PyTorch path (prefill).
 MAX_ROWS = 32
-KINDS = {"float32": 0, "int8": 1, "int4": 2}
+KINDS = {"float32": 0, "int8": 1, "int4": 2, "bfloat16": 3}
 ISAS = ("plain C", "AVX2", "AVX512-VNNI")
 
 _state: dict = {}
@@ -98,7 +98,8 @@ def disable_for_tests(off: bool = True) -> None:
 
 
 def native_weight(w, bias: torch.Tensor | None = None):
-    """``w`` (a float32 tensor [N, K] or a 2-D :class:`moekit.quant.QuantizedWeight`) with its bias, as the
+    """``w`` (a float32 or bfloat16 tensor [N, K], or a 2-D :class:`moekit.quant.QuantizedWeight`) with its
+    bias (float32), as the
     kernels' ``Weight`` (which keeps the tensors alive), or None where the kernels do not take it (other
     dtypes, grouped int8, widths not a multiple of 32 (int4: 64), tensors off the CPU, no kernels). Float
     and int8 weights (values and bfloat16 scales) are used in place; an int4 weight gives its nibbles
@@ -111,9 +112,10 @@ def native_weight(w, bias: torch.Tensor | None = None):
         return None
     bias = None if bias is None else bias.detach().contiguous()
     if isinstance(w, torch.Tensor):
-        if w.dtype != torch.float32 or w.dim() != 2 or w.device.type != "cpu" or w.shape[1] % 32:
+        if w.dtype not in (torch.float32, torch.bfloat16) or w.dim() != 2 or w.device.type != "cpu" or w.shape[1] % 32:
             return None
-        return k.Weight(KINDS["float32"], [w.detach().contiguous()], 0, bias)
+        kind = KINDS["float32" if w.dtype == torch.float32 else "bfloat16"]
+        return k.Weight(kind, [w.detach().contiguous()], 0, bias)
     if not isinstance(w, QuantizedWeight) or len(w.shape) != 2 or w.q.device.type != "cpu":
         return None
     N, K = w.shape

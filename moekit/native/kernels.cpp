@@ -6,6 +6,7 @@
 // Weights, as the runner hands them over (moekit/native/__init__.py builds them once per weight):
 //   kind 0, float32: w [N, K].
 //   kind 1, int8 per row: q int8 [N, K], scale bfloat16 [N]; w = q * scale (symmetric, q in [-127, 127]).
+//   kind 3, bfloat16: w [N, K] (float32 activations; each weight widened exactly).
 //   kind 2, int4 in groups of G along K: nibbles uint8 [N, K/2] (byte j: column 2j in the low nibble,
 //           2j + 1 in the high one), scale and zero bfloat16 [N, K/G]; w = (q - 8) * scale + zero.
 // Quantized weights are multiplied with activations quantized to int8 per block, as llama.cpp's q8_0
@@ -56,6 +57,7 @@ struct Weight {
   const int8_t* q = nullptr;     // kind 1
   const uint8_t* nib = nullptr;  // kind 2
   const uint16_t* scale16 = nullptr;  // kind 1: bfloat16 [N] (the weight's own scales, read in place)
+  const uint16_t* wb = nullptr;       // kind 3: bfloat16 [N, K]
   const uint16_t* scale = nullptr;  // kind 2: bfloat16 [N, K/G]
   const uint16_t* zero = nullptr;   // kind 2: bfloat16 [N, K/G]
 };
@@ -169,6 +171,34 @@ float dot_f32_scalar(const float* a, const float* b, int64_t K) {
 float dot_bf16_scalar(const uint16_t* a, const float* b, int64_t n) {
   float s = 0.f;
   for (int64_t i = 0; i < n; i++) s += bf16(a[i]) * b[i];
+  return s;
+}
+
+// a bfloat16 weight row . float32 activations
+__attribute__((target("avx512f,avx512bw"))) float dot_bf16_avx512(const uint16_t* a, const float* b, int64_t K) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= K; i += 32) {
+    const __m512i w = _mm512_loadu_si512((const void*)(a + i));  // 32 bfloat16: low 16 -> lanes of acc0
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+    const __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
+    acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < K; i++) s += bf16(a[i]) * b[i];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) float dot_bf16_avx2(const uint16_t* a, const float* b, int64_t K) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= K; i += 8) {
+    const __m256 w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(a + i))), 16));
+    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(b + i), acc);
+  }
+  float s = hsum256(acc);
+  for (; i < K; i++) s += bf16(a[i]) * b[i];
   return s;
 }
 
@@ -371,6 +401,10 @@ struct Job {
           const float* wr = W.w + n * K;
           const float* xr = x + m * ldx;
           v = isa == AVX512 ? dot_f32_avx512(wr, xr, K) : isa == AVX2 ? dot_f32_avx2(wr, xr, K) : dot_f32_scalar(wr, xr, K);
+        } else if (W.kind == 3) {
+          const uint16_t* wr = W.wb + n * K;
+          const float* xr = x + m * ldx;
+          v = isa == AVX512 ? dot_bf16_avx512(wr, xr, K) : isa == AVX2 ? dot_bf16_avx2(wr, xr, K) : dot_bf16_scalar(wr, xr, K);
         } else if (W.kind == 1) {
           const int8_t* wr = W.q + n * K;
           v = (isa == AVX512 ? dot_i8_avx512(wr, a8[m], K) : isa == AVX2 ? dot_i8_avx2(wr, a8[m], K)
@@ -387,7 +421,9 @@ struct Job {
     }
   }
 
-  int64_t bytes_per_row() const { return w->kind == 0 ? 4 * w->K : w->kind == 1 ? w->K : w->K / 2; }
+  int64_t bytes_per_row() const {
+    return w->kind == 0 ? 4 * w->K : w->kind == 3 ? 2 * w->K : w->kind == 1 ? w->K : w->K / 2;
+  }
 };
 
 // Several products in one parallel region (one fork and join), split over all their output rows.
@@ -441,6 +477,9 @@ Weight unpack(int64_t kind, const std::vector<at::Tensor>& t, int64_t G) {
     w.scale = reinterpret_cast<const uint16_t*>(t[1].data_ptr<at::BFloat16>());
     w.zero = reinterpret_cast<const uint16_t*>(t[2].data_ptr<at::BFloat16>());
     TORCH_CHECK(G > 0 && t[1].numel() == w.N * (w.K / G) && t[2].numel() == t[1].numel(), "moekit native: int4 scale/zero [N, K/G]");
+  } else if (kind == 3) {
+    TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].scalar_type() == at::kBFloat16, "moekit native: bfloat16 [N, K]");
+    w.N = t[0].size(0); w.K = t[0].size(1); w.wb = reinterpret_cast<const uint16_t*>(t[0].data_ptr<at::BFloat16>());
   } else {
     TORCH_CHECK(false, "moekit native: unknown weight kind ", kind);
   }
@@ -751,6 +790,7 @@ at::Tensor dequantize(const NWeight& nw) {
   at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; n++) {
       if (w.kind == 0) std::memcpy(o + n * K, w.w + n * K, K * sizeof(float));
+      else if (w.kind == 3) for (int64_t k = 0; k < K; k++) o[n * K + k] = bf16(w.wb[n * K + k]);
       else if (isa == AVX512) dequant_row_avx512(w, n, o + n * K);
       else dequant_row_scalar(w, n, o + n * K);
     }
