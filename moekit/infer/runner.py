@@ -245,7 +245,8 @@ class _Lin:
         return cls(weight, module.bias, native)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.nw is not None and self.nw.kind == 3 and x.dtype == torch.bfloat16 and x.numel() <= _native.MAX_ROWS * x.shape[-1]:
+        if (self.nw is not None and self.nw.kind == _native.KINDS["bfloat16"] and x.dtype == torch.bfloat16
+                and x.numel() <= _native.MAX_ROWS * x.shape[-1]):
             # a bfloat16 model: float32 activations into the kernel (each weight widened exactly), bfloat16 out
             y = _native.kernels().linear(x.reshape(-1, x.shape[-1]).float(), self.nw)
             return y.to(torch.bfloat16).view(*x.shape[:-1], self.nw.shape[0])
