@@ -438,8 +438,8 @@ class _MoEPlan:
         # has a form the kernels take; the layer then runs on the PyTorch path). Offloaded experts
         # (moekit.infer.offload swaps ``experts``) are converted as they are fetched (_native_pair).
         self.native = native
-        self._resident_native = False  # built at first use (offloading may replace the experts)
-        self._resident_pairs: list = []
+        self._resident: tuple | None = None  # (pairs, Experts or None), built at first use (offloading may
+        #                                       replace the experts first)
         self._fetched: dict = {}  # id(tensor) -> (version, data pointer, NativeWeight): offloaded slots
 
     def __call__(self, x_BTD: torch.Tensor, routing: list | None, task_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -511,22 +511,22 @@ class _MoEPlan:
         if not (self.native and x_ND.dtype == torch.float32 and isinstance(self.experts, ResidentExperts)
                 and isinstance(self.experts.w1, QuantizedWeight)):
             return None
-        self._routed_native_resident()
-        if not self._resident_pairs:
+        pairs, _ = self._resident_native()
+        if not pairs:
             return None
         kern = _native.kernels()
-        return lambda e: tuple(kern.dequantize(w) for w in self._resident_pairs[e])
+        return lambda e: tuple(kern.dequantize(w) for w in pairs[e])
 
-    def _routed_native_resident(self):
-        """The resident experts' native forms (built once): self._resident_native (one Experts object) and
-        self._resident_pairs ((w1, w2) per expert); None and [] where some expert has no native form."""
-        if self._resident_native is False:
-            kern = _native.kernels()
+    def _resident_native(self) -> tuple:
+        """The resident experts' native forms, built once: ((w1, w2) per expert, one Experts object), or
+        ([], None) where some expert has no native form."""
+        if self._resident is None:
             pairs = [tuple(map(_native.native_weight, self.experts.get(e))) for e in range(self.num_experts)]
-            ok = all(a is not None and b is not None for a, b in pairs)
-            self._resident_pairs = pairs if ok else []
-            self._resident_native = kern.Experts([a for a, _ in pairs], [b for _, b in pairs]) if ok else None
-
+            if all(a is not None and b is not None for a, b in pairs):
+                self._resident = pairs, _native.kernels().Experts([a for a, _ in pairs], [b for _, b in pairs])
+            else:
+                self._resident = [], None
+        return self._resident
 
     def _routed_native(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor | None:
         """The chosen experts on the native kernels: resident experts in one call for the layer (no host
@@ -536,11 +536,8 @@ class _MoEPlan:
         kern = _native.kernels()
         x, gates = x_ND.contiguous(), w_NK.to(torch.float32)
         if isinstance(self.experts, ResidentExperts):
-            self._routed_native_resident()
-            if self._resident_native is None:
-                return None
-            return kern.moe(x, ids_NK, gates, self._resident_native)
-        K = ids_NK.shape[1]
+            experts = self._resident_native()[1]
+            return None if experts is None else kern.moe(x, ids_NK, gates, experts)
         used = sorted({int(e) for e in ids_NK.reshape(-1).tolist()})  # one sync
         y = torch.zeros_like(x)
         for i, e in enumerate(used):
@@ -549,7 +546,7 @@ class _MoEPlan:
                 if i:
                     raise RuntimeError(f"expert {e} has no native form while earlier experts of the layer had one")
                 return None
-            ids_e = torch.where(ids_NK == e, 0, -1).view(-1, K)
+            ids_e = torch.where(ids_NK == e, 0, -1)
             kern.moe_add(x, ids_e, gates, kern.Experts([pair[0]], [pair[1]]), y)
         return y
 

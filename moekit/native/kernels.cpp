@@ -519,24 +519,6 @@ at::Tensor wlinear(const at::Tensor& x, const NWeight& nw) {
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
-// One expert's SwiGLU on rows `rows` of x, scaled by `gates` and added into those rows of y:
-// y[r] += g * (w2 @ (silu(w1_gate @ x[r]) * (w1_up @ x[r]))).
-void expert_into(const float* x, int64_t D, const int64_t* rows, const float* gates, int64_t Me, const Weight& w1,
-                 const Weight& w2, float* y) {
-  const int64_t F2 = w1.N, F = F2 / 2;
-  std::vector<float> xs(Me * D), h(Me * F2), act(Me * F), o(Me * D);
-  for (int64_t i = 0; i < Me; i++) std::memcpy(xs.data() + i * D, x + rows[i] * D, D * sizeof(float));
-  linear_rows(xs.data(), Me, D, w1, h.data(), F2, nullptr);
-  for (int64_t i = 0; i < Me; i++)
-    for (int64_t f = 0; f < F; f++) act[i * F + f] = silu(h[i * F2 + f]) * h[i * F2 + F + f];
-  linear_rows(act.data(), Me, F, w2, o.data(), D, nullptr);
-  for (int64_t i = 0; i < Me; i++) {
-    float* yr = y + rows[i] * D;
-    const float g = gates[i];
-    for (int64_t d = 0; d < D; d++) yr[d] += g * o[i * D + d];
-  }
-}
-
 // A layer's experts: w1[e] [2F, D] (gate rows, then up rows), w2[e] [D, F].
 struct NExperts {
   std::vector<NWeightPtr> w1, w2;
@@ -614,16 +596,15 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gat
   return y;
 }
 
-// A dense SwiGLU MLP: w2 @ (silu(w1_gate @ x) * (w1_up @ x)), every row.
-at::Tensor swiglu(const at::Tensor& x, const NWeight& w1, const NWeight& w2) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w1.w.K, "moekit native: x float32 [M, D]");
-  const int64_t M = x.size(0);
-  std::vector<int64_t> rows(M);
-  std::vector<float> ones(M, 1.f);
-  for (int64_t m = 0; m < M; m++) rows[m] = m;
-  at::Tensor xc = x.contiguous();
-  at::Tensor y = at::zeros({M, w2.w.N}, x.options());
-  expert_into(xc.data_ptr<float>(), x.size(1), rows.data(), ones.data(), M, w1.w, w2.w, y.data_ptr<float>());
+// A dense SwiGLU MLP: w2 @ (silu(w1_gate @ x) * (w1_up @ x)), every row: one expert that every row
+// chooses with gate 1 (0 + 1 * o is o exactly).
+at::Tensor swiglu(const at::Tensor& x, const NWeightPtr& w1, const NWeightPtr& w2) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w1->w.K, "moekit native: x float32 [M, D]");
+  NExpertsPtr one = make_experts({w1}, {w2});
+  at::Tensor ids = at::zeros({x.size(0), 1}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor gates = at::ones({x.size(0), 1}, x.options());
+  at::Tensor y = at::zeros({x.size(0), w2->w.N}, x.options());
+  moe_add(x, ids, gates, *one, y);
   return y;
 }
 
